@@ -1,0 +1,30 @@
+# valve-id: the two commands of the README, and a few helpers.
+#   make demo   set up, generate the bundled synthetic demo data set and preview it
+#   make test   set up, run the whole test suite
+VALVE_ID_VENV ?= .venv
+STATE_DIR ?= state
+DEMO_N ?= 200
+DEMO_SEED ?= 0
+export VALVE_ID_VENV
+
+PY := $(VALVE_ID_VENV)/bin/python
+VALVE_ID := $(VALVE_ID_VENV)/bin/valve-id
+
+.PHONY: setup demo test lint clean
+
+setup:
+	scripts/setup-venv.sh dev
+
+demo: setup
+	$(VALVE_ID) demo-data --out $(STATE_DIR)/demo-data --n $(DEMO_N) --seed $(DEMO_SEED)
+	$(VALVE_ID) preview $(STATE_DIR)/demo-data/manifest.csv --out $(STATE_DIR)/demo-data/preview.png
+
+# pytest exits 5 when it collected no test: that is a failure here, like any non-zero code.
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VALVE_ID_VENV)/bin/ruff check backend training tests
+
+clean:
+	rm -rf $(STATE_DIR)

@@ -1,0 +1,1 @@
+"""valve-id backend: the service Label Studio talks to, and the command line."""

@@ -1,0 +1,205 @@
+"""The ``valve-id`` command line.
+
+One typer app; each command imports what it needs inside its body, so ``valve-id --help``
+stays fast and the serving commands never import fastai. Configuration comes from
+:class:`backend.settings.Settings` (environment), options override it per call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+
+from backend.commands.models import models_app
+from backend.settings import Settings
+
+app = typer.Typer(
+    name="valve-id",
+    help="Identify shunt-valve models on skull X-rays, inside a Label Studio annotation loop.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    settings = Settings.from_env()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return settings
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code=1)
+
+
+@app.callback()
+def _main() -> None:
+    """valve-id command line."""
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Option(help="Folder to write images/ and manifest.csv into.")],
+    n: Annotated[int, typer.Option(min=1, help="Number of X-rays.")] = 200,
+    seed: Annotated[int, typer.Option(help="Same seed, same files, byte for byte.")] = 0,
+    balanced: Annotated[
+        bool, typer.Option(help="Equal class mix instead of the paper's 81/12/4/3 %.")
+    ] = False,
+) -> None:
+    """Generate the synthetic skull X-ray demo data set (DICOM + manifest.csv)."""
+    from training.synthetic import VALVE_CLASSES, generate_dataset
+
+    _settings()
+    mix = {c: 1.0 for c in VALVE_CLASSES} if balanced else None
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("rendering X-rays", total=n)
+        manifest = generate_dataset(
+            out,
+            n,
+            seed,
+            class_mix=mix,
+            progress=lambda done, total: bar.update(task, completed=done),
+        )
+    console.print(f"wrote {n} synthetic X-rays; manifest: {manifest}")
+
+
+@app.command()
+def preview(
+    manifest: Annotated[Path, typer.Argument(help="manifest.csv (or its folder).")],
+    out: Annotated[Path | None, typer.Option(help="PNG to write.")] = None,
+    per_class: Annotated[int, typer.Option(min=1)] = 4,
+) -> None:
+    """Contact sheet of a data set, each image as the network sees it."""
+    from training.preview import write_preview
+
+    from training.errors import ValveIdError
+
+    _settings()
+    manifest = manifest / "manifest.csv" if manifest.is_dir() else manifest
+    target = out or manifest.with_name("preview.png")
+    try:
+        path = write_preview(manifest, target, per_class=per_class)
+    except ValveIdError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"preview: {path}")
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Data set folder or its manifest.csv.")],
+    profile: Annotated[str, typer.Option(help="Recipe profile: paper or quick.")] = "paper",
+    enqueue: Annotated[
+        bool, typer.Option(help="Send to the RQ workers instead of training here.")
+    ] = False,
+    epochs: Annotated[int | None, typer.Option(help="Override the profile's epochs.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Override the input size (px).")] = None,
+    folds: Annotated[int | None, typer.Option(help="Override the number of folds.")] = None,
+    from_scratch: Annotated[
+        bool, typer.Option(help="Random init instead of ImageNet weights.")
+    ] = False,
+    seed: Annotated[int | None, typer.Option(help="Override the seed.")] = None,
+) -> None:
+    """Train the paper's 5-fold recipe and publish a model version."""
+    from training.errors import ValveIdError
+    from training.recipe import RecipeConfig
+
+    settings = _settings()
+    try:
+        recipe = RecipeConfig.from_profile(
+            profile,
+            epochs=epochs,
+            image_size_px=image_size,
+            n_folds=folds,
+            seed=seed,
+            pretrained=False if from_scratch else None,
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    if enqueue:
+        from redis import Redis
+
+        from training.jobs import enqueue_training
+
+        run = enqueue_training(
+            Redis.from_url(settings.redis_url),
+            data=str(data.resolve()),
+            label_config_path=str(settings.label_config),
+            recipe=recipe.to_dict(),
+            model_dir=str(settings.models.resolve()),
+            cache_dir=str(settings.cache.resolve()),
+            tolerance=settings.promotion_tolerance,
+        )
+        console.print(f"enqueued run {run.run_id}: jobs {', '.join(run.job_ids)}")
+        typer.echo(json.dumps({"run_id": run.run_id, "jobs": run.job_ids}))
+        return
+
+    from training.dataset import load_manifest
+    from training.labels import load_label_config
+    from training.registry import ModelRegistry, new_version_id
+    from training.run import run_in_process
+
+    registry = ModelRegistry(settings.models)
+    run_id = new_version_id()
+    staging = registry.staging(run_id)
+    try:
+        label_config = load_label_config(settings.label_config)
+        items = load_manifest(data, label_config.classes)
+        run_in_process(
+            staging,
+            items,
+            label_config,
+            recipe,
+            source=str(data),
+            cache_dir=settings.cache,
+            run_id=run_id,
+            progress=lambda row: console.print(row) if "epoch" in row else None,
+        )
+        result = registry.publish(
+            staging, version_id=run_id, tolerance=settings.promotion_tolerance
+        )
+    except BaseException as exc:  # a failed run leaves no staging directory behind
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, ValveIdError):
+            raise _fail(str(exc)) from None
+        raise
+    state = "promoted to current" if result.promoted else "kept, not promoted"
+    console.print(f"version {result.version_id}: {state} ({result.reason})")
+    console.print(f"report: {result.path / 'report.html'}")
+
+
+@app.command()
+def worker(
+    burst: Annotated[bool, typer.Option(help="Exit when the queues are empty.")] = False,
+    name: Annotated[str | None, typer.Option(help="Worker name (default: RQ's).")] = None,
+) -> None:
+    """Start an RQ worker for training jobs.
+
+    One GPU per worker: start N workers with CUDA_VISIBLE_DEVICES=0, 1, ... to train the
+    folds of a run in parallel.
+    """
+    from redis import Redis
+    from rq import Queue, Worker
+
+    from training.jobs import TRAINING_QUEUE
+
+    settings = _settings()
+    connection = Redis.from_url(settings.redis_url)
+    queues = [Queue(TRAINING_QUEUE, connection=connection)]
+    Worker(queues, connection=connection, name=name).work(burst=burst, with_scheduler=False)
+
+
+app.add_typer(models_app, name="models", help="List, inspect, promote and roll back versions.")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,98 @@
+"""Typed settings, read from the environment in this one place.
+
+Names follow Label Studio's ML-backend conventions where one exists (``MODEL_DIR``,
+``LOG_LEVEL``, later ``LABEL_STUDIO_URL`` ...); valve-id's own start with ``VALVE_ID_`` unless
+a de-facto standard name exists (``REDIS_URL``). Read once at start-up
+(:meth:`Settings.from_env`) and passed down; nothing else in valve-id reads ``os.environ``
+for configuration. A malformed value fails at start-up with the variable's name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+__all__ = ["DEFAULT_LABEL_CONFIG", "Settings", "SettingsError"]
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_LABEL_CONFIG = PROJECT_ROOT / "label_config.xml"
+"""The label config shipped with valve-id (the class vocabulary's single source)."""
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value valve-id cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of a valve-id process; the README's configuration table mirrors this."""
+
+    state_dir: Path = Path("state")
+    """VALVE_ID_STATE_DIR: everything valve-id writes (models, cache, demo data, logs)."""
+    model_dir: Path | None = None
+    """MODEL_DIR: the model registry (default: <state_dir>/models)."""
+    cache_dir: Path | None = None
+    """VALVE_ID_CACHE_DIR: preprocessed images by content hash (default: <state_dir>/cache)."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """REDIS_URL: the Redis that carries the RQ queues."""
+    label_config: Path = DEFAULT_LABEL_CONFIG
+    """VALVE_ID_LABEL_CONFIG: the labeling config whose choices are the classes."""
+    promotion_tolerance: float = 0.02
+    """VALVE_ID_PROMOTION_TOLERANCE: macro-F1 a new version may lose and still be promoted."""
+    log_level: str = "INFO"
+    """LOG_LEVEL: Python logging level name."""
+
+    _ENV = {
+        "state_dir": "VALVE_ID_STATE_DIR",
+        "model_dir": "MODEL_DIR",
+        "cache_dir": "VALVE_ID_CACHE_DIR",
+        "redis_url": "REDIS_URL",
+        "label_config": "VALVE_ID_LABEL_CONFIG",
+        "promotion_tolerance": "VALVE_ID_PROMOTION_TOLERANCE",
+        "log_level": "LOG_LEVEL",
+    }
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build from ``environ`` (default ``os.environ``); unset variables keep defaults."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            name = cls._ENV.get(f.name)
+            raw = env.get(name, "").strip() if name else ""
+            if not raw:
+                continue
+            values[f.name] = _cast(name, raw, cls.__dataclass_fields__[f.name].type)
+        return cls(**values)  # type: ignore[arg-type]
+
+    def __post_init__(self) -> None:
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise SettingsError(f"LOG_LEVEL={self.log_level!r} is not a logging level name")
+        if not 0.0 <= self.promotion_tolerance <= 1.0:
+            raise SettingsError("VALVE_ID_PROMOTION_TOLERANCE must lie in [0, 1]")
+
+    @property
+    def models(self) -> Path:
+        """The registry root actually used."""
+        return self.model_dir or self.state_dir / "models"
+
+    @property
+    def cache(self) -> Path:
+        """The preprocessing cache actually used."""
+        return self.cache_dir or self.state_dir / "cache"
+
+
+def _cast(name: str | None, raw: str, annotation: object) -> object:
+    text = str(annotation)
+    try:
+        if "Path" in text:
+            return Path(raw).expanduser()
+        if "float" in text:
+            return float(raw)
+        if "int" in text:
+            return int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a valid {text}") from None
+    return raw

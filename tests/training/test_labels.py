@@ -1,0 +1,86 @@
+"""The class vocabulary comes from the Label Studio config, and only from there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from training.errors import LabelConfigError
+from training.labels import load_label_config, parse_label_config
+
+ROOT = Path(__file__).resolve().parents[2]
+PAPER_CLASSES = ("Codman Hakim", "Codman Certas Plus", "Sophysa Sophy SM8", "proGAV 2.0")
+
+
+def test_project_config_has_the_papers_four_models_plus_other_and_not_assessable() -> None:
+    config = load_label_config(ROOT / "label_config.xml")
+    assert config.classes == (*PAPER_CLASSES, "Other valve", "Not assessable")
+    assert (config.image_name, config.image_key, config.choices_name) == ("image", "image", "valve")
+    assert len(config.config_hash) == 64
+
+
+def test_a_new_valve_model_in_the_config_becomes_a_class_without_code_change() -> None:
+    xml = (ROOT / "label_config.xml").read_text()
+    extended = xml.replace(
+        '<Choice value="Other valve"',
+        '<Choice value="Medtronic Strata"/>\n<Choice value="Other valve"',
+    )
+    config = parse_label_config(extended)
+    assert "Medtronic Strata" in config.classes
+    assert config.config_hash != load_label_config(ROOT / "label_config.xml").config_hash
+
+
+def test_hash_ignores_whitespace_only_changes() -> None:
+    xml = (ROOT / "label_config.xml").read_text()
+    assert (
+        parse_label_config(xml).config_hash == parse_label_config("  " + xml + "\n\n").config_hash
+    )
+
+
+def test_choices_must_point_at_an_image() -> None:
+    xml = """<View><Image name="xray" value="$img"/><Text name="t" value="$txt"/>
+      <Choices name="other" toName="t"><Choice value="a"/><Choice value="b"/></Choices>
+      <Choices name="valve" toName="xray"><Choice value="x"/><Choice value="y"/></Choices></View>"""
+    config = parse_label_config(xml)
+    assert (config.choices_name, config.image_name, config.image_key) == ("valve", "xray", "img")
+    assert config.classes == ("x", "y")
+
+
+@pytest.mark.parametrize(
+    ("xml", "message"),
+    [
+        ("", "empty"),
+        ("<View><Image", "not valid XML"),
+        ('<View><Choices name="c" toName="i"><Choice value="a"/></Choices></View>', "<Image>"),
+        ('<View><Image name="i" value="$image"/></View>', "<Choices>"),
+        (
+            '<View><Image name="i" value="$image"/><Choices name="c" toName="x">'
+            '<Choice value="a"/><Choice value="b"/></Choices></View>',
+            "toName",
+        ),
+        (
+            '<View><Image name="i" value="image"/><Choices name="c" toName="i">'
+            '<Choice value="a"/><Choice value="b"/></Choices></View>',
+            "value=",
+        ),
+        (
+            '<View><Image name="i" value="$image"/><Choices name="c" toName="i">'
+            '<Choice value="a"/></Choices></View>',
+            "at least two",
+        ),
+        (
+            '<View><Image name="i" value="$image"/><Choices name="c" toName="i">'
+            '<Choice value="a"/><Choice value="a"/></Choices></View>',
+            "unique",
+        ),
+    ],
+)
+def test_unusable_configs_get_a_clear_error(xml: str, message: str) -> None:
+    with pytest.raises(LabelConfigError, match=message):
+        parse_label_config(xml)
+
+
+def test_missing_file_is_a_label_config_error(tmp_path: Path) -> None:
+    with pytest.raises(LabelConfigError, match="cannot read"):
+        load_label_config(tmp_path / "nope.xml")
