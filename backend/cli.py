@@ -190,6 +190,7 @@ def worker(
     from redis import Redis
     from rq import Queue, Worker
 
+    import training.recipe  # noqa: F401  (import torch/fastai once; each job's fork inherits it)
     from training.jobs import TRAINING_QUEUE
 
     settings = _settings()

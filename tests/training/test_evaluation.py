@@ -1,0 +1,289 @@
+"""``evaluate_oof`` on constructed out-of-fold predictions with known answers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+from training.evaluation import (
+    ECE_BINS,
+    evaluate_oof,
+    expected_calibration_error,
+    fit_temperature,
+    reliability_bins,
+    write_metrics,
+)
+from training.uncertainty import ACQUISITIONS, entropy, margin, softmax
+
+CLASSES = ["hakim", "certas", "sm8"]
+
+# Two splits, hand-checked:
+# fold 0: truth 0 0 1 1 2 2, predicted 0 0 1 2 2 2  -> accuracy 5/6
+# fold 1: truth 0 0 0 1 2,   predicted 0 1 0 1 2    -> accuracy 4/5
+Y = np.array([0, 0, 1, 1, 2, 2, 0, 0, 0, 1, 2])
+PRED = np.array([0, 0, 1, 2, 2, 2, 0, 1, 0, 1, 2])
+FOLD = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+
+
+def _logits_for(pred: np.ndarray, k: int = 3, strength: float = 4.0) -> np.ndarray:
+    return strength * np.eye(k)[pred]
+
+
+def _strict_json(metrics: dict) -> dict:
+    return json.loads(json.dumps(metrics, allow_nan=False))
+
+
+def test_per_split_metrics_match_hand_values_and_sklearn() -> None:
+    m = evaluate_oof(Y, _logits_for(PRED), FOLD, CLASSES)
+    s0, s1 = m["splits"]
+    assert s0["fold"] == 0 and s1["fold"] == 1
+    assert s0["accuracy"] == pytest.approx(5 / 6)
+    assert s1["accuracy"] == pytest.approx(4 / 5)
+    # fold 0 per class P/R: (1, 1), (1, 1/2), (2/3, 1)
+    assert s0["precision_macro"] == pytest.approx((1 + 1 + 2 / 3) / 3)
+    assert s0["recall_macro"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert s0["f1_macro"] == pytest.approx((1 + 2 / 3 + 0.8) / 3)
+    # fold 1 per class P/R: (1, 2/3), (1/2, 1), (1, 1)
+    assert s1["precision_macro"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert s1["recall_macro"] == pytest.approx((2 / 3 + 1 + 1) / 3)
+    assert s1["f1_macro"] == pytest.approx((0.8 + 2 / 3 + 1) / 3)
+    for split, fold_id in ((s0, 0), (s1, 1)):
+        mask = fold_id == FOLD
+        p, r, f, _ = precision_recall_fscore_support(
+            Y[mask], PRED[mask], average="macro", zero_division=0
+        )
+        assert split["accuracy"] == pytest.approx(accuracy_score(Y[mask], PRED[mask]))
+        assert (split["precision_macro"], split["recall_macro"], split["f1_macro"]) == (
+            pytest.approx(p),
+            pytest.approx(r),
+            pytest.approx(f),
+        )
+    assert (s0["n_val"], s0["n_train"], s1["n_val"], s1["n_train"]) == (6, 5, 5, 6)
+    assert m["n_images"] == 11 and m["n_folds"] == 2 and m["classes"] == CLASSES
+
+
+def test_mean_and_sample_sd_across_splits() -> None:
+    m = evaluate_oof(Y, _logits_for(PRED), FOLD, CLASSES)
+    accs = [5 / 6, 4 / 5]
+    assert m["mean"]["accuracy"] == pytest.approx(np.mean(accs))
+    assert m["std"]["accuracy"] == pytest.approx(np.std(accs, ddof=1))
+    assert m["std"]["accuracy"] == pytest.approx((5 / 6 - 4 / 5) / math.sqrt(2))
+    assert m["pooled"]["accuracy"] == pytest.approx(9 / 11)
+
+
+def test_per_class_values_and_error_rate() -> None:
+    m = evaluate_oof(Y, _logits_for(PRED), FOLD, CLASSES)
+    certas = m["per_class"]["certas"]
+    # recall per split 1/2 and 1 -> error rates 1/2 and 0.
+    assert certas["recall"] == pytest.approx(0.75)
+    assert certas["error_rate"] == pytest.approx(0.25)
+    assert certas["std"]["error_rate"] == pytest.approx(np.std([0.5, 0.0], ddof=1))
+    assert certas["precision"] == pytest.approx((1 + 0.5) / 2)
+    assert certas["support"] == 3 and certas["n_splits"] == 2
+    hakim = m["per_class"]["hakim"]
+    assert hakim["error_rate"] == pytest.approx((0 + 1 / 3) / 2)
+    # pooled over both splits: certas truth at 2, 3, 9; predicted certas at 2, 7, 9.
+    assert certas["pooled"]["recall"] == pytest.approx(2 / 3)
+    assert certas["pooled"]["precision"] == pytest.approx(2 / 3)
+    assert certas["pooled"]["error_rate"] == pytest.approx(1 / 3)
+
+
+def test_confusion_matrix_is_pooled_and_row_normalised() -> None:
+    m = evaluate_oof(Y, _logits_for(PRED), FOLD, CLASSES)
+    cm = m["confusion_matrix"]
+    assert cm["labels"] == CLASSES
+    assert cm["counts"] == [[4, 1, 0], [0, 2, 1], [0, 0, 3]]
+    np.testing.assert_allclose(cm["normalized"], [[0.8, 0.2, 0], [0, 2 / 3, 1 / 3], [0, 0, 1]])
+
+
+def test_uncertainty_means_per_true_class_are_averaged_over_splits() -> None:
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(Y.size, 3)) * 2
+    m = evaluate_oof(Y, logits, FOLD, CLASSES)
+    probs = softmax(logits)
+    h, g = entropy(probs), margin(probs)
+    for c, name in enumerate(CLASSES):
+        per_split_h = [h[(k == FOLD) & (c == Y)].mean() for k in (0, 1)]
+        per_split_g = [g[(k == FOLD) & (c == Y)].mean() for k in (0, 1)]
+        row = m["uncertainty"]["per_class"][name]
+        assert row["entropy"] == pytest.approx(np.mean(per_split_h))
+        assert row["margin"] == pytest.approx(np.mean(per_split_g))
+        assert row["std"]["entropy"] == pytest.approx(np.std(per_split_h, ddof=1))
+    wrong = probs.argmax(1) != Y
+    by = m["uncertainty"]["by_correctness"]
+    assert by["wrong"]["n"] == wrong.sum()
+    assert by["wrong"]["entropy"] == pytest.approx(h[wrong].mean())
+    assert by["correct"]["max_softmax"] == pytest.approx(probs.max(1)[~wrong].mean())
+
+
+def test_auroc_is_one_when_uncertainty_is_higher_exactly_on_errors() -> None:
+    n = 40
+    y = np.arange(n) % 3
+    fold = np.arange(n) % 4
+    pred = y.copy()
+    wrong_idx = np.arange(0, n, 5)
+    pred[wrong_idx] = (y[wrong_idx] + 1) % 3
+    probs = np.full((n, 3), 0.02)
+    probs[np.arange(n), pred] = 0.96  # confident and right ...
+    probs[wrong_idx] = 0.3  # ... or hesitant and wrong
+    probs[wrong_idx, pred[wrong_idx]] = 0.4
+    m = evaluate_oof(y, np.log(probs), fold, CLASSES)
+    auroc = m["uncertainty"]["error_detection_auroc"]
+    for name in ("entropy", "max_softmax", "margin", "least_confidence"):
+        assert auroc[name] == pytest.approx(1.0), name
+    assert m["uncertainty"]["best_acquisition"] in ACQUISITIONS
+    assert "bald" not in auroc
+
+
+def test_auroc_orientation_is_not_flipped() -> None:
+    # The opposite world: the model is hesitant when right and confident when wrong.
+    y = np.array([0, 1, 2, 0, 1, 2])
+    pred = np.array([0, 1, 2, 1, 2, 0])
+    probs = np.full((6, 3), 0.01)
+    probs[np.arange(6), pred] = 0.98
+    probs[:3] = [0.4, 0.3, 0.3]
+    probs[1] = [0.3, 0.4, 0.3]
+    probs[2] = [0.3, 0.3, 0.4]
+    m = evaluate_oof(y, np.log(probs), np.array([0, 0, 0, 1, 1, 1]), CLASSES)
+    assert m["uncertainty"]["error_detection_auroc"]["entropy"] == pytest.approx(0.0)
+
+
+def test_bald_auroc_with_ensemble_members() -> None:
+    n = 30
+    y = np.arange(n) % 2
+    pred = y.copy()
+    wrong = np.arange(n) % 6 == 0
+    pred[wrong] = 1 - y[wrong]
+    logits = 3.0 * (2 * np.eye(2)[pred] - 1)
+    members = np.stack([logits, logits.copy()])
+    members[1, wrong] = -members[1, wrong]  # members disagree exactly on the errors
+    m = evaluate_oof(y, logits, np.arange(n) % 3, ["a", "b"], member_logits=members)
+    assert m["uncertainty"]["error_detection_auroc"]["bald"] == pytest.approx(1.0)
+    assert "bald" in m["uncertainty"]["per_class"]["a"]
+    assert m["uncertainty"]["best_acquisition"] == "bald"
+
+
+def test_all_correct_gives_null_auroc_and_strict_json() -> None:
+    y = np.array([0, 1, 0, 1, 0, 1])
+    m = evaluate_oof(y, _logits_for(y, k=2), np.array([0, 0, 1, 1, 2, 2]), ["a", "b"])
+    assert all(v is None for v in m["uncertainty"]["error_detection_auroc"].values())
+    assert m["uncertainty"]["best_acquisition"] is None
+    assert m["uncertainty"]["by_correctness"]["wrong"] == {
+        "entropy": None,
+        "max_softmax": None,
+        "margin": None,
+        "n": 0,
+    }
+    assert m["mean"]["accuracy"] == 1.0 and m["std"]["accuracy"] == 0.0
+    assert _strict_json(m) == m
+
+
+def test_all_wrong_gives_null_auroc() -> None:
+    y = np.array([0, 1, 0, 1])
+    m = evaluate_oof(y, _logits_for(1 - y, k=2), np.array([0, 0, 1, 1]), ["a", "b"])
+    assert m["uncertainty"]["error_detection_auroc"]["entropy"] is None
+    assert m["mean"]["accuracy"] == 0.0
+
+
+def test_class_absent_from_a_split_does_not_drag_the_macro_mean() -> None:
+    y = np.array([0, 1, 2, 0, 1, 0, 1])
+    fold = np.array([0, 0, 0, 1, 1, 1, 1])
+    m = evaluate_oof(y, _logits_for(y), fold, CLASSES)
+    assert m["splits"][1]["f1_macro"] == 1.0
+    sm8 = m["per_class"]["sm8"]
+    assert sm8["n_splits"] == 1 and sm8["support"] == 1
+    assert sm8["recall"] == 1.0 and sm8["std"]["recall"] is None
+    assert m["uncertainty"]["per_class"]["sm8"]["std"]["entropy"] is None
+    assert _strict_json(m) == m
+
+
+def test_class_absent_everywhere_and_single_class_present() -> None:
+    y = np.zeros(6, dtype=int)
+    pred = np.array([0, 0, 0, 0, 1, 0])
+    m = evaluate_oof(y, _logits_for(pred), np.array([0, 0, 1, 1, 2, 2]), CLASSES)
+    sm8 = m["per_class"]["sm8"]
+    assert sm8["support"] == 0 and sm8["n_splits"] == 0 and sm8["recall"] is None
+    assert sm8["pooled"]["recall"] is None
+    assert m["uncertainty"]["per_class"]["sm8"]["entropy"] is None
+    assert m["splits"][2]["accuracy"] == 0.5
+    assert m["confusion_matrix"]["normalized"][2] == [0.0, 0.0, 0.0]
+    assert _strict_json(m) == m
+
+
+def test_single_split_has_null_sd_and_no_cross_fitted_ece() -> None:
+    y = np.array([0, 1, 1, 0, 1])
+    logits = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.5, 0.0], [0.0, 3.0]])
+    m = evaluate_oof(y, logits, np.zeros(5, dtype=int), ["a", "b"])
+    assert m["std"] == dict.fromkeys(("accuracy", "precision_macro", "recall_macro", "f1_macro"))
+    cal = m["calibration"]
+    assert cal["ece_after"] is None and cal["ece_after_in_sample"] is not None
+    assert cal["reliability"]["after_source"] == "in_sample"
+    assert _strict_json(m) == m
+
+
+def test_n_train_per_fold_mapping_or_sequence() -> None:
+    m = evaluate_oof(Y, _logits_for(PRED), FOLD, CLASSES, n_train_per_fold={0: 50, 1: 60})
+    assert [s["n_train"] for s in m["splits"]] == [50, 60]
+    m = evaluate_oof(Y, _logits_for(PRED), FOLD, CLASSES, n_train_per_fold=[7, 8])
+    assert [s["n_train"] for s in m["splits"]] == [7, 8]
+    with pytest.raises(ValueError):
+        evaluate_oof(Y, _logits_for(PRED), FOLD, CLASSES, n_train_per_fold=[7])
+
+
+def test_temperature_scaling_recovers_overconfidence() -> None:
+    rng = np.random.default_rng(0)
+    n, k = 20_000, 4
+    true_logits = rng.normal(scale=1.5, size=(n, k))
+    p_true = softmax(true_logits)
+    y = (rng.random((n, 1)) > p_true.cumsum(axis=1)).sum(axis=1)  # sample y ~ p_true
+    overconfident = 2.0 * true_logits
+    assert fit_temperature(overconfident, y) == pytest.approx(2.0, abs=0.1)
+    m = evaluate_oof(y, overconfident, np.arange(n) % 5, ["a", "b", "c", "d"])
+    cal = m["calibration"]
+    assert cal["temperature"] == pytest.approx(2.0, abs=0.1)
+    assert cal["n_bins"] == ECE_BINS
+    assert cal["ece_after"] < cal["ece_before"] / 2
+    assert cal["nll_after"] < cal["nll_before"]
+    assert len(cal["cross_fitted_temperatures"]) == 5
+    for entry in cal["cross_fitted_temperatures"]:
+        assert entry["temperature"] == pytest.approx(2.0, abs=0.15)
+    rel = cal["reliability"]["before"]
+    assert len(rel["bin_edges"]) == ECE_BINS + 1 and sum(rel["count"]) == n
+    assert _strict_json(m) == m
+
+
+def test_ece_hand_example() -> None:
+    # Two items at confidence 0.8 (one right), two at 0.6 (both right):
+    # ECE = 0.5 * |0.5 - 0.8| + 0.5 * |1 - 0.6| = 0.35
+    probs = np.array([[0.8, 0.2], [0.8, 0.2], [0.6, 0.4], [0.4, 0.6]])
+    y = np.array([0, 1, 0, 1])
+    assert expected_calibration_error(probs, y) == pytest.approx(0.35)
+    bins = reliability_bins(probs, y, n_bins=5)
+    assert bins["count"] == [0, 0, 2, 2, 0]
+    assert bins["accuracy"][2] == 1.0 and bins["accuracy"][3] == 0.5
+    assert math.isnan(bins["accuracy"][0])
+
+
+def test_rejects_inconsistent_inputs() -> None:
+    with pytest.raises(ValueError, match="logits"):
+        evaluate_oof(Y, np.zeros((Y.size, 2)), FOLD, CLASSES)
+    with pytest.raises(ValueError, match="class indices"):
+        evaluate_oof(Y + 1, _logits_for(PRED), FOLD, CLASSES)
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate_oof(Y, np.full((Y.size, 3), np.nan), FOLD, CLASSES)
+    with pytest.raises(ValueError, match="member_logits"):
+        evaluate_oof(Y, _logits_for(PRED), FOLD, CLASSES, member_logits=np.zeros((2, 3, 3)))
+
+
+def test_write_metrics_is_strict_json(tmp_path: Path) -> None:
+    m = evaluate_oof(Y, _logits_for(PRED), FOLD, CLASSES)
+    m["extra"] = float("nan")
+    path = write_metrics(m, tmp_path / "metrics.json")
+    loaded = json.loads(path.read_text())
+    assert loaded["extra"] is None
+    assert loaded["splits"] == m["splits"]

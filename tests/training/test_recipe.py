@@ -1,0 +1,116 @@
+"""The paper's recipe: folds, class weights, augmentation placement, one fold's mechanics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.errors import DatasetError
+from training.inference import to_network_input
+from training.recipe import (
+    PROFILES,
+    RecipeConfig,
+    _AugmentAndNormalize,
+    class_weights,
+    make_splits,
+    train_fold,
+)
+
+
+def test_profiles_and_overrides_are_explicit() -> None:
+    paper = RecipeConfig.from_profile("paper")
+    assert (paper.image_size_px, paper.epochs, paper.epochs_from_scratch) == (512, 50, 80)
+    assert (paper.lr_max, paper.batch_size, paper.effective_batch_size, paper.n_folds) == (
+        3e-3,
+        32,
+        64,
+        5,
+    )
+    quick = RecipeConfig.from_profile("quick", epochs=2)
+    assert quick.profile == "quick" and quick.epochs == 2 and quick.image_size_px == 64
+    assert RecipeConfig.from_dict(quick.to_dict()) == quick
+    assert RecipeConfig.from_profile("paper", pretrained=False).train_epochs == 80
+    with pytest.raises(ValueError, match="unknown profile"):
+        RecipeConfig.from_profile("fast")
+    with pytest.raises(ValueError, match="unknown recipe settings"):
+        RecipeConfig.from_profile("quick", learning_rate=1.0)
+    assert set(PROFILES) == {"paper", "quick"}
+
+
+def test_splits_never_put_a_patient_in_two_folds_and_cover_everything() -> None:
+    rng = np.random.default_rng(0)
+    groups = [f"p{i}" for i in rng.integers(0, 60, 150)]
+    labels = rng.choice(4, size=150, p=[0.6, 0.2, 0.1, 0.1])
+    splits = make_splits(labels, groups, n_folds=5, seed=3)
+    assert len(splits) == 5
+    seen_val = np.concatenate([va for _, va in splits])
+    assert sorted(seen_val.tolist()) == list(range(150))
+    for train, val in splits:
+        assert not {groups[i] for i in train} & {groups[i] for i in val}
+        assert set(train.tolist()) | set(val.tolist()) == set(range(150))
+    assert make_splits(labels, groups, 5, 3)[0][1].tolist() == splits[0][1].tolist()
+
+
+def test_splits_refuse_fewer_patients_than_folds() -> None:
+    with pytest.raises(DatasetError, match="patients"):
+        make_splits([0, 1, 0, 1], ["a", "a", "b", "c"], n_folds=5, seed=0)
+
+
+def test_class_weights_are_inverse_frequency_in_vocabulary_order() -> None:
+    # Vocabulary order (0, 1, 2) differs from frequency order (1 most common, then 2, then 0).
+    train = np.array([0] * 2 + [1] * 8 + [2] * 4)
+    weights = class_weights(train, 3)
+    np.testing.assert_allclose(weights, [14 / (3 * 2), 14 / (3 * 8), 14 / (3 * 4)], rtol=1e-6)
+    assert weights[0] > weights[2] > weights[1]
+    # A class missing from the training fold weighs nothing (it never is a target there).
+    np.testing.assert_allclose(class_weights(np.array([0, 0, 2]), 3), [0.75, 0.0, 1.5])
+
+
+def _toy_images(n: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    rng = np.random.default_rng(seed)
+    labels = np.array([0] * (n // 2) + [1] * (n // 4) + [2] * (n - n // 2 - n // 4))
+    images = (rng.random((n, size, size)) * 0.3).astype(np.float16)
+    for i, y in enumerate(labels):
+        images[i, 8 + 16 * y : 20 + 16 * y, 8:40] = 1.0
+    return images, labels, [f"p{i // 2}" for i in range(n)]
+
+
+def test_class_weights_of_a_fold_come_from_its_training_split_only() -> None:
+    images, labels, _ = _toy_images(24)  # 12 × class 0, 6 × class 1, 6 × class 2
+    val_idx = np.array([0, 1, 2, 3, 4, 5, 18, 19])  # the validation fold is not stratified
+    train_idx = np.setdiff1d(np.arange(24), val_idx)
+    config = RecipeConfig.from_profile("quick", pretrained=False, epochs_from_scratch=1)
+    result = train_fold(images, labels, train_idx, val_idx, 3, config, fold=0)
+    expected = class_weights(labels[train_idx], 3)
+    np.testing.assert_allclose(result.class_weights, expected)
+    whole_data = class_weights(labels, 3)
+    assert not np.allclose(result.class_weights, whole_data), "fold weights must not be global"
+    assert result.val_logits.shape == (len(val_idx), 3)
+    assert np.isfinite(result.val_logits).all()
+    assert [row["epoch"] for row in result.history] == [1]
+    assert {"train_loss", "valid_loss"} <= set(result.history[0])
+    assert result.init.init == "random" and "scratch" in result.init.reason
+
+
+def test_validation_batches_get_normalisation_only_and_training_batches_are_augmented() -> None:
+    config = RecipeConfig.from_profile("quick")
+    params = config.preprocess_params()
+    callback = _AugmentAndNormalize(params, config)
+    x = torch.from_numpy(_toy_images(8)[0].astype(np.float32))
+
+    class _FakeLearn:
+        def __init__(self, training: bool) -> None:
+            self.xb, self.training = (x.clone(),), training
+
+    for training in (False, True):
+        callback.learn = _FakeLearn(training)  # type: ignore[assignment]
+        torch.manual_seed(0)
+        callback.before_batch()
+        out = callback.learn.xb[0]
+        expected = to_network_input(x, params, channels_last=config.channels_last)
+        assert out.shape == (8, 3, 64, 64)
+        if training:
+            assert not torch.allclose(out, expected), "training batches must be augmented"
+        else:
+            torch.testing.assert_close(out, expected)

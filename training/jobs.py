@@ -1,0 +1,251 @@
+"""Training as RQ jobs: plain functions taking ids, paths and numbers.
+
+A run is ``1 + n_folds + 1`` jobs on the training queue::
+
+    plan ──► fold 0 ─┐
+         ├─► fold 1 ─┤
+         ├─► ...     ├─► finalise (evaluate, report, publish + promotion gate)
+         └─► fold 4 ─┘
+
+so N workers with one GPU each (``CUDA_VISIBLE_DEVICES``) train folds in parallel, and one
+worker trains them in sequence. Progress (stage, fold, epoch, losses, macro-F1) lives in each
+job's ``meta``. If any job fails — an exception, a timeout, or a worker killed mid-fold (RQ
+then marks the job abandoned and still runs its failure callback) — the run is marked failed,
+its other jobs are cancelled, its staging directory is deleted and the registry is untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis import Redis
+from rq import Callback, Queue, get_current_job
+from rq.job import Job
+
+from training.registry import ModelRegistry, new_version_id
+
+__all__ = [
+    "TRAINING_QUEUE",
+    "TrainingRun",
+    "enqueue_training",
+    "finalize_job",
+    "fold_job",
+    "plan_job",
+    "run_status",
+]
+
+logger = logging.getLogger(__name__)
+
+TRAINING_QUEUE = "valve-id-training"
+"""Queue the training jobs go to; ``valve-id worker`` listens on it."""
+PLAN_TIMEOUT_S = 2 * 3600
+"""Decoding and caching a large export can take a while on a slow disk."""
+FOLD_TIMEOUT_S = 6 * 3600
+"""One fold of the paper profile takes minutes on a GPU, hours on a CPU."""
+FINALIZE_TIMEOUT_S = 3600
+RESULT_TTL_S = 7 * 24 * 3600
+"""How long finished jobs (and their progress meta) stay visible."""
+_RUN_KEY = "valve-id:run:{run_id}"
+_RUN_TTL_S = 30 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """Handle of an enqueued run."""
+
+    run_id: str
+    staging: str
+    plan_job_id: str
+    fold_job_ids: list[str]
+    finalize_job_id: str
+
+    @property
+    def job_ids(self) -> list[str]:
+        return [self.plan_job_id, *self.fold_job_ids, self.finalize_job_id]
+
+
+def _report(**fields: Any) -> None:
+    """Put progress on the running job's meta (no-op outside a worker)."""
+    job = get_current_job()
+    if job is None:
+        return
+    job.meta.update(fields)
+    job.save_meta()
+
+
+def _set_run(connection: Redis, run_id: str, **fields: Any) -> None:
+    key = _RUN_KEY.format(run_id=run_id)
+    connection.hset(key, mapping={k: str(v) for k, v in fields.items()})
+    connection.expire(key, _RUN_TTL_S)
+
+
+def run_status(connection: Redis, run_id: str) -> dict[str, str]:
+    """The run's record: status, staging, job ids, version, reason."""
+    raw = connection.hgetall(_RUN_KEY.format(run_id=run_id))
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def plan_job(
+    run_id: str,
+    staging: str,
+    data: str,
+    label_config_path: str,
+    recipe: dict[str, Any],
+    cache_dir: str | None,
+) -> dict[str, Any]:
+    """Stage 1: snapshot the labelled data, decode/cache it once, fix classes and folds."""
+    from training.dataset import load_manifest
+    from training.labels import load_label_config
+    from training.recipe import RecipeConfig
+    from training.run import plan_run
+
+    _report(stage="plan", run_id=run_id)
+    job = get_current_job()
+    if job is not None:
+        _set_run(job.connection, run_id, status="running")
+    label_config = load_label_config(label_config_path)
+    items = load_manifest(data, label_config.classes)
+    plan = plan_run(
+        Path(staging),
+        items,
+        label_config,
+        RecipeConfig.from_dict(recipe),
+        source=data,
+        cache_dir=Path(cache_dir) if cache_dir else None,
+        run_id=run_id,
+        progress=lambda row: _report(**row),
+    )
+    return {"n_images": len(plan["snapshot"]), "classes": plan["classes"]}
+
+
+def fold_job(run_id: str, staging: str, fold: int, cache_dir: str | None) -> dict[str, Any]:
+    """Stage 2: train one fold (any worker, any order)."""
+    from training.run import train_fold_stage
+
+    _report(stage="fold", run_id=run_id, fold=fold)
+    summary = train_fold_stage(
+        Path(staging),
+        fold,
+        cache_dir=Path(cache_dir) if cache_dir else None,
+        progress=lambda row: _report(stage="fold", **row),
+    )
+    return {k: summary[k] for k in ("fold", "n_train", "n_val")}
+
+
+def finalize_job(
+    run_id: str, staging: str, model_dir: str, cache_dir: str | None, tolerance: float
+) -> dict[str, Any]:
+    """Stage 3: evaluate, report, publish atomically; the gate decides on promotion."""
+    from training.run import finalize_run
+
+    _report(stage="finalize", run_id=run_id)
+    finalize_run(Path(staging), cache_dir=Path(cache_dir) if cache_dir else None, version=run_id)
+    result = ModelRegistry(model_dir).publish(staging, version_id=run_id, tolerance=tolerance)
+    job = get_current_job()
+    if job is not None:
+        _set_run(
+            job.connection,
+            run_id,
+            status="published",
+            version=result.version_id,
+            promoted=int(result.promoted),
+            reason=result.reason,
+        )
+    logger.info(
+        "run %s published as %s (promoted=%s: %s)",
+        run_id,
+        result.version_id,
+        result.promoted,
+        result.reason,
+    )
+    return {"version": result.version_id, "promoted": result.promoted, "reason": result.reason}
+
+
+def _on_failure(job: Job, connection: Redis, exc_type: type, exc: BaseException, tb: Any) -> None:
+    """Any stage failed (or its worker died): fail the run visibly and leave nothing half-done."""
+    run_id = job.meta.get("run_id") or job.kwargs.get("run_id") or job.args[0]
+    record = run_status(connection, run_id)
+    reason = f"{job.meta.get('stage', 'job')} failed: {exc_type.__name__}: {exc}"
+    logger.error("training run %s failed: %s", run_id, reason)
+    _set_run(connection, run_id, status="failed", reason=reason, failed_job=job.id)
+    for other_id in record.get("jobs", "").split(","):
+        if other_id and other_id != job.id:
+            try:
+                other = Job.fetch(other_id, connection=connection)
+            except Exception:  # already expired or deleted: nothing left to stop
+                continue
+            if other.get_status(refresh=True) in {"queued", "deferred", "scheduled"}:
+                other.cancel()
+    staging = record.get("staging")
+    if staging:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def enqueue_training(
+    connection: Redis,
+    *,
+    data: str,
+    label_config_path: str,
+    recipe: dict[str, Any],
+    model_dir: str,
+    cache_dir: str | None,
+    tolerance: float = 0.02,
+    queue_name: str = TRAINING_QUEUE,
+) -> TrainingRun:
+    """Enqueue a whole run; returns its handle at once (nothing is trained here)."""
+    run_id = new_version_id()
+    registry = ModelRegistry(model_dir)
+    staging = str(registry.staging(run_id))
+    queue = Queue(queue_name, connection=connection)
+    on_failure = Callback(_on_failure)
+    common = {"result_ttl": RESULT_TTL_S, "failure_ttl": RESULT_TTL_S, "on_failure": on_failure}
+    n_folds = int(recipe["n_folds"])
+    run = TrainingRun(
+        run_id,
+        staging,
+        plan_job_id=f"{run_id}-plan",
+        fold_job_ids=[f"{run_id}-fold{k}" for k in range(n_folds)],
+        finalize_job_id=f"{run_id}-finalize",
+    )
+    # The record exists before any job can run, so a failure callback always finds it.
+    _set_run(
+        connection, run_id, status="queued", staging=staging, jobs=",".join(run.job_ids), data=data
+    )
+
+    plan = queue.enqueue(
+        plan_job,
+        args=(run_id, staging, data, label_config_path, recipe, cache_dir),
+        job_id=run.plan_job_id,
+        job_timeout=PLAN_TIMEOUT_S,
+        meta={"run_id": run_id, "stage": "plan"},
+        description=f"valve-id run {run_id}: plan",
+        **common,
+    )
+    folds = [
+        queue.enqueue(
+            fold_job,
+            args=(run_id, staging, fold, cache_dir),
+            job_id=job_id,
+            depends_on=plan,
+            job_timeout=FOLD_TIMEOUT_S,
+            meta={"run_id": run_id, "stage": "fold", "fold": fold},
+            description=f"valve-id run {run_id}: fold {fold}",
+            **common,
+        )
+        for fold, job_id in enumerate(run.fold_job_ids)
+    ]
+    queue.enqueue(
+        finalize_job,
+        args=(run_id, staging, model_dir, cache_dir, tolerance),
+        job_id=run.finalize_job_id,
+        depends_on=folds,
+        job_timeout=FINALIZE_TIMEOUT_S,
+        meta={"run_id": run_id, "stage": "finalize"},
+        description=f"valve-id run {run_id}: finalize",
+        **common,
+    )
+    return run
