@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.progress import Progress
 
+from backend.commands.importer import import_command
 from backend.commands.models import models_app
 from backend.settings import Settings
 
@@ -55,21 +56,27 @@ def demo_data(
     balanced: Annotated[
         bool, typer.Option(help="Equal class mix instead of the paper's 81/12/4/3 %.")
     ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a data set already in --out.")] = False,
 ) -> None:
     """Generate the synthetic skull X-ray demo data set (DICOM + manifest.csv)."""
+    from training.errors import ValveIdError
     from training.synthetic import VALVE_CLASSES, generate_dataset
 
     _settings()
     mix = {c: 1.0 for c in VALVE_CLASSES} if balanced else None
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("rendering X-rays", total=n)
-        manifest = generate_dataset(
-            out,
-            n,
-            seed,
-            class_mix=mix,
-            progress=lambda done, total: bar.update(task, completed=done),
-        )
+    try:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("rendering X-rays", total=n)
+            manifest = generate_dataset(
+                out,
+                n,
+                seed,
+                class_mix=mix,
+                overwrite=overwrite,
+                progress=lambda done, total: bar.update(task, completed=done),
+            )
+    except ValveIdError as exc:
+        raise _fail(str(exc)) from None
     console.print(f"wrote {n} synthetic X-rays; manifest: {manifest}")
 
 
@@ -80,9 +87,8 @@ def preview(
     per_class: Annotated[int, typer.Option(min=1)] = 4,
 ) -> None:
     """Contact sheet of a data set, each image as the network sees it."""
-    from training.preview import write_preview
-
     from training.errors import ValveIdError
+    from training.preview import write_preview
 
     _settings()
     manifest = manifest / "manifest.csv" if manifest.is_dir() else manifest
@@ -96,7 +102,9 @@ def preview(
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Option(help="Data set folder or its manifest.csv.")],
+    data: Annotated[
+        str, typer.Option(help="Data set folder, its manifest.csv, or labelstudio:<project id>.")
+    ],
     profile: Annotated[str, typer.Option(help="Recipe profile: paper or quick.")] = "paper",
     enqueue: Annotated[
         bool, typer.Option(help="Send to the RQ workers instead of training here.")
@@ -110,8 +118,8 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Override the seed.")] = None,
 ) -> None:
     """Train the paper's 5-fold recipe and publish a model version."""
+    from training.config import RecipeConfig
     from training.errors import ValveIdError
-    from training.recipe import RecipeConfig
 
     settings = _settings()
     try:
@@ -132,7 +140,7 @@ def train(
 
         run = enqueue_training(
             Redis.from_url(settings.redis_url),
-            data=str(data.resolve()),
+            data=data if data.startswith("labelstudio:") else str(Path(data).resolve()),
             label_config_path=str(settings.label_config),
             recipe=recipe.to_dict(),
             model_dir=str(settings.models.resolve()),
@@ -143,8 +151,9 @@ def train(
         typer.echo(json.dumps({"run_id": run.run_id, "jobs": run.job_ids}))
         return
 
-    from training.dataset import load_manifest
+    from training.dataset import load_items
     from training.labels import load_label_config
+    from training.labelstudio_source import configure
     from training.registry import ModelRegistry, new_version_id
     from training.run import run_in_process
 
@@ -153,7 +162,16 @@ def train(
     staging = registry.staging(run_id)
     try:
         label_config = load_label_config(settings.label_config)
-        items = load_manifest(data, label_config.classes)
+        configure(
+            settings.label_studio_url, settings.label_studio_api_key, settings.local_files_root
+        )
+        items = load_items(
+            data,
+            label_config.classes,
+            settings.cache / "labelstudio-images",
+            image_key=label_config.image_key,
+            choices_name=label_config.choices_name,
+        )
         run_in_process(
             staging,
             items,
@@ -181,24 +199,52 @@ def train(
 def worker(
     burst: Annotated[bool, typer.Option(help="Exit when the queues are empty.")] = False,
     name: Annotated[str | None, typer.Option(help="Worker name (default: RQ's).")] = None,
+    queues: Annotated[
+        str, typer.Option(help="Comma-separated queues, in priority order.")
+    ] = "valve-id-training,valve-id-default",
 ) -> None:
-    """Start an RQ worker for training jobs.
+    """Start an RQ worker: training jobs, and (by default) webhook and re-scoring jobs.
 
-    One GPU per worker: start N workers with CUDA_VISIBLE_DEVICES=0, 1, ... to train the
-    folds of a run in parallel.
+    One GPU per training worker: start N workers with CUDA_VISIBLE_DEVICES=0, 1, ... to train
+    the folds of a run in parallel. A worker given only ``--queues valve-id-default`` runs the
+    short backend jobs in-process (no fork per job), keeping its loaded model between jobs.
     """
     from redis import Redis
-    from rq import Queue, Worker
+    from rq import Queue, SimpleWorker, Worker
 
-    import training.recipe  # noqa: F401  (import torch/fastai once; each job's fork inherits it)
-    from training.jobs import TRAINING_QUEUE
+    from training.jobs import DEFAULT_QUEUE, on_work_horse_killed
+    from training.labelstudio_source import configure
 
     settings = _settings()
+    # The worker reads settings once; the forked jobs inherit them (training never reads env).
+    configure(settings.label_studio_url, settings.label_studio_api_key, settings.local_files_root)
+    names = [q.strip() for q in queues.split(",") if q.strip()]
     connection = Redis.from_url(settings.redis_url)
-    queues = [Queue(TRAINING_QUEUE, connection=connection)]
-    Worker(queues, connection=connection, name=name).work(burst=burst, with_scheduler=False)
+    listened = [Queue(q, connection=connection) for q in names]
+    if names == [DEFAULT_QUEUE]:
+        worker_class: type[Worker] = SimpleWorker
+    else:
+        import training.recipe  # noqa: F401  (import torch/fastai once; each job's fork inherits it)
+
+        worker_class = Worker
+    worker_class(
+        listened, connection=connection, name=name, work_horse_killed_handler=on_work_horse_killed
+    ).work(burst=burst, with_scheduler=False)
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port Label Studio connects to.")] = 9090,
+    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
+) -> None:
+    """Serve the Label Studio ML backend (/health, /setup, /predict, /webhook, /metrics, /jobs)."""
+    from backend.app import run
+
+    run(_settings(), host=host, port=port, workers=workers)
+
+
+app.command("import")(import_command)
 app.add_typer(models_app, name="models", help="List, inspect, promote and roll back versions.")
 
 

@@ -25,7 +25,7 @@ class SettingsError(ValueError):
     """An environment variable holds a value valve-id cannot use."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Settings:
     """Every knob of a valve-id process; the README's configuration table mirrors this."""
 
@@ -43,6 +43,31 @@ class Settings:
     """VALVE_ID_PROMOTION_TOLERANCE: macro-F1 a new version may lose and still be promoted."""
     log_level: str = "INFO"
     """LOG_LEVEL: Python logging level name."""
+    label_studio_url: str = "http://127.0.0.1:8080"
+    """LABEL_STUDIO_URL: the one Label Studio this backend talks to (and fetches images from)."""
+    label_studio_api_key: str = ""
+    """LABEL_STUDIO_API_KEY: a Personal Access Token or a legacy token (a secret)."""
+    basic_auth_user: str = ""
+    """BASIC_AUTH_USER: with BASIC_AUTH_PASS, protects every endpoint except /health."""
+    basic_auth_pass: str = ""
+    """BASIC_AUTH_PASS: the basic-auth password (a secret)."""
+    retrain_every_n_labels: int = 20
+    """RETRAIN_EVERY_N_LABELS: new labelled tasks since the last run that trigger training."""
+    training_profile: str = "paper"
+    """VALVE_ID_TRAINING_PROFILE: recipe of automatic runs (paper on a GPU, quick on CPU)."""
+    acquisition: str = "auto"
+    """VALVE_ID_ACQUISITION: uncertainty measure behind the score (entropy, margin, bald, ...);
+    auto = the one the served version's report found best at detecting errors."""
+    pseudonym_key: str = ""
+    """VALVE_ID_PSEUDONYM_KEY: HMAC key turning patient ids into stable pseudonyms (a secret)."""
+    allowed_hosts: tuple[str, ...] = ()
+    """VALVE_ID_ALLOWED_HOSTS: extra hosts images may be fetched from (comma-separated)."""
+    local_files_root: Path | None = None
+    """LOCAL_FILES_DOCUMENT_ROOT: Label Studio's local-files root, when on this host."""
+    predict_batch_size: int = 16
+    """VALVE_ID_PREDICT_BATCH: images per forward pass when serving."""
+    reconcile_interval_s: int = 300
+    """VALVE_ID_RECONCILE_INTERVAL_S: how often the label count is re-checked without webhooks."""
 
     _ENV = {
         "state_dir": "VALVE_ID_STATE_DIR",
@@ -52,6 +77,18 @@ class Settings:
         "label_config": "VALVE_ID_LABEL_CONFIG",
         "promotion_tolerance": "VALVE_ID_PROMOTION_TOLERANCE",
         "log_level": "LOG_LEVEL",
+        "label_studio_url": "LABEL_STUDIO_URL",
+        "label_studio_api_key": "LABEL_STUDIO_API_KEY",
+        "basic_auth_user": "BASIC_AUTH_USER",
+        "basic_auth_pass": "BASIC_AUTH_PASS",
+        "retrain_every_n_labels": "RETRAIN_EVERY_N_LABELS",
+        "training_profile": "VALVE_ID_TRAINING_PROFILE",
+        "acquisition": "VALVE_ID_ACQUISITION",
+        "pseudonym_key": "VALVE_ID_PSEUDONYM_KEY",
+        "allowed_hosts": "VALVE_ID_ALLOWED_HOSTS",
+        "local_files_root": "LOCAL_FILES_DOCUMENT_ROOT",
+        "predict_batch_size": "VALVE_ID_PREDICT_BATCH",
+        "reconcile_interval_s": "VALVE_ID_RECONCILE_INTERVAL_S",
     }
 
     @classmethod
@@ -67,11 +104,31 @@ class Settings:
             values[f.name] = _cast(name, raw, cls.__dataclass_fields__[f.name].type)
         return cls(**values)  # type: ignore[arg-type]
 
+    def __repr__(self) -> str:
+        """Never print a secret (settings end up in logs and tracebacks)."""
+        shown = {
+            f.name: (
+                "***" if f.name in _SECRETS and getattr(self, f.name) else getattr(self, f.name)
+            )
+            for f in fields(self)
+        }
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+    @property
+    def basic_auth_enabled(self) -> bool:
+        return bool(self.basic_auth_user and self.basic_auth_pass)
+
     def __post_init__(self) -> None:
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise SettingsError(f"LOG_LEVEL={self.log_level!r} is not a logging level name")
         if not 0.0 <= self.promotion_tolerance <= 1.0:
             raise SettingsError("VALVE_ID_PROMOTION_TOLERANCE must lie in [0, 1]")
+        if self.retrain_every_n_labels < 1:
+            raise SettingsError("RETRAIN_EVERY_N_LABELS must be at least 1")
+        if self.predict_batch_size < 1:
+            raise SettingsError("VALVE_ID_PREDICT_BATCH must be at least 1")
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
 
     @property
     def models(self) -> Path:
@@ -84,9 +141,14 @@ class Settings:
         return self.cache_dir or self.state_dir / "cache"
 
 
+_SECRETS = frozenset({"label_studio_api_key", "basic_auth_pass", "pseudonym_key"})
+
+
 def _cast(name: str | None, raw: str, annotation: object) -> object:
     text = str(annotation)
     try:
+        if "tuple" in text:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
         if "Path" in text:
             return Path(raw).expanduser()
         if "float" in text:

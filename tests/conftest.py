@@ -94,5 +94,7 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from training.synthetic import VALVE_CLASSES, generate_dataset
 
     out = tmp_path_factory.mktemp("tiny-dataset")
-    generate_dataset(out, 40, seed=7, class_mix={c: 1.0 for c in VALVE_CLASSES})
+    generate_dataset(
+        out, 40, seed=7, class_mix={c: 1.0 for c in VALVE_CLASSES}, size_range_px=(256, 384)
+    )
     return out

@@ -29,6 +29,7 @@ __all__ = [
     "LabelledImage",
     "PreparedImages",
     "content_hash",
+    "load_items",
     "load_manifest",
     "prepare_images",
 ]
@@ -99,6 +100,38 @@ def load_manifest(source: str | Path, classes: Sequence[str] | None = None) -> l
             f"known classes: {list(classes or [])}"
         )
     return items
+
+
+def load_items(
+    data: str | Path,
+    classes: Sequence[str],
+    download_dir: Path,
+    *,
+    image_key: str = "image",
+    choices_name: str | None = None,
+) -> list[LabelledImage]:
+    """A run's snapshot from its ``data``: ``labelstudio:<project id>`` or a manifest/folder.
+
+    A Label Studio project is exported now and its images are copied into ``download_dir``
+    (:func:`training.labelstudio_source.load_project_items`); ``image_key`` and
+    ``choices_name`` come from the label config. Anything else is read by
+    :func:`load_manifest`.
+    """
+    from training.labelstudio_source import (  # deferred: it imports the SDK lazily too
+        is_project_source,
+        load_project_items,
+        parse_project_source,
+    )
+
+    if is_project_source(str(data)):
+        return load_project_items(
+            parse_project_source(str(data)),
+            classes,
+            download_dir,
+            image_key=image_key,
+            choices_name=choices_name,
+        )
+    return load_manifest(data, classes)
 
 
 def content_hash(path: str | Path) -> str:

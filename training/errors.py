@@ -9,7 +9,9 @@ for *that* item while the rest of the batch goes on::
     │   └── UnsupportedImageError   valid file, but a kind we refuse (multi-frame, codec, ...)
     ├── LabelConfigError            a Label Studio config without the tags valve-id needs
     ├── DatasetError                a dataset / manifest that cannot be used as given
+    ├── ImageFetchError             a task's image URL is refused or cannot be fetched
     ├── ModelLoadError              a weights/checkpoint file that cannot become a model
+    ├── LabelStudioError            Label Studio refused a call or could not be reached
     └── RegistryError               the model registry refuses an operation (bad id, incomplete
         │                           version, nothing to roll back to)
         └── ModelNotFound           no such model version, or no current one
@@ -23,7 +25,9 @@ from __future__ import annotations
 __all__ = [
     "DatasetError",
     "ImageDecodeError",
+    "ImageFetchError",
     "LabelConfigError",
+    "LabelStudioError",
     "ModelLoadError",
     "ModelNotFound",
     "RegistryError",
@@ -61,6 +65,15 @@ class DatasetError(ValveIdError):
     """A dataset folder or manifest is missing, malformed or inconsistent."""
 
 
+class ImageFetchError(ValveIdError):
+    """A task's image could not be fetched: a refused URL (foreign host, scheme, path outside
+    the local-files root), an HTTP error, a timeout, or a body over the size cap.
+
+    Kept apart from :class:`ImageDecodeError` so the message says whether to fix the URL or
+    access (this) or the file itself (that). Messages name the host, never the file path.
+    """
+
+
 class ModelLoadError(ValveIdError):
     """A checkpoint or pretrained-weights file is missing, truncated, corrupt or mismatched.
 
@@ -70,6 +83,19 @@ class ModelLoadError(ValveIdError):
     def __init__(self, message: str, source: str | None = None) -> None:
         self.source = source
         super().__init__(f"{source}: {message}" if source else message)
+
+
+class LabelStudioError(ValveIdError):
+    """A call to Label Studio failed: refused (4xx), broken (5xx) or unreachable.
+
+    ``status_code`` is the HTTP status Label Studio answered, or ``None`` when it could not
+    be reached. The message names the operation and the status; it never contains the API
+    key (tokens travel in headers, which are never put into messages).
+    """
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        self.status_code = status_code
+        super().__init__(message)
 
 
 class RegistryError(ValveIdError):

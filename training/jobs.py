@@ -29,9 +29,11 @@ from rq.job import Job
 from training.registry import ModelRegistry, new_version_id
 
 __all__ = [
+    "DEFAULT_QUEUE",
     "TRAINING_QUEUE",
     "TrainingRun",
     "enqueue_training",
+    "on_work_horse_killed",
     "finalize_job",
     "fold_job",
     "plan_job",
@@ -42,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 TRAINING_QUEUE = "valve-id-training"
 """Queue the training jobs go to; ``valve-id worker`` listens on it."""
+DEFAULT_QUEUE = "valve-id-default"
+"""Queue of short backend jobs (webhooks, re-scoring); ``valve-id worker`` listens on it too."""
 PLAN_TIMEOUT_S = 2 * 3600
 """Decoding and caching a large export can take a while on a slow disk."""
 FOLD_TIMEOUT_S = 6 * 3600
@@ -98,9 +102,9 @@ def plan_job(
     cache_dir: str | None,
 ) -> dict[str, Any]:
     """Stage 1: snapshot the labelled data, decode/cache it once, fix classes and folds."""
-    from training.dataset import load_manifest
+    from training.config import RecipeConfig
+    from training.dataset import load_items
     from training.labels import load_label_config
-    from training.recipe import RecipeConfig
     from training.run import plan_run
 
     _report(stage="plan", run_id=run_id)
@@ -108,7 +112,19 @@ def plan_job(
     if job is not None:
         _set_run(job.connection, run_id, status="running")
     label_config = load_label_config(label_config_path)
-    items = load_manifest(data, label_config.classes)
+    # Images exported from Label Studio are kept beside the cache, never inside the version.
+    downloads = (
+        Path(cache_dir) / "labelstudio-images"
+        if cache_dir
+        else Path(staging).parent / f"{run_id}-images"
+    )
+    items = load_items(
+        data,
+        label_config.classes,
+        downloads,
+        image_key=label_config.image_key,
+        choices_name=label_config.choices_name,
+    )
     plan = plan_run(
         Path(staging),
         items,
@@ -155,6 +171,7 @@ def finalize_job(
             promoted=int(result.promoted),
             reason=result.reason,
         )
+        _notify_finished(job.connection, run_id)
     logger.info(
         "run %s published as %s (promoted=%s: %s)",
         run_id,
@@ -183,6 +200,39 @@ def _on_failure(job: Job, connection: Redis, exc_type: type, exc: BaseException,
     staging = record.get("staging")
     if staging:
         shutil.rmtree(staging, ignore_errors=True)
+    _notify_finished(connection, run_id)
+
+
+class WorkHorseKilled(Exception):
+    """The process running a job died without a Python exception (SIGKILL, OOM killer)."""
+
+
+def on_work_horse_killed(job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
+    """RQ worker hook: a killed work-horse fails its run like any other job failure.
+
+    RQ runs ``on_failure`` callbacks inside the work-horse, so a horse killed by a signal
+    never runs them; the worker calls this hook instead (pass it as
+    ``Worker(work_horse_killed_handler=...)``).
+    """
+    if not job.meta.get("run_id"):
+        return  # not a training job
+    exc = WorkHorseKilled(f"the training process died (waitpid status {ret_val})")
+    _on_failure(job, job.connection, WorkHorseKilled, exc, None)
+
+
+def _notify_finished(connection: Redis, run_id: str) -> None:
+    """Enqueue the run's ``on_finish`` hook (e.g. the backend's re-scoring), success or not.
+
+    The hook is a dotted function path called as ``hook(run_id)``, so this module never
+    imports the code it notifies.
+    """
+    record = run_status(connection, run_id)
+    hook = record.get("on_finish")
+    if not hook:
+        return
+    Queue(record.get("on_finish_queue") or DEFAULT_QUEUE, connection=connection).enqueue(
+        hook, run_id, result_ttl=RESULT_TTL_S, failure_ttl=RESULT_TTL_S
+    )
 
 
 def enqueue_training(
@@ -195,8 +245,15 @@ def enqueue_training(
     cache_dir: str | None,
     tolerance: float = 0.02,
     queue_name: str = TRAINING_QUEUE,
+    on_finish: str | None = None,
+    on_finish_queue: str = "",
+    extra: dict[str, str] | None = None,
 ) -> TrainingRun:
-    """Enqueue a whole run; returns its handle at once (nothing is trained here)."""
+    """Enqueue a whole run; returns its handle at once (nothing is trained here).
+
+    ``on_finish`` (a dotted function path) is enqueued with the run id when the run ends,
+    published or failed; ``extra`` fields are stored in the run record (e.g. the project).
+    """
     run_id = new_version_id()
     registry = ModelRegistry(model_dir)
     staging = str(registry.staging(run_id))
@@ -213,7 +270,15 @@ def enqueue_training(
     )
     # The record exists before any job can run, so a failure callback always finds it.
     _set_run(
-        connection, run_id, status="queued", staging=staging, jobs=",".join(run.job_ids), data=data
+        connection,
+        run_id,
+        status="queued",
+        staging=staging,
+        jobs=",".join(run.job_ids),
+        data=data,
+        on_finish=on_finish or "",
+        on_finish_queue=on_finish_queue,
+        **(extra or {}),
     )
 
     plan = queue.enqueue(

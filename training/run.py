@@ -95,7 +95,7 @@ def plan_run(
     in config order (a choice nobody has used yet cannot be learned; it is listed under
     ``unused_classes`` and becomes a class in the first run that has examples of it).
     """
-    from training.recipe import make_splits  # sklearn only; fastai stays out of planning
+    from training.splits import make_splits
 
     params: PreprocessParams = config.preprocess_params()
 
@@ -179,8 +179,9 @@ def train_fold_stage(
     run_dir: Path, fold: int, *, cache_dir: Path | None, progress: ProgressFn | None = None
 ) -> dict[str, Any]:
     """Train fold ``fold`` of a planned run; write its weights, OOF logits and history."""
+    from training.config import RecipeConfig
     from training.model import save_checkpoint
-    from training.recipe import RecipeConfig, train_fold
+    from training.recipe import train_fold
 
     plan, prepared, labels = _load_plan(run_dir, cache_dir)
     config = RecipeConfig.from_dict(plan["recipe"])

@@ -6,16 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from training.config import PROFILES, RecipeConfig
 from training.errors import DatasetError
 from training.inference import to_network_input
-from training.recipe import (
-    PROFILES,
-    RecipeConfig,
-    _AugmentAndNormalize,
-    class_weights,
-    make_splits,
-    train_fold,
-)
+from training.recipe import _AugmentAndNormalize, class_weights, train_fold
+from training.splits import make_splits
 
 
 def test_profiles_and_overrides_are_explicit() -> None:

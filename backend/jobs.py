@@ -1,0 +1,477 @@
+"""Backend RQ jobs: handle a webhook event, re-score a project, pre-annotate new tasks,
+reconcile.
+
+Each job is a plain importable function of ids and numbers (``valve-id worker`` runs them
+from the ``valve-id-default`` queue). What a job needs — settings, the Label Studio client,
+the image fetcher, the served model — comes from the :class:`WorkerContext`, built once per
+worker process from :meth:`Settings.from_env`; :func:`use_context` replaces it (the worker's
+start-up, tests, and issue 5's end-to-end suite against a real Label Studio).
+
+Predicting and writing share one loop (:func:`_predict_and_write`): tasks stream in pages,
+images are fetched in parallel, a bad image is counted and skipped, and memory stays flat
+however large the project. Progress is in ``job.meta`` (``done``/``total``/``failed``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis import Redis
+from rq import get_current_job
+
+from backend.retraining import ANNOTATION_ACTIONS, Retrainer
+from backend.settings import Settings
+from training.errors import ValveIdError
+from training.jobs import enqueue_training
+
+__all__ = [
+    "RESCORE_BATCH_TASKS",
+    "WorkerContext",
+    "after_run",
+    "get_predictor",
+    "handle_event",
+    "predict_tasks",
+    "reconcile_job",
+    "rescore",
+    "rescore_project",
+    "use_context",
+]
+
+logger = logging.getLogger(__name__)
+
+RESCORE_BATCH_TASKS = 64
+"""Tasks fetched, predicted and written per step (Label Studio pages hold 100)."""
+FETCH_THREADS = 8
+"""Images downloaded in parallel; fetching is I/O-bound and dominates a re-score."""
+
+
+@dataclass
+class WorkerContext:
+    """Everything the backend jobs use, built once per worker process.
+
+    ``predictor`` None means the process-wide cached :func:`get_predictor`.
+    """
+
+    settings: Settings
+    label_studio: Any = None
+    fetcher: Any = None
+    predictor: Any = None
+    enqueue_training: Callable[..., Any] = enqueue_training
+    redis: Redis | None = None
+    _label_config: Any = field(default=None, repr=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WorkerContext:
+        from backend.images import ImageFetcher
+        from backend.labelstudio import LabelStudio
+
+        label_studio = LabelStudio(settings)
+        fetcher = ImageFetcher(settings, auth_headers=label_studio.auth_headers)
+        return cls(settings=settings, label_studio=label_studio, fetcher=fetcher)
+
+    @property
+    def label_config(self) -> Any:
+        """The configured label config (``VALVE_ID_LABEL_CONFIG``)."""
+        if self._label_config is None:
+            from training.labels import load_label_config
+
+            self._label_config = load_label_config(self.settings.label_config)
+        return self._label_config
+
+    def project_label_config(self, ls_project_id: int) -> Any:
+        """The project's own config (its ``Image``/``Choices`` names and classes build the
+        results), else the configured one if Label Studio cannot say."""
+        from training.labels import parse_label_config
+
+        try:
+            return parse_label_config(self.label_studio.label_config(ls_project_id))
+        except ValveIdError as exc:
+            logger.warning("project %s: using the configured label config (%s)", ls_project_id, exc)
+            return self.label_config
+
+    def connection(self) -> Redis:
+        """The running job's Redis (the one the worker listens on), else the settings'."""
+        job = get_current_job()
+        if job is not None:
+            return job.connection
+        if self.redis is None:
+            self.redis = Redis.from_url(self.settings.redis_url)
+        return self.redis
+
+    def retrainer(self) -> Retrainer:
+        return Retrainer(
+            self.settings,
+            self.connection(),
+            label_studio=self.label_studio,
+            enqueue_training=self.enqueue_training,
+        )
+
+    def served_predictor(self) -> Any:
+        """The predictor, looking at the registry now (a promotion may be seconds old)."""
+        if self.predictor is not None:
+            self.predictor.refresh(force=True)
+            return self.predictor
+        return get_predictor(self.settings)
+
+
+_context: WorkerContext | None = None
+_predictors: dict[str, Any] = {}
+
+
+def use_context(context: WorkerContext | None) -> None:
+    """Set (or with None, forget) the context every job in this process uses."""
+    global _context
+    _context = context
+
+
+def _ctx() -> WorkerContext:
+    global _context
+    if _context is None:
+        _context = WorkerContext.from_settings(Settings.from_env())
+    return _context
+
+
+def get_predictor(settings: Settings) -> Any:
+    """The worker's predictor for ``settings.models``: loaded once per process, refreshed
+    before each use (a newly promoted version is picked up without restarting the worker)."""
+    from backend.predictor import Predictor
+
+    root = str(settings.models)
+    predictor = _predictors.get(root)
+    if predictor is None:
+        predictor = Predictor(
+            settings.models,
+            acquisition=settings.acquisition,
+            batch_size=settings.predict_batch_size,
+        )
+        _predictors[root] = predictor
+    predictor.refresh(force=True)
+    return predictor
+
+
+def _report(**fields: Any) -> None:
+    """Progress on the running job's meta (no-op outside a worker)."""
+    job = get_current_job()
+    if job is None:
+        return
+    job.meta.update(fields)
+    job.save_meta()
+
+
+# --- jobs -----------------------------------------------------------------------------
+
+
+def handle_event(
+    action: str, ls_project_id: int, project_key: str | None, payload: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A webhook's work, off Label Studio's 1-second clock."""
+    ctx = _ctx()
+    retrainer = ctx.retrainer()
+    key = retrainer.register_project(ls_project_id, project_key)
+    if action in ANNOTATION_ACTIONS:
+        retrainer.clear_check_pending(key)
+        return {"action": action, "run_id": retrainer.check(ls_project_id, project_key=key)}
+    if action == "START_TRAINING":
+        return {
+            "action": action,
+            "run_id": retrainer.check(ls_project_id, project_key=key, force=True),
+        }
+    if action == "TASKS_CREATED":
+        return predict_tasks(ls_project_id, list(payload.get("tasks") or []), project_key=key)
+    logger.debug("event %s has no handler", action)
+    return {"action": action, "ignored": True}
+
+
+def after_run(run_id: str) -> str | None:
+    """A training run's ``on_finish`` hook (published or failed)."""
+    return _ctx().retrainer().after_run(run_id)
+
+
+def reconcile_job() -> list[str]:
+    """Periodic repair (see :meth:`Retrainer.reconcile`); returns the run ids it started."""
+    return _ctx().retrainer().reconcile()
+
+
+def rescore_project(ls_project_id: int, version: str) -> dict[str, Any]:
+    """Predict every unlabelled task with ``version`` and make it the project's version."""
+    ctx = _ctx()
+    return rescore(
+        ls_project_id,
+        version,
+        label_studio=ctx.label_studio,
+        predictor=ctx.served_predictor(),
+        fetcher=ctx.fetcher,
+        retrainer=ctx.retrainer(),
+        label_config=ctx.project_label_config(ls_project_id),
+        progress=_report,
+    )
+
+
+def predict_tasks(
+    ls_project_id: int,
+    tasks: list[Mapping[str, Any]],
+    project_key: str | None = None,
+) -> dict[str, Any]:
+    """Pre-annotate newly imported tasks (``{"id", "data"}`` each) with the served version."""
+    ctx = _ctx()
+    retrainer = ctx.retrainer()
+    key = project_key or retrainer.project_key(ls_project_id)
+    predictor = ctx.served_predictor()
+    if predictor.version is None:
+        logger.info("project %s: no model version yet; new tasks stay unpredicted", key)
+        return {"done": 0, "failed": 0, "total": len(tasks), "stopped": "no model version"}
+    return _predict_and_write(
+        ls_project_id,
+        key,
+        tasks,
+        label_studio=ctx.label_studio,
+        predictor=predictor,
+        fetcher=ctx.fetcher,
+        retrainer=retrainer,
+        label_config=ctx.project_label_config(ls_project_id),
+        total=len(tasks),
+        progress=_report,
+        rescoring=None,
+    )
+
+
+def rescore(
+    ls_project_id: int,
+    version: str,
+    *,
+    label_studio: Any,
+    predictor: Any,
+    fetcher: Any,
+    retrainer: Retrainer,
+    label_config: Any,
+    progress: Callable[..., None] | None = None,
+    batch_size: int = RESCORE_BATCH_TASKS,
+) -> dict[str, Any]:
+    """Re-score a project's unlabelled tasks (the body of :func:`rescore_project`).
+
+    Idempotent: tasks already given a prediction of ``version`` are skipped, so a re-run
+    after a crash continues where the first stopped. Does nothing (or stops) when the served
+    version is not ``version``: a newer one's own re-score takes over, and a version that
+    failed to load must not be announced to Label Studio.
+    """
+    key = retrainer.project_key(ls_project_id)
+    if predictor.version != version:
+        reason = getattr(predictor, "load_error", None) or f"serving {predictor.version}"
+        logger.warning("project %s: not re-scoring with %s (%s)", key, version, reason)
+        return {
+            "done": 0,
+            "total": None,
+            "failed": 0,
+            "written": 0,
+            "skipped": 0,
+            "stopped": reason,
+        }
+    total = int(label_studio.count_unlabelled_tasks(ls_project_id))
+    stats = _predict_and_write(
+        ls_project_id,
+        key,
+        label_studio.unlabelled_tasks(ls_project_id),
+        label_studio=label_studio,
+        predictor=predictor,
+        fetcher=fetcher,
+        retrainer=retrainer,
+        label_config=label_config,
+        total=total,
+        progress=progress,
+        rescoring=version,
+        batch_size=batch_size,
+    )
+    logger.info(
+        "project %s re-scored with %s: %d written, %d bad images, %d already done",
+        key,
+        version,
+        stats["written"],
+        stats["failed"],
+        stats["skipped"],
+    )
+    return stats
+
+
+# --- the shared loop ---------------------------------------------------------------------
+
+
+def _field(task: Any, name: str) -> Any:
+    return task.get(name) if isinstance(task, Mapping) else getattr(task, name, None)
+
+
+def _image_url(task: Any, image_key: str) -> str | None:
+    data = _field(task, "data") or {}
+    url = data.get(image_key) if isinstance(data, Mapping) else None
+    return url if isinstance(url, str) and url else None
+
+
+def _is_prediction(result: Any) -> bool:
+    """A :class:`backend.predictor.Prediction`, not a PredictionError or None (no model)."""
+    return result is not None and hasattr(result, "label") and hasattr(result, "model_version")
+
+
+def _project_label(result: Any, config: Any) -> str | None:
+    """The predicted class if the project has it, else the project's most probable class
+    (the score stays the model's own uncertainty); None if they share no class."""
+    classes = tuple(getattr(config, "classes", ()) or ())
+    if not classes or result.label in classes:
+        return str(result.label)
+    probs = getattr(result, "probs", None) or {}
+    known = [c for c in classes if c in probs]
+    return max(known, key=lambda c: probs[c]) if known else None
+
+
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    it = iter(items)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
+
+
+def _fetch_all(pool: ThreadPoolExecutor, fetcher: Any, urls: list[str | None]) -> list[Any]:
+    """Bytes, or the exception that fetching raised, per URL (order kept)."""
+
+    def one(url: str | None) -> Any:
+        if url is None:
+            return ValueError("task has no image URL")
+        try:
+            return fetcher.fetch(url)
+        except Exception as exc:  # handed to the predictor as this task's error
+            return exc
+
+    return list(pool.map(one, urls))
+
+
+def _predict_and_write(
+    ls_project_id: int,
+    project_key: str,
+    tasks: Iterable[Any],
+    *,
+    label_studio: Any,
+    predictor: Any,
+    fetcher: Any,
+    retrainer: Retrainer,
+    label_config: Any,
+    total: int | None,
+    progress: Callable[..., None] | None,
+    rescoring: str | None,
+    batch_size: int = RESCORE_BATCH_TASKS,
+) -> dict[str, Any]:
+    """Fetch, predict, write, a batch at a time; returns the counts.
+
+    ``rescoring`` names the version a re-score writes: tasks already holding it are skipped,
+    the loop stops if another version starts answering, and the project's ``model_version``
+    is set to it even if it already looked set. Without it (new tasks), whatever version is
+    served is written and announced only if the project does not have it yet.
+    """
+    stats: dict[str, Any] = {"done": 0, "total": total, "failed": 0, "written": 0, "skipped": 0}
+    version_set = False
+    image_key = getattr(label_config, "image_key", None) or "image"
+
+    def report() -> None:
+        if progress is not None:
+            progress(**stats)
+
+    report()
+    with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
+        for batch in _batches(tasks, batch_size):
+            todo = batch
+            if rescoring is not None:
+                have = retrainer.predicted_versions(project_key, [_field(t, "id") for t in batch])
+                todo = [t for t, v in zip(batch, have, strict=True) if v != rescoring]
+                stats["skipped"] += len(batch) - len(todo)
+                stats["done"] += len(batch) - len(todo)
+            if not todo:
+                report()
+                continue
+            images = _fetch_all(pool, fetcher, [_image_url(t, image_key) for t in todo])
+            items, recorded = [], []
+            for task, result in zip(todo, predictor.predict(images), strict=True):
+                label = _project_label(result, label_config) if _is_prediction(result) else None
+                if label is None:
+                    stats["failed"] += 1
+                    logger.info("task %s: no prediction (%s)", _field(task, "id"), _reason(result))
+                    continue
+                if rescoring is not None and result.model_version != rescoring:
+                    stats["stopped"] = f"served version changed to {result.model_version}"
+                    logger.info("project %s: %s; re-score stops", project_key, stats["stopped"])
+                    report()
+                    return stats
+                items.append(
+                    {
+                        "task": _field(task, "id"),
+                        "result": label_studio.choice_result(label_config, label),
+                        "score": float(result.score),
+                        "model_version": result.model_version,
+                    }
+                )
+                recorded.append((_field(task, "id"), label, result.model_version))
+            if items:
+                label_studio.create_predictions(ls_project_id, items)
+                retrainer.record_predictions(project_key, recorded)
+                stats["written"] += len(items)
+                if not version_set:
+                    version_set = _publish_version(
+                        label_studio,
+                        retrainer,
+                        ls_project_id,
+                        project_key,
+                        items[0]["model_version"],
+                        always=rescoring is not None,
+                    )
+            stats["done"] += len(todo)
+            report()
+    if not version_set and rescoring is not None and stats["skipped"]:
+        # A re-run that found the work done: the first run may have died before announcing.
+        _publish_version(
+            label_studio, retrainer, ls_project_id, project_key, rescoring, always=True
+        )
+    if stats["total"] is None:
+        stats["total"] = stats["done"]
+        report()
+    return stats
+
+
+def _reason(result: Any) -> str:
+    """A short, patient-free reason for a missing prediction."""
+    if result is None:
+        return "no model version served"
+    if _is_prediction(result):
+        return f"class {result.label!r} is not in the project's config"
+    return str(getattr(result, "reason", None) or type(result).__name__)[:200]
+
+
+def _publish_version(
+    label_studio: Any,
+    retrainer: Retrainer,
+    ls_project_id: int,
+    project_key: str,
+    version: str,
+    *,
+    always: bool,
+) -> bool:
+    """Make ``version`` the project's ``model_version`` (after its first predictions exist:
+    Label Studio refuses a version without predictions) and keep the review view.
+
+    Without this, ``predictions_score`` ignores the new predictions and the queue does not
+    re-sort (PROTOCOL.md). Returns whether it is done; a refusal is retried next batch.
+    """
+    if not always and retrainer.state(project_key).get("model_version") == version:
+        return True
+    try:
+        label_studio.set_model_version(ls_project_id, version)
+        label_studio.ensure_review_view(ls_project_id)
+    except Exception:
+        logger.warning(
+            "project %s: setting model_version %s failed; will retry",
+            project_key,
+            version,
+            exc_info=True,
+        )
+        return False
+    retrainer.mark_model_version(project_key, version)
+    return True

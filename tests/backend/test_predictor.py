@@ -1,0 +1,665 @@
+"""The served version: input order, per-image errors, cache, hot-swap, ensemble, fast path.
+
+Most tests serve versions made of a tiny registered architecture with random weights (the
+mechanics do not depend on the network's size or accuracy, and it keeps the file fast). The
+fast-path test trains a real ResNet-18 through the training pipeline, because agreement of
+bf16 with fp32 only means something on a model that has learned something.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+from torchvision.models import ResNet18_Weights
+
+from backend import predictor as predictor_module
+from backend.predictor import Prediction, PredictionError, Predictor
+from backend.ranking import rank_tasks
+from backend.settings import SettingsError
+from training.dicom import load_image
+from training.errors import ImageFetchError
+from training.model import (
+    ValveNet,
+    available_archs,
+    load_checkpoint,
+    register_arch,
+    save_checkpoint,
+)
+from training.preprocess import PreprocessParams, prepare_image
+from training.registry import ModelRegistry
+from training.uncertainty import margin, normalized_entropy, softmax
+
+ROOT = Path(__file__).resolve().parents[2]
+CLASSES = ["Codman Hakim", "Codman Certas Plus", "Sophysa Sophy SM8", "proGAV 2.0"]
+SIZE_PX = 32
+TINY_ARCH = "tiny-test"
+
+if TINY_ARCH not in available_archs():
+
+    @register_arch(TINY_ARCH, weights=ResNet18_Weights.IMAGENET1K_V1, num_features=8, body_split=1)
+    def _tiny_trunk() -> nn.Module:
+        # ValveNet keeps all children but the last two (a ResNet's avgpool and fc).
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Identity(),
+            nn.Identity(),
+        )  # fmt: skip
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _png(seed: int, size: int = 40) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((size, size)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _publish(
+    registry: ModelRegistry,
+    version_id: str,
+    *,
+    seed: int = 0,
+    f1: float = 0.8,
+    n_folds: int = 2,
+    temperature: float = 2.0,
+    best_acquisition: str | None = "margin",
+    corrupt_fold: int | None = None,
+) -> Path:
+    """Publish a version of random tiny models (distinct weights per seed and fold)."""
+    staging = registry.staging("test")
+    torch.manual_seed(seed)
+    for k in range(n_folds):
+        model = ValveNet(len(CLASSES), arch=TINY_ARCH)
+        save_checkpoint(model, staging / "weights" / f"fold_{k}.pt", classes=CLASSES)
+    if corrupt_fold is not None:
+        (staging / "weights" / f"fold_{corrupt_fold}.pt").write_bytes(b"\x80\x04 not torch")
+    config = {
+        "format": 1,
+        "version": version_id,
+        "classes": CLASSES,
+        "preprocess": PreprocessParams(size_px=SIZE_PX).to_dict(),
+        "temperature": temperature,
+        "arch": TINY_ARCH,
+        "folds": [{"fold": k, "weights": f"weights/fold_{k}.pt"} for k in range(n_folds)],
+    }
+    metrics = {
+        "mean": {"f1_macro": f1},
+        "classes": CLASSES,
+        "uncertainty": {"best_acquisition": best_acquisition},
+    }
+    (staging / "config.json").write_text(json.dumps(config))
+    (staging / "metrics.json").write_text(json.dumps(metrics))
+    return registry.publish(staging, version_id=version_id).path
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> ModelRegistry:
+    return ModelRegistry(tmp_path / "models")
+
+
+@pytest.fixture
+def forward_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Batch sizes of every forward pass of every fold model the predictor loads."""
+    calls: list[int] = []
+    real = predictor_module.load_fold_models
+
+    def counting(*args: object, **kwargs: object) -> list[ValveNet]:
+        models = real(*args, **kwargs)  # type: ignore[arg-type]
+        for model in models:
+            model.register_forward_hook(lambda _m, inputs, _out: calls.append(len(inputs[0])))
+        return models
+
+    monkeypatch.setattr(predictor_module, "load_fold_models", counting)
+    return calls
+
+
+def _predictor(registry: ModelRegistry, **kwargs: object) -> Predictor:
+    kwargs.setdefault("refresh_interval_s", 0.0)
+    return Predictor(registry.root, device="cpu", **kwargs)  # type: ignore[arg-type]
+
+
+# --- inputs and errors ------------------------------------------------------------------
+
+
+def test_predictions_come_in_input_order_and_bad_images_fail_alone(
+    registry: ModelRegistry,
+) -> None:
+    _publish(registry, "v1")
+    good_a, good_b = _png(1), _png(2)
+    inputs: list[bytes | BaseException] = [
+        good_a,
+        good_a[: len(good_a) // 2],  # truncated PNG
+        b"<!DOCTYPE html><html><body>Sign in to Label Studio</body></html>",
+        ImageFetchError("Label Studio refused the image (HTTP 401): check LABEL_STUDIO_API_KEY"),
+        bytes(range(256)) * 4,  # garbage
+        b"",
+        good_b,
+    ]
+    with _predictor(registry) as predictor:
+        results = predictor.predict(inputs)
+    assert len(results) == len(inputs)
+    kinds = [type(r).__name__ for r in results]
+    assert kinds == ["Prediction"] + ["PredictionError"] * 5 + ["Prediction"]
+    reasons = [r.reason for r in results if isinstance(r, PredictionError)]
+    assert "truncated" in reasons[0] or "cannot" in reasons[0] or "not" in reasons[0]
+    assert "neither a DICOM file nor a PNG or JPEG image" in reasons[1]
+    assert reasons[2] == "Label Studio refused the image (HTTP 401): check LABEL_STUDIO_API_KEY"
+    assert "neither a DICOM file nor a PNG or JPEG image" in reasons[3]
+    assert "image" in reasons[4]  # empty input
+    assert all(reason and "Traceback" not in reason for reason in reasons)
+    a, b = results[0], results[-1]
+    assert isinstance(a, Prediction) and isinstance(b, Prediction)
+    assert a.content_hash != b.content_hash and a.probs != b.probs
+    for prediction in (a, b):
+        assert prediction.model_version == "v1"
+        assert set(prediction.probs) == set(CLASSES)
+        assert sum(prediction.probs.values()) == pytest.approx(1.0, abs=1e-6)
+        assert prediction.label == max(prediction.probs, key=prediction.probs.get)
+        assert 0.0 <= prediction.score <= 1.0
+        assert set(prediction.uncertainty) == {
+            "entropy",
+            "normalized_entropy",
+            "margin",
+            "max_softmax",
+            "bald",
+        }
+
+
+def test_a_truncated_png_gets_a_readable_reason(registry: ModelRegistry) -> None:
+    _publish(registry, "v1")
+    png = _png(3)
+    with _predictor(registry) as predictor:
+        (result,) = predictor.predict([png[:60]])
+    assert isinstance(result, PredictionError)
+    assert result.reason.startswith("image: ")  # names the input, then says what is wrong
+    assert len(result.reason) < 400
+
+
+# --- cache ------------------------------------------------------------------------------
+
+
+def test_a_repeated_image_is_served_from_the_cache_without_a_forward_pass(
+    registry: ModelRegistry, forward_calls: list[int]
+) -> None:
+    _publish(registry, "v1")
+    images = [_png(1), _png(2), _png(3)]
+    with _predictor(registry) as predictor:
+        first = predictor.predict(images)
+        calls_after_first = len(forward_calls)
+        assert calls_after_first == 2  # one batch through each of the two folds
+        second = predictor.predict(list(reversed(images)))
+        assert len(forward_calls) == calls_after_first  # the model was not called again
+        assert second == list(reversed(first))
+        stats = predictor.stats()
+    assert stats["cache_hits"] == 3 and stats["cache_misses"] == 3
+    assert stats["images_inferred"] == 3 and stats["cache_entries"] == 3
+
+
+def test_duplicates_in_one_request_are_inferred_once(
+    registry: ModelRegistry, forward_calls: list[int]
+) -> None:
+    _publish(registry, "v1")
+    png = _png(7)
+    with _predictor(registry) as predictor:
+        results = predictor.predict([png, png, _png(8), png])
+        stats = predictor.stats()
+    assert results[0] == results[1] == results[3]
+    assert forward_calls == [2, 2]  # two distinct images, once per fold
+    assert stats["images_inferred"] == 2
+
+
+def test_the_cache_is_a_bounded_lru(registry: ModelRegistry, forward_calls: list[int]) -> None:
+    _publish(registry, "v1")
+    a, b, c = _png(1), _png(2), _png(3)
+    with _predictor(registry, cache_size=2) as predictor:
+        predictor.predict([a])
+        predictor.predict([b])
+        predictor.predict([a])  # a is now the most recently used
+        predictor.predict([c])  # evicts b
+        assert predictor.stats()["cache_entries"] == 2
+        before = len(forward_calls)
+        predictor.predict([a])
+        assert len(forward_calls) == before  # still cached
+        predictor.predict([b])
+        assert len(forward_calls) == before + 2  # evicted: recomputed (two folds)
+
+
+# --- versions ------------------------------------------------------------------------------
+
+
+def test_a_promoted_version_is_served_after_refresh_without_a_new_predictor(
+    registry: ModelRegistry, forward_calls: list[int]
+) -> None:
+    _publish(registry, "v1", seed=1)
+    png = _png(5)
+    with _predictor(registry) as predictor:
+        (old,) = predictor.predict([png])
+        assert isinstance(old, Prediction) and old.model_version == "v1"
+        _publish(registry, "v2", seed=2, f1=0.9)
+        assert predictor.refresh() is True
+        assert predictor.version == "v2"
+        calls = len(forward_calls)
+        (new,) = predictor.predict([png])
+        stats = predictor.stats()
+    assert isinstance(new, Prediction)
+    assert new.model_version == "v2" and new.content_hash == old.content_hash
+    assert new.probs != old.probs
+    assert len(forward_calls) == calls + 2  # a cache miss: the new version computed it
+    assert stats["cache_misses"] == 2 and stats["cache_hits"] == 0
+
+
+def test_predict_picks_up_a_new_version_by_itself(registry: ModelRegistry) -> None:
+    _publish(registry, "v1", seed=1)
+    with _predictor(registry) as predictor:
+        predictor.predict([_png(1)])
+        _publish(registry, "v2", seed=2, f1=0.9)
+        (result,) = predictor.predict([_png(1)])
+    assert isinstance(result, Prediction) and result.model_version == "v2"
+
+
+def test_refresh_looks_at_most_once_per_interval(registry: ModelRegistry) -> None:
+    _publish(registry, "v1", seed=1)
+    with _predictor(registry, refresh_interval_s=3600) as predictor:
+        _publish(registry, "v2", seed=2, f1=0.9)
+        assert predictor.refresh() is False
+        (result,) = predictor.predict([_png(1)])
+        assert isinstance(result, Prediction) and result.model_version == "v1"
+        assert predictor.refresh(force=True) is True
+        assert predictor.version == "v2"
+
+
+def test_a_corrupt_new_version_keeps_the_previous_one_in_service(
+    registry: ModelRegistry,
+) -> None:
+    _publish(registry, "v1", seed=1)
+    with _predictor(registry) as predictor:
+        assert predictor.load_error is None
+        _publish(registry, "v2", seed=2, f1=0.9, corrupt_fold=1)
+        assert registry.current() == "v2"
+        assert predictor.refresh() is False
+        assert predictor.version == "v1"
+        error = predictor.load_error
+        assert error is not None
+        assert error.startswith("version v2 could not be loaded: ")
+        assert "fold_1.pt" in error and "corrupt" in error
+        assert predictor.info()["load_error"] == error
+        (result,) = predictor.predict([_png(1)])
+        assert isinstance(result, Prediction) and result.model_version == "v1"
+
+        registry.rollback()  # pointing back at the served version clears the error
+        assert predictor.refresh() is False
+        assert predictor.version == "v1" and predictor.load_error is None
+        registry.promote("v2")  # the broken version again: fails again, v1 stays
+        predictor.refresh()
+        assert predictor.version == "v1" and "v2" in (predictor.load_error or "")
+
+        _publish(registry, "v3", seed=3, f1=0.9)  # a good one fixes it
+        assert predictor.refresh() is True
+        assert predictor.version == "v3" and predictor.load_error is None
+
+
+def test_fold_classes_must_match_config(registry: ModelRegistry) -> None:
+    path = _publish(registry, "v1")
+    config = json.loads((path / "config.json").read_text())
+    assert config["classes"] == CLASSES
+    other = ModelRegistry(registry.root.parent / "other")
+    staging = other.staging("test")
+    torch.manual_seed(0)
+    for k in range(2):
+        save_checkpoint(
+            ValveNet(4, arch=TINY_ARCH), staging / "weights" / f"fold_{k}.pt", classes="ABCD"
+        )
+    (staging / "config.json").write_text(json.dumps(config))
+    (staging / "metrics.json").write_text(
+        json.dumps({"mean": {"f1_macro": 0.5}, "classes": CLASSES})
+    )
+    other.publish(staging, version_id="mismatch")
+    with _predictor(other) as predictor:
+        assert predictor.version is None
+        assert "differ from config.json" in (predictor.load_error or "")
+
+
+def test_without_any_version_results_are_none_until_one_is_published(
+    registry: ModelRegistry,
+) -> None:
+    with _predictor(registry) as predictor:
+        assert predictor.version is None and predictor.load_error is None
+        assert predictor.predict([_png(1), ImageFetchError("x")]) == [None, None]
+        assert predictor.predict([]) == []
+        info = predictor.info()
+        assert info["version"] is None and info["n_models"] == 0 and info["classes"] == []
+        _publish(registry, "v1")
+        (result,) = predictor.predict([_png(1)])
+        assert isinstance(result, Prediction) and result.model_version == "v1"
+
+
+def test_a_corrupt_first_version_serves_nothing_and_says_why(registry: ModelRegistry) -> None:
+    _publish(registry, "v1", corrupt_fold=0)
+    with _predictor(registry) as predictor:
+        assert predictor.version is None
+        assert (predictor.load_error or "").startswith("version v1 could not be loaded")
+        assert predictor.predict([_png(1)]) == [None]
+
+
+# --- the numbers --------------------------------------------------------------------------
+
+
+def test_probs_are_the_mean_of_the_members_temperature_scaled_softmax(
+    registry: ModelRegistry,
+) -> None:
+    path = _publish(registry, "v1", seed=4, n_folds=3, temperature=2.5)
+    images = [_png(10), _png(11)]
+    with _predictor(registry, fast_path=False) as predictor:
+        results = predictor.predict(images)
+    params = PreprocessParams(size_px=SIZE_PX)
+    batch = np.stack([prepare_image(load_image(b), params) for b in images])
+    x = torch.from_numpy(batch)[:, None].expand(-1, 3, -1, -1)
+    x = (x - torch.tensor(params.mean)[:, None, None]) / torch.tensor(params.std)[:, None, None]
+    members = []
+    for k in range(3):
+        model = load_checkpoint(path / "weights" / f"fold_{k}.pt")
+        with torch.no_grad():
+            members.append(softmax(model(x).numpy(), temperature=2.5))
+    expected = np.mean(members, axis=0)
+    assert not np.allclose(members[0], members[1], atol=1e-3)  # the mean is not trivial
+    for result, row in zip(results, expected, strict=True):
+        assert isinstance(result, Prediction)
+        np.testing.assert_allclose([result.probs[c] for c in CLASSES], row, atol=1e-5)
+        assert result.uncertainty["bald"] > 0  # members disagree somewhat
+    plain = np.mean([softmax(np.log(m)) for m in members], axis=0)  # same thing, sanity
+    np.testing.assert_allclose(plain, expected, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("setting", "best", "expected"),
+    [("auto", "margin", "margin"), ("auto", None, "entropy"), ("entropy", "margin", "entropy")],
+)
+def test_score_follows_the_acquisition_and_sorts_like_rank_tasks(
+    registry: ModelRegistry, setting: str, best: str | None, expected: str
+) -> None:
+    _publish(registry, "v1", best_acquisition=best, temperature=0.3)
+    images = [_png(i) for i in range(12)]
+    with _predictor(registry, acquisition=setting) as predictor:
+        assert predictor.info()["acquisition"] == expected
+        results = predictor.predict(images)
+    predictions = [r for r in results if isinstance(r, Prediction)]
+    assert len(predictions) == len(images)
+    probs = np.array([[p.probs[c] for c in CLASSES] for p in predictions])
+    uncertainty = (1 - margin(probs)) if expected == "margin" else normalized_entropy(probs)
+    np.testing.assert_allclose([p.score for p in predictions], 1 - uncertainty, atol=1e-6)
+    by_score = rank_tasks({i: p.score for i, p in enumerate(predictions)})
+    by_uncertainty = sorted(range(len(predictions)), key=lambda i: -uncertainty[i])
+    assert by_score == by_uncertainty
+    assert len({round(p.score, 6) for p in predictions}) > 1  # the order is not vacuous
+
+
+def test_an_unknown_acquisition_is_refused_at_start(registry: ModelRegistry) -> None:
+    with pytest.raises(SettingsError, match="entropy"):
+        Predictor(registry.root, acquisition="random")
+
+
+def test_info_describes_the_served_version(registry: ModelRegistry) -> None:
+    _publish(registry, "v1", n_folds=3)
+    with _predictor(registry) as predictor:
+        info = predictor.info()
+    assert info == {
+        "version": "v1",
+        "classes": CLASSES,
+        "acquisition": "margin",
+        "load_error": None,
+        "n_models": 3,
+        "device": "cpu",
+        "fast_path": True,
+        "mixed_precision": "bfloat16",
+        "compiled": False,
+    }
+
+
+def test_concurrent_requests_during_a_swap_each_see_one_whole_version(
+    registry: ModelRegistry,
+) -> None:
+    _publish(registry, "v1", seed=1, f1=0.8)
+    _publish(registry, "v2", seed=2, f1=0.1)  # kept out by the promotion gate
+    assert registry.current() == "v1"
+    images = [_png(i) for i in range(6)]
+    reference = {}
+    for version in ("v1", "v2"):
+        registry.promote(version)
+        with _predictor(registry, fast_path=False, cache_size=0) as single:
+            reference[version] = single.predict(images)
+    registry.promote("v1")
+
+    outcomes: list[list[Prediction | PredictionError | None]] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+    with _predictor(registry, fast_path=False, cache_size=0) as predictor:
+
+        def worker() -> None:
+            try:
+                while not stop.is_set():
+                    outcomes.append(predictor.predict(images))
+            except BaseException as exc:  # reported below
+                failures.append(exc)
+
+        def seen(version: str) -> int:
+            return sum(1 for o in list(outcomes) if getattr(o[0], "model_version", "") == version)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while seen("v1") < 2 and time.monotonic() < deadline and not failures:
+            time.sleep(0.01)
+        registry.promote("v2")  # the swap happens while requests are in flight
+        while seen("v2") < 4 and time.monotonic() < deadline and not failures:
+            time.sleep(0.01)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert not failures
+    assert seen("v1") >= 2 and seen("v2") >= 4
+    for outcome in outcomes:
+        versions = {r.model_version for r in outcome if isinstance(r, Prediction)}
+        assert len(versions) == 1, versions  # never a mix within one request
+        (version,) = versions
+        for got, want in zip(outcome, reference[version], strict=True):
+            assert isinstance(got, Prediction) and isinstance(want, Prediction)
+            for c in CLASSES:
+                assert got.probs[c] == pytest.approx(want.probs[c], abs=1e-5)
+
+
+def test_serving_modules_do_not_import_fastai() -> None:
+    code = (
+        "import sys\n"
+        "import backend.predictor, backend.images, backend.ranking\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'fastai', 'fastcore'})\n"
+        "assert not heavy, heavy\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+# --- the fast path on a trained model -----------------------------------------------------
+
+TRAIN_IMAGE_PX = 96
+"""Side of the synthetic training images; the recipe squishes them to the quick profile's 64."""
+N_TRAIN = 64
+N_EVAL = 48
+NEAR_TIE = 0.02
+"""Top-2 probability gap under which fp32 itself is a coin toss; bf16 may pick either."""
+MAX_PROB_DIFF = 0.1
+"""Largest |p_bf16 - p_fp32| accepted. bf16 keeps ~3 significant digits of each logit; where
+the softmax is steep (undecided images) that moves a probability by a few hundredths."""
+
+
+def _quadrant_png(
+    label: int,
+    rng: np.random.Generator,
+    *,
+    contrast: float = 1.0,
+    rival: int | None = None,
+    rival_strength: float = 0.0,
+) -> bytes:
+    """A dim frame with one bright square; its quadrant is the class (a clear signal).
+
+    ``contrast`` < 1 makes the square fainter; ``rival`` adds a second square in another
+    class's quadrant, ``rival_strength`` (0–1) as bright as the first: ambiguous images, so
+    the comparison also covers answers that are not saturated.
+    """
+    size = TRAIN_IMAGE_PX
+    image = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(image)
+    frame = int(rng.integers(30, 60))
+    draw.rectangle([2, 2, size - 3, size - 3], fill=frame)
+    brightness = frame + contrast * (int(rng.integers(150, 196)) - frame)
+    squares = [(label, brightness)]
+    if rival is not None:
+        squares.append((rival, frame + rival_strength * (brightness - frame)))
+    for quadrant, level in squares:
+        x0 = 8 + (quadrant % 2) * (size // 2) + int(rng.integers(0, 6))
+        y0 = 8 + (quadrant // 2) * (size // 2) + int(rng.integers(0, 6))
+        draw.rectangle([x0, y0, x0 + size // 3, y0 + size // 3], fill=int(level))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Torch on one intra-op thread while the block runs.
+
+    On a 2-core machine shared with other processes, torch's two OpenMP threads wait on each
+    other: a fold here took 83 s with two threads and 5 s with one.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained_registry(tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
+    """A ResNet-18 trained from scratch (2 folds, quick profile) on quadrant images."""
+    from training.config import RecipeConfig
+    from training.dataset import load_manifest
+    from training.labels import load_label_config
+    from training.run import run_in_process
+
+    data = tmp_path_factory.mktemp("quadrants")
+    (data / "images").mkdir()
+    rng = np.random.default_rng(0)
+    with open(data / "manifest.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["file", "label", "patient_id"])
+        for i in range(N_TRAIN):
+            (data / "images" / f"{i}.png").write_bytes(_quadrant_png(i % 4, rng))
+            writer.writerow([f"images/{i}.png", CLASSES[i % 4], f"patient-{i}"])
+    label_config = load_label_config(ROOT / "label_config.xml")
+    recipe = RecipeConfig.from_profile(
+        "quick",
+        arch="resnet18",
+        pretrained=False,
+        epochs_from_scratch=8,
+        n_folds=2,
+        augment=False,
+        gradcam_per_class=0,
+    )
+    registry = ModelRegistry(tmp_path_factory.mktemp("trained") / "models")
+    staging = registry.staging("trained")
+    with _one_torch_thread():
+        run_in_process(
+            staging,
+            load_manifest(data, label_config.classes),
+            label_config,
+            recipe,
+            source="quadrants",
+            cache_dir=None,
+            run_id="trained-1",
+        )
+    registry.publish(staging, version_id="trained-1")
+    return registry
+
+
+def _evaluation_set(rng: np.random.Generator) -> tuple[list[bytes], np.ndarray]:
+    """N_EVAL fresh images: a third clean, a third faint, a third with a rival square."""
+    images, labels = [], []
+    for i in range(N_EVAL):
+        label, part = i % 4, i * 3 // N_EVAL
+        if part == 0:
+            images.append(_quadrant_png(label, rng))
+        elif part == 1:
+            images.append(_quadrant_png(label, rng, contrast=(0.1, 0.15, 0.2)[i % 3]))
+        else:
+            rival = (label + 1 + i % 3) % 4
+            strength = (0.7, 0.8, 0.9)[i % 3]
+            images.append(_quadrant_png(label, rng, rival=rival, rival_strength=strength))
+        labels.append(label)
+    return images, np.array(labels)
+
+
+def _probs(results: list[Prediction | PredictionError | None]) -> np.ndarray:
+    assert all(isinstance(r, Prediction) for r in results)
+    return np.array([[r.probs[c] for c in CLASSES] for r in results])  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+def test_fast_path_agrees_with_fp32_on_a_trained_model(trained_registry: ModelRegistry) -> None:
+    """channels_last + bf16 autocast vs eager fp32: the same top-1 except at near-ties.
+
+    What the predictor serves (temperature-scaled ensemble mean) is compared, on images the
+    model never saw; the faint and two-square ones give answers that are not saturated, so
+    the comparison is not decided by probabilities of exactly 0 and 1.
+    """
+    images, labels = _evaluation_set(np.random.default_rng(1))
+    with (
+        _one_torch_thread(),
+        Predictor(trained_registry.root, device="cpu", fast_path=False) as exact,
+        Predictor(trained_registry.root, device="cpu", fast_path=True) as fast,
+    ):
+        assert exact.info()["n_models"] == 2 and fast.info()["mixed_precision"] == "bfloat16"
+        reference = exact.predict(images)
+        candidate = fast.predict(images)
+    p32, p16 = _probs(reference), _probs(candidate)
+
+    clean = slice(0, N_EVAL // 3)
+    accuracy = float((p32[clean].argmax(1) == labels[clean]).mean())
+    assert accuracy >= 0.9, f"the model did not learn (accuracy {accuracy:.2f} on clean images)"
+    top2 = np.sort(p32, axis=1)[:, -2:]
+    gap = top2[:, 1] - top2[:, 0]
+    unsaturated = int(((gap > NEAR_TIE) & (gap < 0.99)).sum())
+    assert unsaturated >= 3, "too few undecided answers for the comparison to mean much"
+
+    disagree = np.flatnonzero(p32.argmax(1) != p16.argmax(1))
+    assert all(gap[i] < NEAR_TIE for i in disagree), (disagree, gap[disagree])
+    max_diff = float(np.abs(p32 - p16).max())
+    score_diff = max(abs(a.score - b.score) for a, b in zip(reference, candidate, strict=True))  # type: ignore[union-attr]
+    print(
+        f"\nfast path vs fp32 on {N_EVAL} images: top-1 agreement "
+        f"{N_EVAL - len(disagree)}/{N_EVAL} ({len(disagree)} flips, each at a near-tie); "
+        f"{int((gap < NEAR_TIE).sum())} near-ties, {unsaturated} with a top-2 gap in "
+        f"({NEAR_TIE}, 0.99); max |Δp| {max_diff:.4f}, mean |Δp| {np.abs(p32 - p16).mean():.5f}, "
+        f"max |Δscore| {score_diff:.4f}; fp32 accuracy on clean images {accuracy:.3f}"
+    )
+    assert max_diff < MAX_PROB_DIFF
