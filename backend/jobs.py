@@ -27,7 +27,7 @@ from rq import get_current_job
 from backend.retraining import ANNOTATION_ACTIONS, Retrainer
 from backend.settings import Settings
 from training.errors import ValveIdError
-from training.jobs import enqueue_training
+from training.jobs import enqueue_training, report_progress
 
 __all__ = [
     "RESCORE_BATCH_TASKS",
@@ -154,15 +154,6 @@ def get_predictor(settings: Settings) -> Any:
     return predictor
 
 
-def _report(**fields: Any) -> None:
-    """Progress on the running job's meta (no-op outside a worker)."""
-    job = get_current_job()
-    if job is None:
-        return
-    job.meta.update(fields)
-    job.save_meta()
-
-
 # --- jobs -----------------------------------------------------------------------------
 
 
@@ -208,7 +199,7 @@ def rescore_project(ls_project_id: int, version: str) -> dict[str, Any]:
         fetcher=ctx.fetcher,
         retrainer=ctx.retrainer(),
         label_config=ctx.project_label_config(ls_project_id),
-        progress=_report,
+        progress=report_progress,
     )
 
 
@@ -235,7 +226,7 @@ def predict_tasks(
         retrainer=retrainer,
         label_config=ctx.project_label_config(ls_project_id),
         total=len(tasks),
-        progress=_report,
+        progress=report_progress,
         rescoring=None,
     )
 

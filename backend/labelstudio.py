@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from backend.settings import Settings
 from training.errors import LabelStudioError
 from training.labels import LabelConfig
+from training.labelstudio_source import latest_annotation_choice
 
 __all__ = [
     "DEFAULT_ATTEMPTS",
@@ -431,7 +432,7 @@ class LabelStudio:
                 f"Label Studio export of project {project_id} is not JSON"
             ) from None
         for task in tasks if isinstance(tasks, list) else []:
-            found = _latest_choice(task.get("annotations") or [], choices_name)
+            found = latest_annotation_choice(task.get("annotations") or [], choices_name)
             if found is not None:
                 annotation_id, label = found
                 yield {
@@ -616,26 +617,6 @@ def _page_items(sdk: Any, *, project: int, page_size: int, query: str) -> list[d
         task = item.model_dump() if hasattr(item, "model_dump") else dict(item)
         out.append({"id": task["id"], "data": task.get("data") or {}})
     return out
-
-
-def _latest_choice(
-    annotations: Sequence[Mapping[str, Any]], choices_name: str | None
-) -> tuple[Any, str] | None:
-    """``(annotation_id, choice)`` of the newest non-cancelled annotation choosing one class."""
-    kept = [a for a in annotations if isinstance(a, Mapping) and not a.get("was_cancelled")]
-    kept.sort(
-        key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0)
-    )
-    for annotation in reversed(kept):
-        for region in annotation.get("result") or []:
-            if region.get("type") != "choices":
-                continue
-            if choices_name and region.get("from_name") != choices_name:
-                continue
-            choices = (region.get("value") or {}).get("choices") or []
-            if len(choices) == 1 and isinstance(choices[0], str):
-                return annotation.get("id"), choices[0]
-    return None
 
 
 def _brief(body: Any) -> str:

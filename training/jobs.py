@@ -34,6 +34,7 @@ __all__ = [
     "TrainingRun",
     "enqueue_training",
     "on_work_horse_killed",
+    "report_progress",
     "finalize_job",
     "fold_job",
     "plan_job",
@@ -72,7 +73,7 @@ class TrainingRun:
         return [self.plan_job_id, *self.fold_job_ids, self.finalize_job_id]
 
 
-def _report(**fields: Any) -> None:
+def report_progress(**fields: Any) -> None:
     """Put progress on the running job's meta (no-op outside a worker)."""
     job = get_current_job()
     if job is None:
@@ -107,7 +108,7 @@ def plan_job(
     from training.labels import load_label_config
     from training.run import plan_run
 
-    _report(stage="plan", run_id=run_id)
+    report_progress(stage="plan", run_id=run_id)
     job = get_current_job()
     if job is not None:
         _set_run(job.connection, run_id, status="running")
@@ -133,7 +134,7 @@ def plan_job(
         source=data,
         cache_dir=Path(cache_dir) if cache_dir else None,
         run_id=run_id,
-        progress=lambda row: _report(**row),
+        progress=lambda row: report_progress(**row),
     )
     return {"n_images": len(plan["snapshot"]), "classes": plan["classes"]}
 
@@ -142,12 +143,12 @@ def fold_job(run_id: str, staging: str, fold: int, cache_dir: str | None) -> dic
     """Stage 2: train one fold (any worker, any order)."""
     from training.run import train_fold_stage
 
-    _report(stage="fold", run_id=run_id, fold=fold)
+    report_progress(stage="fold", run_id=run_id, fold=fold)
     summary = train_fold_stage(
         Path(staging),
         fold,
         cache_dir=Path(cache_dir) if cache_dir else None,
-        progress=lambda row: _report(stage="fold", **row),
+        progress=lambda row: report_progress(stage="fold", **row),
     )
     return {k: summary[k] for k in ("fold", "n_train", "n_val")}
 
@@ -158,7 +159,7 @@ def finalize_job(
     """Stage 3: evaluate, report, publish atomically; the gate decides on promotion."""
     from training.run import finalize_run
 
-    _report(stage="finalize", run_id=run_id)
+    report_progress(stage="finalize", run_id=run_id)
     finalize_run(Path(staging), cache_dir=Path(cache_dir) if cache_dir else None, version=run_id)
     result = ModelRegistry(model_dir).publish(staging, version_id=run_id, tolerance=tolerance)
     job = get_current_job()

@@ -63,6 +63,7 @@ __all__ = [
     "configure",
     "configured_source",
     "is_project_source",
+    "latest_annotation_choice",
     "latest_choice",
     "load_project_items",
     "make_sdk_client",
@@ -303,6 +304,18 @@ def latest_choice(
     the first answer. Cancelled (skipped) annotations, empty ones and ones choosing several
     classes do not count; None when no annotation counts (the task is not labelled).
     """
+    found = latest_annotation_choice(annotations, choices_name)
+    return None if found is None else found[1]
+
+
+def latest_annotation_choice(
+    annotations: Sequence[Mapping[str, Any]], choices_name: str | None = None
+) -> tuple[int, str] | None:
+    """``(annotation id, class)`` of the annotation :func:`latest_choice` reads.
+
+    The backend's label counting uses the same rule, so what it counts as labelled is what a
+    training snapshot trains on.
+    """
     candidates = []
     for annotation in annotations:
         if not isinstance(annotation, Mapping) or annotation.get("was_cancelled"):
@@ -314,7 +327,8 @@ def latest_choice(
         candidates.append((when, int(annotation.get("id") or 0), chosen))
     if not candidates:
         return None
-    return max(candidates, key=lambda c: (c[0], c[1]))[2]
+    _, annotation_id, chosen = max(candidates, key=lambda c: (c[0], c[1]))
+    return annotation_id, chosen
 
 
 def _listing(task_ids: Sequence[object]) -> str:
