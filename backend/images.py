@@ -37,7 +37,7 @@ from pathlib import Path, PurePosixPath
 
 import httpx
 
-from backend.settings import Settings
+from backend.settings import Settings, SettingsError
 from training.errors import ImageFetchError
 
 __all__ = [
@@ -238,18 +238,24 @@ class ImageFetcher:
 
 
 def _parse_label_studio_url(url: str) -> httpx.URL:
-    parsed = httpx.URL(url.strip())
+    try:
+        parsed = httpx.URL(url.strip())
+    except httpx.InvalidURL:
+        parsed = httpx.URL()
     if parsed.scheme not in _DEFAULT_PORTS or not parsed.host:
-        raise ValueError(f"LABEL_STUDIO_URL={url!r} must be an http(s) URL with a host")
+        raise SettingsError(f"LABEL_STUDIO_URL={url!r} must be an http(s) URL with a host")
     return parsed
 
 
 def _parse_allowed_host(entry: str) -> tuple[str, int | None]:
     """``host`` or ``host:port`` (a scheme, if given, is ignored) → (host, port or None)."""
     text = entry.strip()
-    parsed = httpx.URL(text if "://" in text else f"//{text}")
-    if not parsed.host:
-        raise ValueError(f"VALVE_ID_ALLOWED_HOSTS entry {entry!r} names no host")
+    try:
+        parsed = httpx.URL(text if "://" in text else f"//{text}")
+    except httpx.InvalidURL:
+        parsed = httpx.URL()
+    if not parsed.host or parsed.userinfo:
+        raise SettingsError(f"VALVE_ID_ALLOWED_HOSTS entry {entry!r} is not host or host:port")
     return _normal_host(parsed.host), parsed.port
 
 

@@ -246,29 +246,56 @@ class Predictor:
 
     # --- hot swap -----------------------------------------------------------------------
 
-    def refresh(self, *, force: bool = False) -> bool:
+    def refresh(self, *, force: bool = False, wait: bool = True) -> bool:
         """Serve the registry's current version if it changed; ``True`` when it was swapped.
 
-        At most one look per ``refresh_interval_s`` (unless ``force``), and one loader at a
-        time: a thread arriving while another loads goes on with the version in service.
+        At most one look per ``refresh_interval_s`` unless ``force`` (a caller that must see
+        a version promoted a moment ago, like a re-scoring job, passes ``force=True``). One
+        loader at a time: ``wait=True`` waits for a load in progress, ``wait=False`` (what
+        :meth:`predict` does, so no request waits for a model to load or compile) goes on
+        with the version in service and loads a new one in a background thread.
         """
         if not force and time.monotonic() - self._last_check < self._refresh_interval_s:
             return False
-        if not self._swap_lock.acquire(blocking=force):
+        if not self._swap_lock.acquire(blocking=wait):
             return False
+        handed_over = False
         try:
             self._last_check = time.monotonic()
-            try:
-                current = self._registry.current()
-            except OSError as exc:
-                logger.warning("cannot read the registry's current version: %s", exc)
+            version_id = self._changed_version()
+            if version_id is None:
                 return False
-            if current is not None and current == self.version:
-                self._failed_version = self._load_error = None  # e.g. rolled back to it
-                return False
-            if current is None or current == self._failed_version:
-                return False
-            return self._swap_to(current)
+            if wait:
+                return self._swap_to(version_id)
+            threading.Thread(
+                target=self._swap_and_release,
+                args=(version_id,),
+                name="valve-id-model-load",
+                daemon=True,
+            ).start()
+            handed_over = True  # the loader thread releases the lock when it is done
+            return False
+        finally:
+            if not handed_over:
+                self._swap_lock.release()
+
+    def _changed_version(self) -> str | None:
+        """The registry's current version if it should be loaded now, else ``None``."""
+        try:
+            current = self._registry.current()
+        except OSError as exc:
+            logger.warning("cannot read the registry's current version: %s", exc)
+            return None
+        if current is not None and current == self.version:
+            self._failed_version = self._load_error = None  # e.g. rolled back to it
+            return None
+        if current is None or current == self._failed_version:
+            return None
+        return current
+
+    def _swap_and_release(self, version_id: str) -> None:
+        try:
+            self._swap_to(version_id)
         finally:
             self._swap_lock.release()
 
@@ -311,7 +338,7 @@ class Predictor:
         An input is the image file's bytes or the exception that prevented fetching them
         (which becomes that item's :class:`PredictionError`).
         """
-        self.refresh()
+        self.refresh(wait=False)
         state = self._state
         if state is None:
             return [None] * len(images)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from backend.images import ImageFetcher
-from backend.settings import Settings
+from backend.settings import Settings, SettingsError
 from training.errors import ImageFetchError, ValveIdError
 
 LS_URL = "http://ls.test:8080"
@@ -313,3 +313,17 @@ def test_a_local_file_over_the_cap_is_refused(server: FakeServer, root: Path) ->
 def test_local_files_url_needs_a_path(server: FakeServer, root: Path) -> None:
     with pytest.raises(ImageFetchError, match=r"\?d="):
         _fetcher(server, local_files_root=root).fetch("/data/local-files/")
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"label_studio_url": "ftp://ls.test"},
+        {"label_studio_url": "not a url"},
+        {"label_studio_url": LS_URL, "allowed_hosts": ("bad host:x",)},
+        {"label_studio_url": LS_URL, "allowed_hosts": ("user@host",)},
+    ],
+)
+def test_bad_settings_fail_at_start_with_the_variable_name(settings: dict) -> None:
+    with pytest.raises(SettingsError, match="LABEL_STUDIO_URL|VALVE_ID_ALLOWED_HOSTS"):
+        ImageFetcher(Settings(**settings))

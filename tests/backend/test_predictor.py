@@ -87,8 +87,9 @@ def _publish(
     for k in range(n_folds):
         model = ValveNet(len(CLASSES), arch=TINY_ARCH)
         save_checkpoint(model, staging / "weights" / f"fold_{k}.pt", classes=CLASSES)
-    if corrupt_fold is not None:
-        (staging / "weights" / f"fold_{corrupt_fold}.pt").write_bytes(b"\x80\x04 not torch")
+    if corrupt_fold is not None:  # truncated, as by a full disk or a killed copy
+        broken = staging / "weights" / f"fold_{corrupt_fold}.pt"
+        broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
     config = {
         "format": 1,
         "version": version_id,
@@ -127,6 +128,13 @@ def forward_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(predictor_module, "load_fold_models", counting)
     return calls
+
+
+def _wait_for_version(predictor: Predictor, version: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while predictor.version != version and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert predictor.version == version, predictor.load_error
 
 
 def _predictor(registry: ModelRegistry, **kwargs: object) -> Predictor:
@@ -264,13 +272,28 @@ def test_a_promoted_version_is_served_after_refresh_without_a_new_predictor(
     assert stats["cache_misses"] == 2 and stats["cache_hits"] == 0
 
 
-def test_predict_picks_up_a_new_version_by_itself(registry: ModelRegistry) -> None:
+def test_predict_picks_up_a_new_version_without_waiting_for_it(
+    registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _publish(registry, "v1", seed=1)
+    release = threading.Event()
+    real_load = predictor_module._load_served
+
+    def slow_load(*args: object, **kwargs: object) -> object:
+        release.wait(30)  # a big ensemble loading, or compiling
+        return real_load(*args, **kwargs)  # type: ignore[arg-type]
+
     with _predictor(registry) as predictor:
-        predictor.predict([_png(1)])
+        monkeypatch.setattr(predictor_module, "_load_served", slow_load)
         _publish(registry, "v2", seed=2, f1=0.9)
-        (result,) = predictor.predict([_png(1)])
-    assert isinstance(result, Prediction) and result.model_version == "v2"
+        started = time.monotonic()
+        (during,) = predictor.predict([_png(1)])
+        assert time.monotonic() - started < 10  # did not wait for the load
+        assert isinstance(during, Prediction) and during.model_version == "v1"
+        release.set()
+        _wait_for_version(predictor, "v2")
+        (after,) = predictor.predict([_png(1)])
+    assert isinstance(after, Prediction) and after.model_version == "v2"
 
 
 def test_refresh_looks_at_most_once_per_interval(registry: ModelRegistry) -> None:
@@ -297,7 +320,7 @@ def test_a_corrupt_new_version_keeps_the_previous_one_in_service(
         error = predictor.load_error
         assert error is not None
         assert error.startswith("version v2 could not be loaded: ")
-        assert "fold_1.pt" in error and "corrupt" in error
+        assert "fold_1.pt" in error and "cannot read checkpoint" in error
         assert predictor.info()["load_error"] == error
         (result,) = predictor.predict([_png(1)])
         assert isinstance(result, Prediction) and result.model_version == "v1"
@@ -344,7 +367,9 @@ def test_without_any_version_results_are_none_until_one_is_published(
         assert predictor.predict([]) == []
         info = predictor.info()
         assert info["version"] is None and info["n_models"] == 0 and info["classes"] == []
-        _publish(registry, "v1")
+        _publish(registry, "v1")  # the first training run finishes
+        predictor.predict([_png(1)])  # notices it; loads it in the background
+        _wait_for_version(predictor, "v1")
         (result,) = predictor.predict([_png(1)])
         assert isinstance(result, Prediction) and result.model_version == "v1"
 
@@ -382,8 +407,6 @@ def test_probs_are_the_mean_of_the_members_temperature_scaled_softmax(
         assert isinstance(result, Prediction)
         np.testing.assert_allclose([result.probs[c] for c in CLASSES], row, atol=1e-5)
         assert result.uncertainty["bald"] > 0  # members disagree somewhat
-    plain = np.mean([softmax(np.log(m)) for m in members], axis=0)  # same thing, sanity
-    np.testing.assert_allclose(plain, expected, atol=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -624,23 +647,15 @@ def _probs(results: list[Prediction | PredictionError | None]) -> np.ndarray:
     return np.array([[r.probs[c] for c in CLASSES] for r in results])  # type: ignore[union-attr]
 
 
-@pytest.mark.slow
-def test_fast_path_agrees_with_fp32_on_a_trained_model(trained_registry: ModelRegistry) -> None:
-    """channels_last + bf16 autocast vs eager fp32: the same top-1 except at near-ties.
-
-    What the predictor serves (temperature-scaled ensemble mean) is compared, on images the
-    model never saw; the faint and two-square ones give answers that are not saturated, so
-    the comparison is not decided by probabilities of exactly 0 and 1.
-    """
+def _assert_agrees_with_fp32(registry: ModelRegistry, what: str, **fast_options: object) -> None:
+    """Serve the same version eagerly in fp32 and with ``fast_options``; compare top-1."""
     images, labels = _evaluation_set(np.random.default_rng(1))
-    with (
-        _one_torch_thread(),
-        Predictor(trained_registry.root, device="cpu", fast_path=False) as exact,
-        Predictor(trained_registry.root, device="cpu", fast_path=True) as fast,
-    ):
-        assert exact.info()["n_models"] == 2 and fast.info()["mixed_precision"] == "bfloat16"
-        reference = exact.predict(images)
-        candidate = fast.predict(images)
+    with _one_torch_thread():
+        with Predictor(registry.root, device="cpu", fast_path=False) as exact:
+            reference = exact.predict(images)
+        with Predictor(registry.root, device="cpu", **fast_options) as fast:  # type: ignore[arg-type]
+            assert fast.info()["n_models"] == 2
+            candidate = fast.predict(images)
     p32, p16 = _probs(reference), _probs(candidate)
 
     clean = slice(0, N_EVAL // 3)
@@ -656,10 +671,35 @@ def test_fast_path_agrees_with_fp32_on_a_trained_model(trained_registry: ModelRe
     max_diff = float(np.abs(p32 - p16).max())
     score_diff = max(abs(a.score - b.score) for a, b in zip(reference, candidate, strict=True))  # type: ignore[union-attr]
     print(
-        f"\nfast path vs fp32 on {N_EVAL} images: top-1 agreement "
+        f"\n{what} vs fp32 on {N_EVAL} images: top-1 agreement "
         f"{N_EVAL - len(disagree)}/{N_EVAL} ({len(disagree)} flips, each at a near-tie); "
         f"{int((gap < NEAR_TIE).sum())} near-ties, {unsaturated} with a top-2 gap in "
         f"({NEAR_TIE}, 0.99); max |Δp| {max_diff:.4f}, mean |Δp| {np.abs(p32 - p16).mean():.5f}, "
         f"max |Δscore| {score_diff:.4f}; fp32 accuracy on clean images {accuracy:.3f}"
     )
     assert max_diff < MAX_PROB_DIFF
+
+
+@pytest.mark.slow
+def test_fast_path_agrees_with_fp32_on_a_trained_model(trained_registry: ModelRegistry) -> None:
+    """channels_last + bf16 autocast vs eager fp32: the same top-1 except at near-ties.
+
+    What the predictor serves (temperature-scaled ensemble mean) is compared, on images the
+    model never saw; the faint and two-square ones give answers that are not saturated, so
+    the comparison is not decided by probabilities of exactly 0 and 1.
+    """
+    _assert_agrees_with_fp32(trained_registry, "channels_last + bf16", fast_path=True)
+
+
+@pytest.mark.slow
+def test_compiled_path_agrees_with_fp32_on_a_trained_model(
+    trained_registry: ModelRegistry,
+) -> None:
+    """``compile=True`` (inductor, freezing) on top of the fast path: the same criterion.
+
+    Off by default (compiling takes ~20 s here even for a ResNet-18 at 64 px), but whoever
+    turns it on gets a path that this test has checked.
+    """
+    _assert_agrees_with_fp32(
+        trained_registry, "compiled channels_last + bf16", fast_path=True, compile=True
+    )
