@@ -43,6 +43,16 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=1)
 
 
+def _print_progress(row: dict[str, object]) -> None:
+    """One line per epoch of in-process training."""
+    if "epoch" not in row:
+        return
+    numbers = ", ".join(
+        f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float) and k != "epoch"
+    )
+    console.print(f"fold {row['fold']} epoch {row['epoch']}/{row['epochs']}: {numbers}")
+
+
 @app.callback()
 def _main() -> None:
     """valve-id command line."""
@@ -180,7 +190,7 @@ def train(
             source=str(data),
             cache_dir=settings.cache,
             run_id=run_id,
-            progress=lambda row: console.print(row) if "epoch" in row else None,
+            progress=_print_progress,
         )
         result = registry.publish(
             staging, version_id=run_id, tolerance=settings.promotion_tolerance
