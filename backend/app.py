@@ -347,7 +347,10 @@ def _default_predictor(settings: Settings) -> Any:
     from backend.predictor import Predictor
 
     return Predictor(
-        settings.models, acquisition=settings.acquisition, batch_size=settings.predict_batch_size
+        settings.models,
+        acquisition=settings.acquisition,
+        batch_size=settings.predict_batch_size,
+        compile=settings.compile_model,
     )
 
 

@@ -190,7 +190,11 @@ class ImageFetcher:
         if not relative:
             raise ImageFetchError("a local-files URL needs ?d=<path>")
         path = _confine(self._root, relative)
-        if not path.is_file():
+        try:
+            present = path.is_file()
+        except OSError as exc:  # e.g. a name longer than the filesystem allows; no path shown
+            raise ImageFetchError(f"cannot read the local file ({exc.strerror})") from None
+        if not present:
             logger.debug("local file not under this host's root; asking %s", target.host)
             return None
         return _read_capped_file(path, self._max_bytes)

@@ -148,6 +148,7 @@ def get_predictor(settings: Settings) -> Any:
             settings.models,
             acquisition=settings.acquisition,
             batch_size=settings.predict_batch_size,
+            compile=settings.compile_model,
         )
         _predictors[root] = predictor
     predictor.refresh(force=True)

@@ -66,6 +66,9 @@ class Settings:
     """LOCAL_FILES_DOCUMENT_ROOT: Label Studio's local-files root, when on this host."""
     predict_batch_size: int = 16
     """VALVE_ID_PREDICT_BATCH: images per forward pass when serving."""
+    compile_model: bool = False
+    """VALVE_ID_COMPILE: serve ``torch.compile``'d networks (inductor, freezing): faster per
+    image on a CPU, but loading a version compiles it first (minutes on a small CPU)."""
     reconcile_interval_s: int = 300
     """VALVE_ID_RECONCILE_INTERVAL_S: how often the label count is re-checked without webhooks."""
 
@@ -88,6 +91,7 @@ class Settings:
         "allowed_hosts": "VALVE_ID_ALLOWED_HOSTS",
         "local_files_root": "LOCAL_FILES_DOCUMENT_ROOT",
         "predict_batch_size": "VALVE_ID_PREDICT_BATCH",
+        "compile_model": "VALVE_ID_COMPILE",
         "reconcile_interval_s": "VALVE_ID_RECONCILE_INTERVAL_S",
     }
 
@@ -142,10 +146,17 @@ class Settings:
 
 
 _SECRETS = frozenset({"label_studio_api_key", "basic_auth_pass", "pseudonym_key"})
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 def _cast(name: str | None, raw: str, annotation: object) -> object:
     text = str(annotation)
+    if text == "bool":
+        value = raw.lower()
+        if value not in _TRUE | _FALSE:
+            raise SettingsError(f"{name}={raw!r} is not a boolean (use 1/0, true/false)")
+        return value in _TRUE
     try:
         if "tuple" in text:
             return tuple(part.strip() for part in raw.split(",") if part.strip())

@@ -187,6 +187,11 @@ class ValveModel:
                     with_url.append((index, task, url))
                 else:
                     self._count("no_image")
+                    logger.info(
+                        "task %s: no prediction (no image URL in data.%s)",
+                        task.id,
+                        config.image_key,
+                    )
             images = list(self._pool.map(self._fetch, [(t.id, u) for _, t, u in with_url]))
             predictions = self.predictor.predict(images) if images else []
             if len(predictions) != len(images):
@@ -205,7 +210,10 @@ class ValveModel:
                     label = answer.result[0]["value"]["choices"][0]
                     proposed.append((task.id, label, answer.model_version or version))
                 else:
-                    logger.info("task %s: no prediction (%s)", task.id, outcome)
+                    # The reason names hosts, statuses and formats, never paths or patients.
+                    reason = getattr(prediction, "reason", None)
+                    detail = f"{outcome}: {reason}" if reason else outcome
+                    logger.info("task %s: no prediction (%s)", task.id, detail)
 
         served_version = next(
             (r.model_version for r in reversed(results) if r.model_version), version

@@ -12,6 +12,7 @@ for *that* item while the rest of the batch goes on::
     ├── ImageFetchError             a task's image URL is refused or cannot be fetched
     ├── ModelLoadError              a weights/checkpoint file that cannot become a model
     ├── LabelStudioError            Label Studio refused a call or could not be reached
+    ├── StackError                  the local stack (``valve-id up``) cannot start or stop a part
     └── RegistryError               the model registry refuses an operation (bad id, incomplete
         │                           version, nothing to roll back to)
         └── ModelNotFound           no such model version, or no current one
@@ -31,6 +32,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFound",
     "RegistryError",
+    "StackError",
     "UnsupportedImageError",
     "ValveIdError",
 ]
@@ -96,6 +98,12 @@ class LabelStudioError(ValveIdError):
     def __init__(self, message: str, status_code: int | None = None) -> None:
         self.status_code = status_code
         super().__init__(message)
+
+
+class StackError(ValveIdError):
+    """``valve-id up``/``down`` could not install, start, reach or stop a part of the local
+    stack (Label Studio, Redis, the backend, a worker); the message names the part and its log.
+    """
 
 
 class RegistryError(ValveIdError):

@@ -24,6 +24,7 @@ from typing import Any
 
 from redis import Redis
 from rq import Callback, Queue, get_current_job
+from rq.exceptions import AbandonedJobError
 from rq.job import Job
 
 from training.registry import ModelRegistry, new_version_id
@@ -187,7 +188,10 @@ def _on_failure(job: Job, connection: Redis, exc_type: type, exc: BaseException,
     """Any stage failed (or its worker died): fail the run visibly and leave nothing half-done."""
     run_id = job.meta.get("run_id") or job.kwargs.get("run_id") or job.args[0]
     record = run_status(connection, run_id)
-    reason = f"{job.meta.get('stage', 'job')} failed: {exc_type.__name__}: {exc}"
+    detail = str(exc)
+    if not detail and issubclass(exc_type, AbandonedJobError):  # RQ's cleanup says nothing more
+        detail = "its worker died (no heartbeat since); RQ abandoned the job"
+    reason = f"{job.meta.get('stage', 'job')} failed: {exc_type.__name__}: {detail}"
     logger.error("training run %s failed: %s", run_id, reason)
     _set_run(connection, run_id, status="failed", reason=reason, failed_job=job.id)
     for other_id in record.get("jobs", "").split(","):

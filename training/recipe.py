@@ -72,11 +72,13 @@ def class_weights(train_labels: Sequence[int], num_classes: int) -> np.ndarray:
     """Inverse class frequency on the training fold, indexed by class id (vocabulary order).
 
     ``w_c = n / (K_present * n_c)``: balanced classes get weight 1. A class absent from the
-    training fold gets weight 0 (it never appears as a target there anyway).
+    training fold gets weight 1: it is never a target in training, and in validation it then
+    counts like a balanced class (a weight of 0 would make the loss of a validation batch made
+    only of such images 0/0).
     """
     counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=num_classes)
     present = counts > 0
-    weights = np.zeros(num_classes, dtype=np.float64)
+    weights = np.ones(num_classes, dtype=np.float64)
     weights[present] = counts.sum() / (present.sum() * counts[present])
     return weights.astype(np.float32)
 
@@ -161,7 +163,7 @@ class _ReportProgress(Callback):
     def after_epoch(self) -> None:
         self.done += 1
         names = self.recorder.metric_names[1:-1]  # drop "epoch" and "time"
-        values = [float(v) if v is not None else None for v in self.recorder.log[1:-1]]
+        values = [_finite_or_none(v) for v in self.recorder.log[1:-1]]
         row = {
             "fold": self.fold,
             "epoch": self.done,
@@ -172,6 +174,15 @@ class _ReportProgress(Callback):
         logger.info("fold %d epoch %d/%d %s", self.fold, self.done, self.total, row)
         if self.progress_fn is not None:
             self.progress_fn(row)
+
+
+def _finite_or_none(value: object) -> float | None:
+    """Epoch numbers as JSON can hold them: a diverged (NaN/inf) value becomes None."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
 
 
 @dataclass

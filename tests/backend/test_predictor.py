@@ -703,3 +703,26 @@ def test_compiled_path_agrees_with_fp32_on_a_trained_model(
     _assert_agrees_with_fp32(
         trained_registry, "compiled channels_last + bf16", fast_path=True, compile=True
     )
+
+
+def test_fast_path_stores_weights_in_bf16_with_bit_identical_answers() -> None:
+    """Weights cast once at load give exactly what autocast's per-forward casts gave."""
+    import copy
+
+    from backend.predictor import _for_serving
+
+    torch.manual_seed(0)
+    model = ValveNet(len(CLASSES), arch="resnet18").eval().requires_grad_(False)
+    for layer in model.modules():  # running statistics that are not the identity
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.running_mean.uniform_(-0.1, 0.1)
+            layer.running_var.uniform_(0.5, 1.5)
+    reference = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    served = _for_serving(copy.deepcopy(model), fast_path=True, compile=False)
+    convs = [m for m in served.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    assert convs and all(m.weight.dtype == torch.bfloat16 for m in convs)
+    norms = [m for m in served.modules() if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d)]
+    assert all(m.weight.dtype == torch.float32 for m in norms)
+    x = torch.randn(3, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(reference(x).float(), served(x).float())

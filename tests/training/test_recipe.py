@@ -58,8 +58,9 @@ def test_class_weights_are_inverse_frequency_in_vocabulary_order() -> None:
     weights = class_weights(train, 3)
     np.testing.assert_allclose(weights, [14 / (3 * 2), 14 / (3 * 8), 14 / (3 * 4)], rtol=1e-6)
     assert weights[0] > weights[2] > weights[1]
-    # A class missing from the training fold weighs nothing (it never is a target there).
-    np.testing.assert_allclose(class_weights(np.array([0, 0, 2]), 3), [0.75, 0.0, 1.5])
+    # A class missing from the training fold is never a target there; weight 1 keeps the
+    # validation loss finite when a batch holds only such images.
+    np.testing.assert_allclose(class_weights(np.array([0, 0, 2]), 3), [0.75, 1.0, 1.5])
 
 
 def _toy_images(n: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -109,3 +110,15 @@ def test_validation_batches_get_normalisation_only_and_training_batches_are_augm
             assert not torch.allclose(out, expected), "training batches must be augmented"
         else:
             torch.testing.assert_close(out, expected)
+
+
+def test_a_validation_split_of_a_class_unseen_in_training_keeps_finite_numbers() -> None:
+    images, labels, _ = _toy_images(16)  # 8 × class 0, 4 × class 1, 4 × class 2
+    val_idx = np.flatnonzero(labels == 2)  # validation holds only a class training never saw
+    train_idx = np.flatnonzero(labels != 2)
+    config = RecipeConfig.from_profile("quick", pretrained=False, batch_size=4)
+    result = train_fold(images, labels, train_idx, val_idx, 3, config, fold=0)
+    assert result.class_weights[2] == 1.0
+    for row in result.history:
+        assert row["valid_loss"] is not None and np.isfinite(row["valid_loss"])
+    assert np.isfinite(result.val_logits).all()

@@ -1,0 +1,427 @@
+"""Set up the valve-id project inside a running Label Studio, idempotently.
+
+Each step looks before it writes, so ``valve-id up`` can run any number of times:
+
+1. :func:`ensure_project` — the project from ``label_config.xml``, found by title first;
+2. :func:`import_demo` — the synthetic demo DICOMs through :mod:`backend.importer` (local-files
+   storage, de-identified PNGs, pseudonymous patients; images already there are skipped);
+3. :func:`seed_annotations` — a few labels from the demo manifest's true classes, whole
+   patients across all classes, so the first training run has enough patients for its folds;
+4. :func:`connect_backend` — the ML backend with basic auth, and the webhook Label Studio
+   creates for it given the same credentials (it has none by default: PROTOCOL.md);
+5. the review view (:meth:`backend.labelstudio.LabelStudio.ensure_review_view`);
+6. :func:`start_first_training` / :func:`sync_served_version` — nothing served yet: "Start
+   training"; a version served that the project does not show yet: a re-scoring job.
+
+The provisioning calls here (projects, annotations, ML backends, webhooks) are plain REST with
+the admin's legacy token: they are what a person would click once, not part of the loop,
+which goes through :class:`backend.labelstudio.LabelStudio`.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from backend.importer import ImportReport, import_folder, source_uid
+from backend.labelstudio import choice_result
+from backend.settings import Settings
+from training.errors import DatasetError, LabelStudioError
+from training.labels import LabelConfig
+
+__all__ = [
+    "ML_BACKEND_TITLE",
+    "PROJECT_TITLE",
+    "DemoImage",
+    "LabelStudioAdmin",
+    "basic_auth_header",
+    "connect_backend",
+    "demo_images",
+    "ensure_project",
+    "import_demo",
+    "seed_annotations",
+    "start_first_training",
+    "sync_served_version",
+]
+
+logger = logging.getLogger(__name__)
+
+PROJECT_TITLE = "valve-id demo"
+"""Title of the project ``valve-id up`` creates (and finds again)."""
+ML_BACKEND_TITLE = "valve-id"
+"""Title of the ML backend connection in the project's settings."""
+PROJECT_DESCRIPTION = (
+    "Synthetic skull X-rays (no patient data). Pick the valve model; valve-id pre-selects "
+    "its guess and the review view lists the most uncertain X-rays first."
+)
+REQUEST_TIMEOUT_S = 120.0
+"""Connecting a backend makes Label Studio call it (health, setup) before it answers."""
+PAGE_SIZE = 100
+"""Tasks per page when listing (Label Studio's own maximum page)."""
+
+
+def basic_auth_header(user: str, password: str) -> str:
+    """``Basic <base64(user:password)>``."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+
+class LabelStudioAdmin:
+    """The provisioning calls, over plain REST with a legacy token (``Authorization: Token``)."""
+
+    def __init__(
+        self, url: str, token: str, *, http: httpx.Client | None = None, timeout_s: float = 60.0
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._http = http or httpx.Client(timeout=timeout_s, trust_env=False)
+        self._headers = {"Authorization": f"Token {token}"}
+
+    def __repr__(self) -> str:
+        return f"LabelStudioAdmin(url={self.url!r})"
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One call; JSON answer (or None when empty); LabelStudioError on failure."""
+        try:
+            answer = self._http.request(method, self.url + path, headers=self._headers, **kwargs)
+        except httpx.HTTPError as exc:
+            raise LabelStudioError(
+                f"cannot reach Label Studio at {self.url} ({method} {path.split('?')[0]}): "
+                f"{type(exc).__name__}"
+            ) from None
+        if answer.status_code >= 400:
+            raise LabelStudioError(
+                f"Label Studio {method} {path.split('?')[0]}: HTTP {answer.status_code}: "
+                + " ".join(answer.text.split())[:300],
+                status_code=answer.status_code,
+            )
+        if not answer.content:
+            return None
+        try:
+            return answer.json()
+        except ValueError:
+            return answer.text
+
+    # -- projects and tasks -------------------------------------------------------------
+
+    def find_project(self, title: str) -> dict[str, Any] | None:
+        """The oldest project with exactly this title (``GET /api/projects/?title=``)."""
+        found = self.request("GET", "/api/projects/", params={"title": title, "page_size": 1000})
+        rows = found.get("results", []) if isinstance(found, dict) else found or []
+        exact = sorted((p for p in rows if p.get("title") == title), key=lambda p: p["id"])
+        return exact[0] if exact else None
+
+    def project(self, project_id: int) -> dict[str, Any]:
+        return dict(self.request("GET", f"/api/projects/{project_id}/"))
+
+    def update_project(self, project_id: int, **fields: Any) -> dict[str, Any]:
+        return dict(self.request("PATCH", f"/api/projects/{project_id}/", json=fields))
+
+    def tasks(self, project_id: int, *, fields: str = "all") -> Iterator[dict[str, Any]]:
+        """Every task of the project, by pages (``GET /api/tasks/?project=``)."""
+        page = 1
+        while True:
+            try:
+                body = self.request(
+                    "GET",
+                    "/api/tasks/",
+                    params={
+                        "project": project_id,
+                        "page": page,
+                        "page_size": PAGE_SIZE,
+                        "fields": fields,
+                    },
+                )
+            except LabelStudioError as exc:
+                if exc.status_code == 404:  # past the last page
+                    return
+                raise
+            rows = body.get("tasks", []) if isinstance(body, dict) else body or []
+            yield from rows
+            if len(rows) < PAGE_SIZE:
+                return
+            page += 1
+
+    def create_annotation(self, task_id: int, result: list[dict[str, Any]]) -> dict[str, Any]:
+        return dict(
+            self.request("POST", f"/api/tasks/{task_id}/annotations/", json={"result": result})
+        )
+
+    # -- ML backend and webhooks --------------------------------------------------------
+
+    def ml_backends(self, project_id: int) -> list[dict[str, Any]]:
+        """The project's ML backends, with their state (Label Studio probes them first)."""
+        return list(self.request("GET", "/api/ml/", params={"project": project_id}) or [])
+
+    def webhooks(self, project_id: int) -> list[dict[str, Any]]:
+        rows = self.request("GET", "/api/webhooks/", params={"project": project_id}) or []
+        return [w for w in rows if w.get("project") == project_id]
+
+    def start_training(self, ml_backend_id: int) -> None:
+        """The "Start training" button: ``POST /api/ml/{id}/train``."""
+        self.request("POST", f"/api/ml/{ml_backend_id}/train", json={})
+
+
+# --------------------------------------------------------------------------------------------
+# the steps
+
+
+def ensure_project(
+    admin: LabelStudioAdmin, label_config: Path, title: str = PROJECT_TITLE
+) -> tuple[int, bool]:
+    """The project titled ``title`` (created from ``label_config`` if missing); (id, created)."""
+    found = admin.find_project(title)
+    if found is not None:
+        return int(found["id"]), False
+    created = admin.request(
+        "POST",
+        "/api/projects/",
+        json={
+            "title": title,
+            "description": PROJECT_DESCRIPTION,
+            "label_config": label_config.read_text(encoding="utf-8"),
+            # Pre-annotations on: the annotator sees the model's choice already selected.
+            "show_collab_predictions": True,
+        },
+    )
+    logger.info("created Label Studio project %s", created["id"])
+    return int(created["id"]), True
+
+
+def import_demo(
+    project_id: int, demo_dir: Path, settings: Settings, client: Any = None
+) -> ImportReport:
+    """Import the demo DICOMs with ``valve-id import``'s code; already-imported ones are
+    skipped. ``client`` is a label-studio-sdk client (built from ``settings`` if None)."""
+    if client is None:
+        from training.labelstudio_source import make_sdk_client
+
+        client = make_sdk_client(settings.label_studio_url, settings.label_studio_api_key)
+    report = import_folder(
+        demo_dir, project_id=project_id, create=False, settings=settings, client=client
+    )
+    if report.failed:
+        raise DatasetError(f"{len(report.failed)} demo image(s) could not be imported")
+    return report
+
+
+@dataclass(frozen=True)
+class DemoImage:
+    """A demo DICOM's true class and patient, keyed by the ``source_uid`` its task carries."""
+
+    label: str
+    patient_id: str
+
+
+def demo_images(demo_dir: Path, pseudonym_key: str) -> dict[str, DemoImage]:
+    """``source_uid`` → :class:`DemoImage`, from the demo's ``manifest.csv`` and headers.
+
+    The importer keys each task on a keyed hash of the SOP Instance UID, so the same hash
+    computed here finds each file's task without any patient data in the task.
+    """
+    import csv
+
+    from training.dicom import read_dicom_header
+
+    out: dict[str, DemoImage] = {}
+    with (demo_dir / "manifest.csv").open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            header = read_dicom_header(demo_dir / row["file"], name=row["file"])
+            uid = source_uid("sop", str(header.SOPInstanceUID), pseudonym_key)
+            out[uid] = DemoImage(label=row["label"], patient_id=row["patient_id"])
+    return out
+
+
+def seed_annotations(
+    admin: LabelStudioAdmin,
+    project_id: int,
+    truth: Mapping[str, DemoImage],
+    config: LabelConfig,
+    target: int,
+) -> int:
+    """Label tasks with their true class until ``target`` tasks are labelled; returns how many
+    annotations were created (0 once the project has ``target`` labelled tasks).
+
+    Whole patients are taken, one class after another, so the labelled set spans every class
+    and as many patients as possible (the folds are patient-grouped).
+    """
+    tasks = list(admin.tasks(project_id, fields="task_only"))
+    labelled = sum(1 for t in tasks if (t.get("total_annotations") or 0) > 0)
+    if labelled >= target:
+        return 0
+    by_class: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for task in tasks:
+        if (task.get("total_annotations") or 0) > 0:
+            continue
+        image = truth.get(str((task.get("data") or {}).get("source_uid")))
+        if image is not None and image.label in config.classes:
+            by_class[image.label][image.patient_id].append(int(task["id"]))
+    queues = {c: list(p.values()) for c, p in sorted(by_class.items())}
+    created = 0
+    while labelled + created < target and any(queues.values()):
+        for label, patients in queues.items():
+            if not patients or labelled + created >= target:
+                continue
+            for task_id in patients.pop(0):
+                admin.create_annotation(task_id, choice_result(config, label))
+                created += 1
+    logger.info("project %s: %d seed annotation(s) created", project_id, created)
+    return created
+
+
+def connect_backend(
+    admin: LabelStudioAdmin,
+    project_id: int,
+    backend_url: str,
+    *,
+    basic_auth: tuple[str, str] | None,
+    title: str = ML_BACKEND_TITLE,
+) -> int:
+    """Connect the backend to the project (or update the connection); returns its id.
+
+    Label Studio calls ``/health`` and ``/setup`` before it answers, so the backend must be
+    up. It creates a webhook to ``<url>/webhook`` on first connect, without headers; with
+    basic auth the webhook gets the ``Authorization`` header here, or every event would be
+    refused with 401 and lost silently (PROTOCOL.md).
+    """
+    backend_url = backend_url.rstrip("/")
+    auth: dict[str, Any] = {"auth_method": "NONE"}
+    if basic_auth is not None:
+        auth = {
+            "auth_method": "BASIC_AUTH",
+            "basic_auth_user": basic_auth[0],
+            "basic_auth_pass": basic_auth[1],
+        }
+    existing = [b for b in admin.ml_backends(project_id) if b.get("title") == title]
+    old_urls = {str(b.get("url") or "").rstrip("/") for b in existing} - {backend_url}
+    if existing:
+        ml_id = int(existing[0]["id"])
+        if _connection_differs(existing[0], backend_url, auth):
+            # Label Studio re-validates a PATCH with health and setup calls, which need the
+            # project and URL in the body (without them: HTTP 500).
+            admin.request(
+                "PATCH",
+                f"/api/ml/{ml_id}",
+                json={"project": project_id, "url": backend_url, "title": title, **auth},
+            )
+            logger.info("updated ML backend %s of project %s", ml_id, project_id)
+    else:
+        created = admin.request(
+            "POST",
+            "/api/ml/",
+            json={
+                "project": project_id,
+                "url": backend_url,
+                "title": title,
+                "is_interactive": False,
+                **auth,
+            },
+        )
+        ml_id = int(created["id"])
+        logger.info("connected the backend to project %s (ML backend %s)", project_id, ml_id)
+    headers = {"Authorization": basic_auth_header(*basic_auth)} if basic_auth else {}
+    _ensure_webhook(
+        admin, project_id, backend_url + "/webhook", headers, {u + "/webhook" for u in old_urls}
+    )
+    return ml_id
+
+
+def _connection_differs(found: Mapping[str, Any], url: str, auth: Mapping[str, Any]) -> bool:
+    """The stored connection is not the wanted one (the password is write-only: its
+    presence is all Label Studio tells, and the stack's password never changes)."""
+    if str(found.get("url") or "").rstrip("/") != url:
+        return True
+    if found.get("auth_method") != auth["auth_method"]:
+        return True
+    if auth["auth_method"] == "BASIC_AUTH":
+        return found.get("basic_auth_user") != auth["basic_auth_user"] or not found.get(
+            "basic_auth_pass_is_set"
+        )
+    return False
+
+
+def _ensure_webhook(
+    admin: LabelStudioAdmin,
+    project_id: int,
+    url: str,
+    headers: Mapping[str, str],
+    stale_urls: set[str],
+) -> None:
+    """Exactly one webhook to ``url`` for all actions, with ``headers``; none to stale URLs."""
+    found = False
+    for hook in admin.webhooks(project_id):
+        hook_url = str(hook.get("url") or "").rstrip("/")
+        if hook_url in stale_urls or (hook_url == url and found):
+            admin.request("DELETE", f"/api/webhooks/{hook['id']}/")
+        elif hook_url == url:
+            found = True
+            if dict(hook.get("headers") or {}) != dict(headers) or not hook.get("is_active", True):
+                admin.request(
+                    "PATCH",
+                    f"/api/webhooks/{hook['id']}/",
+                    json={"headers": dict(headers), "is_active": True},
+                )
+    if not found:
+        admin.request(
+            "POST",
+            "/api/webhooks/",
+            json={
+                "project": project_id,
+                "url": url,
+                "send_payload": True,
+                "send_for_all_actions": True,
+                "headers": dict(headers),
+                "is_active": True,
+            },
+        )
+
+
+def start_first_training(
+    admin: LabelStudioAdmin,
+    ml_backend_id: int,
+    *,
+    served: str | None,
+    runs_active: bool,
+    labelled: int,
+) -> bool:
+    """Press "Start training" if nothing is served yet, no run is queued or running, and
+    something is labelled (a run over nothing would only fail)."""
+    if served is not None or runs_active or labelled < 1:
+        return False
+    admin.start_training(ml_backend_id)
+    logger.info("training requested through ML backend %s", ml_backend_id)
+    return True
+
+
+def sync_served_version(
+    admin: LabelStudioAdmin, project_id: int, *, served: str | None, redis: Any
+) -> bool:
+    """Enqueue a re-scoring job if a version is served that the project does not show.
+
+    Covers tasks imported before the backend was connected (no webhook saw them) and a
+    version promoted by hand (``valve-id models promote``). Returns whether one was queued.
+    """
+    if served is None or admin.project(project_id).get("model_version") == served:
+        return False
+    from rq import Queue
+
+    from backend.retraining import JOB_RESULT_TTL_S, RESCORE_JOB_TIMEOUT_S
+    from training.jobs import DEFAULT_QUEUE
+
+    Queue(DEFAULT_QUEUE, connection=redis).enqueue(
+        "backend.jobs.rescore_project",
+        args=(project_id, served),
+        job_timeout=RESCORE_JOB_TIMEOUT_S,
+        result_ttl=JOB_RESULT_TTL_S,
+        description=f"valve-id re-score project {project_id} with {served}",
+    )
+    logger.info("project %s: re-scoring with %s queued", project_id, served)
+    return True

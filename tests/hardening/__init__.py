@@ -1,0 +1,1 @@
+"""The hardening suite (issue 7): a package, so its real server lives only while it runs."""

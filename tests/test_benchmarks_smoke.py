@@ -1,0 +1,59 @@
+"""The benchmark scripts run: each in its ``--quick`` mode, which proves the code, not speed.
+
+No timing is asserted (benchmarks are not timed tests; see ``benchmarks/__init__.py``). Each
+benchmark runs in-process through its ``main`` (the backends and re-scoring scales it starts
+are subprocesses anyway), writes its tables as Markdown, and the test checks that the tables
+came out with rows in them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from benchmarks.run_all import BENCHMARKS
+
+pytestmark = pytest.mark.slow
+
+EXPECTED_TITLES = {
+    "predict": ["/predict throughput", "Served fast path vs eager fp32"],
+    "latency": ["Single-task /predict latency"],
+    "cache": ["Cache: unchanged tasks vs first time"],
+    "rescore": ["Re-scoring:", "Re-scoring: does it scale?"],
+    "training": ["Training throughput on CPU"],
+    "memory": ["Backend RSS (MiB)"],
+    "paper_profile": ["Paper profile on"],
+}
+
+
+@pytest.mark.parametrize("name", [*BENCHMARKS, "paper_profile"])
+def test_benchmark_runs_in_quick_mode(name: str, tmp_path: Path) -> None:
+    module = importlib.import_module(f"benchmarks.bench_{name}")
+    markdown = tmp_path / "results.md"
+    assert module.main(["--quick", "--markdown", str(markdown)]) == 0
+    text = markdown.read_text(encoding="utf-8")
+    for title in EXPECTED_TITLES[name]:
+        assert f"**{title}" in text, f"{title!r} missing from:\n{text}"
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) > len(EXPECTED_TITLES[name]), "tables without data rows"
+
+
+def test_run_all_refuses_an_unknown_benchmark() -> None:
+    from benchmarks import run_all
+
+    with pytest.raises(SystemExit) as exc:
+        run_all.main(["--only", "no-such-benchmark"])
+    assert exc.value.code == 2
+
+
+def test_the_paper_profile_refuses_to_run_without_a_gpu_unless_asked(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal only applies without one")
+    from benchmarks import bench_paper_profile
+
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        bench_paper_profile.run(bench_paper_profile.PaperProfileOptions(), tmp_path)
