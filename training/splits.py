@@ -28,5 +28,11 @@ def make_splits(
             f"{n_groups} patients cannot fill {n_folds} patient-grouped folds; "
             "label more patients or lower n_folds"
         )
+    largest_class = int(np.bincount(np.unique(y, return_inverse=True)[1]).max())
+    if largest_class < n_folds:
+        raise DatasetError(
+            f"every class has fewer than {n_folds} labelled images (the largest has "
+            f"{largest_class}); label more images or lower n_folds"
+        )
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     return [(np.sort(tr), np.sort(va)) for tr, va in splitter.split(np.zeros(len(y)), y, g)]

@@ -57,6 +57,9 @@ def test_a_reused_pid_is_left_alone(tmp_path: Path) -> None:
     record = start_process(
         "ours", SLEEPER, env=dict(os.environ), run_dir=tmp_path, log_path=tmp_path / "o.log"
     )
+    # Start times count clock ticks (10 ms): a stranger started in the same tick would look
+    # like ours, which a real PID reuse never does (the PID must first be freed).
+    time.sleep(0.1)
     stranger = subprocess.Popen(SLEEPER)
     try:
         forged = replace(record, name="forged", pid=stranger.pid)

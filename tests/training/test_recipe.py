@@ -52,6 +52,12 @@ def test_splits_refuse_fewer_patients_than_folds() -> None:
         make_splits([0, 1, 0, 1], ["a", "a", "b", "c"], n_folds=5, seed=0)
 
 
+def test_splits_refuse_classes_all_smaller_than_the_fold_count() -> None:
+    labels = [0, 0, 0, 1, 1, 1, 2, 2]
+    with pytest.raises(DatasetError, match="fewer than 5 labelled images"):
+        make_splits(labels, [f"p{i}" for i in range(8)], n_folds=5, seed=0)
+
+
 def test_class_weights_are_inverse_frequency_in_vocabulary_order() -> None:
     # Vocabulary order (0, 1, 2) differs from frequency order (1 most common, then 2, then 0).
     train = np.array([0] * 2 + [1] * 8 + [2] * 4)
