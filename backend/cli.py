@@ -19,6 +19,7 @@ from rich.progress import Progress
 
 from backend.commands.importer import import_command
 from backend.commands.models import models_app
+from backend.commands.simulate import simulate_command
 from backend.commands.stack import stack_app
 from backend.settings import Settings
 
@@ -256,6 +257,7 @@ def serve(
 
 
 app.command("import")(import_command)
+app.command("simulate")(simulate_command)
 app.add_typer(models_app, name="models", help="List, inspect, promote and roll back versions.")
 app.add_typer(stack_app)  # valve-id up / down / status
 

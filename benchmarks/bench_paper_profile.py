@@ -38,6 +38,8 @@ class PaperProfileOptions:
     overrides: tuple[tuple[str, Any], ...] = ()
     size_range_px: tuple[int, int] | None = None
     """Synthetic image sides; None = the generator's default (600–1200 px)."""
+    balanced: bool = False
+    """Equal classes instead of the paper's 81/12/4/3 % (a tiny set needs every class twice)."""
     allow_cpu: bool = False
     data_dir: Path | None = None
     """Reuse a generated data set (else one is generated into a temporary folder)."""
@@ -53,6 +55,7 @@ QUICK = PaperProfileOptions(
         ("gradcam_per_class", 0),
     ),
     size_range_px=(64, 96),
+    balanced=True,
     allow_cpu=True,
 )
 
@@ -67,7 +70,7 @@ def run(options: PaperProfileOptions, workdir: Path) -> list[Table]:
     from training.model import pretrained_weights_path
     from training.registry import ModelRegistry
     from training.run import finalize_run, plan_run, train_fold_stage
-    from training.synthetic import generate_dataset
+    from training.synthetic import BALANCED_CLASS_MIX, generate_dataset
 
     if not torch.cuda.is_available() and not options.allow_cpu:
         raise SystemExit(
@@ -80,7 +83,11 @@ def run(options: PaperProfileOptions, workdir: Path) -> list[Table]:
     stages: list[tuple[str, float]] = []
     started = time.perf_counter()
     if not (data / "manifest.csv").exists():
-        kwargs = {"size_range_px": options.size_range_px} if options.size_range_px else {}
+        kwargs: dict[str, Any] = {}
+        if options.size_range_px:
+            kwargs["size_range_px"] = options.size_range_px
+        if options.balanced:
+            kwargs["class_mix"] = BALANCED_CLASS_MIX
         generate_dataset(data, options.n_images, seed=0, **kwargs)
     generate_s = time.perf_counter() - started
 

@@ -4,11 +4,11 @@ What a promotion triggers: every unlabelled task of a project is fetched, predic
 new version and written back, so the review queue re-sorts. This runs the real job body
 (:func:`backend.jobs.rescore`: paging, the image fetcher reading Label Studio local files,
 the predictor, the Redis bookkeeping of a real Redis, the prediction rows) against an
-in-process Label Studio stand-in. Why a stand-in: a real Label Studio is not installed here,
-and on this 2-core machine its 10k database writes would be the bottleneck and measure
-Label Studio, not valve-id. The stand-in pages tasks like Label Studio (100 per page) and
-keeps O(1) memory (it counts and serialises the prediction rows, stores none), so the
-memory measured is the job's own.
+in-process Label Studio stand-in. Why a stand-in: a real Label Studio sharing a 2-core
+machine would be the bottleneck of 10k prediction writes (its database and request
+handling), so the benchmark would measure Label Studio, not valve-id. The stand-in pages
+tasks like Label Studio (100 per page) and keeps O(1) memory (it counts and serialises the
+prediction rows, stores none), so the memory measured is the job's own.
 
 Each scale runs in a fresh process (a clean peak RSS, an empty cache). To keep 16k tasks
 feasible on 2 cores the version is a 1-model ResNet-34 at **64²** on 96² PNGs; the forward

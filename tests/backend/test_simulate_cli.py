@@ -85,7 +85,9 @@ def test_simulate_refuses_bad_options_with_a_clear_message(tmp_path: Path) -> No
     result = runner.invoke(app, ["simulate", "--seeds", "1"], env=_env(tmp_path))
     assert result.exit_code == 2 and "--data" in result.output
     result = runner.invoke(
-        app, ["simulate", "--data", str(tmp_path), "--strategies", "random,best"], env=_env(tmp_path)
+        app,
+        ["simulate", "--data", str(tmp_path), "--strategies", "random,best"],
+        env=_env(tmp_path),
     )
     assert result.exit_code == 2 and "unknown strategies" in result.output
     result = runner.invoke(

@@ -108,7 +108,13 @@ def test_a_process_ignoring_sigterm_is_killed_with_its_children(tmp_path: Path) 
 def test_wait_http_fails_fast_when_the_process_dies(tmp_path: Path) -> None:
     record = start_process(
         "dies",
-        [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
+        # It lives long enough to be recorded (a process gone before that is start_process's
+        # own error, tested by the launch path), then dies while we wait for its port.
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; print('boom', flush=True); time.sleep(0.5); sys.exit(3)",
+        ],
         env=dict(os.environ),
         run_dir=tmp_path,
         log_path=tmp_path / "dies.log",

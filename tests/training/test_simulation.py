@@ -19,6 +19,7 @@ from training.simulation.loop import (
     RESULTS_FILE,
     SimulationData,
     draw_seed_set,
+    error_detection_auroc,
     held_out_split,
     load_simulation_config,
     run_simulation,
@@ -176,6 +177,15 @@ def test_test_split_is_patient_grouped_and_the_seed_set_is_stratified() -> None:
         held_out_split(np.array([0, 1, 0]), np.array(["a", "a", "b"]), 0.25, seed=0)
 
 
+def test_error_detection_auroc_orients_uncertainty_and_skips_bald_without_members() -> None:
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.55, 0.45], [0.5, 0.5]])
+    y = np.array([0, 0, 1, 1])  # the two uncertain predictions are the wrong ones
+    auroc = error_detection_auroc(y, probs, None)
+    assert auroc["entropy"] == auroc["margin"] == 1.0
+    assert auroc["bald"] is None
+    assert error_detection_auroc(np.array([0, 0, 0, 0]), probs, None)["entropy"] is None
+
+
 # --- the headline numbers ---------------------------------------------------------------
 
 
@@ -251,7 +261,7 @@ def test_same_configuration_gives_the_same_selections_and_curves() -> None:
         budget=12,
         batch_size=4,
         seed_size=8,
-        mc_passes=4,
+        members=2,  # BALD from a two-model ensemble (the end-to-end test uses MC dropout)
         recipe=_quick_recipe(),
     )
     first = run_simulation(_toy_data(), config)

@@ -59,6 +59,7 @@ __all__ = [
     "RoundScores",
     "SimulationData",
     "draw_seed_set",
+    "error_detection_auroc",
     "evaluate_round",
     "held_out_split",
     "load_simulation_config",
@@ -121,8 +122,9 @@ class RoundScores:
 
     probs: np.ndarray
     """``(N, K)`` softmax: the ensemble mean, or the single model's deterministic output."""
-    member_probs: np.ndarray
-    """``(m, N, K)``: ensemble members, or MC-dropout passes when there is one member."""
+    member_probs: np.ndarray | None
+    """``(m, N, K)``: ensemble members, or MC-dropout passes when there is one member;
+    ``None`` with one member and no MC passes (then nothing measures disagreement)."""
     features: np.ndarray
     """``(N, d)`` penultimate activations of the first member."""
 
@@ -287,7 +289,7 @@ def _fit_and_score(
         probs = member_probs.mean(axis=0)
     else:
         probs = softmax(logits[0])
-        member_probs = softmax(mc_logits)
+        member_probs = softmax(mc_logits) if mc_logits is not None else None
     assert features is not None and init is not None
     return RoundScores(probs, member_probs, np.asarray(features, dtype=np.float32)), init
 
@@ -311,15 +313,24 @@ def evaluate_round(y_true: np.ndarray, probs: np.ndarray, num_classes: int) -> d
 
 
 def error_detection_auroc(
-    y_true: np.ndarray, probs: np.ndarray, member_probs: np.ndarray
+    y_true: np.ndarray, probs: np.ndarray, member_probs: np.ndarray | None
 ) -> dict[str, float | None]:
-    """AUROC of each served acquisition's uncertainty for flagging wrong predictions."""
+    """AUROC of each served acquisition's uncertainty for flagging wrong predictions
+    (``None`` when undefined: no errors, only errors, or BALD without members)."""
     wrong = probs.argmax(axis=1) != y_true
     defined = 0 < wrong.sum() < wrong.size
-    return {
-        name: float(roc_auc_score(wrong, acquisition(probs, member_probs))) if defined else None
-        for name, acquisition in ACQUISITIONS.items()
-    }
+    auroc: dict[str, float | None] = {}
+    for name, acquisition in ACQUISITIONS.items():
+        needs_members = name == "bald"
+        if not defined or (needs_members and member_probs is None):
+            auroc[name] = None
+        else:
+            auroc[name] = float(roc_auc_score(wrong, acquisition(probs, member_probs)))
+    return auroc
+
+
+def _members_at(scores: RoundScores, idx: np.ndarray) -> np.ndarray | None:
+    return None if scores.member_probs is None else scores.member_probs[:, idx]
 
 
 # --- the loop ---------------------------------------------------------------------------
@@ -385,7 +396,7 @@ def run_simulation(
                 take = min(config.batch_size, config.budget - len(labelled), len(pool))
                 picks = select(
                     scores.probs[pool],
-                    scores.member_probs[:, pool],
+                    _members_at(scores, pool),
                     scores.features[pool],
                     take,
                     rng,
@@ -405,7 +416,7 @@ def run_simulation(
                     "seed_set": [data.keys[i] for i in seed_set],
                     "rounds": rounds,
                     "final_auroc": error_detection_auroc(
-                        y_test, scores.probs[test], scores.member_probs[:, test]
+                        y_test, scores.probs[test], _members_at(scores, test)
                     ),
                 }
             )

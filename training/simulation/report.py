@@ -32,8 +32,10 @@ __all__ = ["write_simulation_report"]
 
 logger = logging.getLogger(__name__)
 
-_COLOURS = ("#555555", "#2f6fd6", "#d9480f", "#2b8a3e", "#862e9c", "#e8590c", "#0b7285")
-"""Line colours: grey for the random baseline, the others in strategy order."""
+_BASELINE_COLOUR = "#555555"
+"""The random baseline is always grey."""
+_COLOURS = ("#2f6fd6", "#d9480f", "#2b8a3e", "#862e9c", "#f08c00", "#0b7285", "#c2255c")
+"""Line colours of the other strategies, in their order."""
 _LABEL = {
     "random": "random",
     "entropy": "entropy",
@@ -125,26 +127,28 @@ def _curve_section(summary: Mapping[str, Any]) -> str:
         {name: c["n_labels"] for name, c in summary["curves"].items()},
         "Macro-F1 on the held-out test split",
         target=summary["labels_saved"].get("target"),
+        chance=summary.get("chance_macro_f1"),
     )
     return (
         "<h2>Learning curves</h2>"
         '<p class="note">Macro-F1 of each round\'s model on the held-out test split (patients '
         "no strategy ever saw) against the number of labels spent. Line: mean over seeds; "
         "band: ± 1 SD. Dashed: random sampling's final macro-F1 (the target of "
-        '"labels saved").</p>'
+        '"labels saved"); dotted: guessing among equally likely classes.</p>'
         f"<figure>{_img(png, 'Macro-F1 learning curves')}</figure>"
     )
 
 
 def _recall_section(summary: Mapping[str, Any], classes: Sequence[str]) -> str:
     curves = summary["curves"]
+    colours = _colour_map(list(curves))
     ncols = min(2, len(classes))
     nrows = math.ceil(len(classes) / ncols)
     fig = Figure(figsize=(5.2 * ncols, 3.4 * nrows + 0.4), dpi=PLOT_DPI)
     for i, cls in enumerate(classes):
         ax = fig.add_subplot(nrows, ncols, i + 1)
-        for j, (name, curve) in enumerate(curves.items()):
-            _band_plot(ax, curve["n_labels"], curve["recall"][cls], name, j)
+        for name, curve in curves.items():
+            _band_plot(ax, curve["n_labels"], curve["recall"][cls], name, colours[name])
         ax.set_title(cls)
         ax.title.set_parse_math(False)
         ax.set_ylim(-0.02, 1.02)
@@ -296,10 +300,15 @@ def _methods(config: Mapping[str, Any]) -> str:
 # --- plots ------------------------------------------------------------------------------
 
 
-def _band_plot(ax: Any, x: Sequence[int], curve: Mapping[str, Any], name: str, j: int) -> None:
+def _colour_map(names: Sequence[str]) -> dict[str, str]:
+    others = [n for n in names if n != "random"]
+    colours = {n: _COLOURS[i % len(_COLOURS)] for i, n in enumerate(others)}
+    return {n: colours.get(n, _BASELINE_COLOUR) for n in names}
+
+
+def _band_plot(ax: Any, x: Sequence[int], curve: Mapping[str, Any], name: str, colour: str) -> None:
     mean = np.array([np.nan if v is None else v for v in curve["mean"]], dtype=np.float64)
     sd = np.array([0.0 if v is None else v for v in curve["sd"]], dtype=np.float64)
-    colour = _COLOURS[0] if name == "random" else _COLOURS[1 + j % (len(_COLOURS) - 1)]
     ax.plot(x, mean, marker="o", ms=3, lw=1.6, color=colour, label=_name(name))
     low, high = np.clip(mean - sd, 0.0, 1.0), np.clip(mean + sd, 0.0, 1.0)
     ax.fill_between(x, low, high, color=colour, alpha=0.15, lw=0)
@@ -311,13 +320,17 @@ def _curves_png(
     ylabel: str,
     *,
     target: float | None,
+    chance: float | None = None,
 ) -> bytes:
     fig = Figure(figsize=(7.5, 4.3), dpi=PLOT_DPI)
     ax = fig.add_subplot()
-    for j, (name, curve) in enumerate(curves.items()):
-        _band_plot(ax, xs[name], curve, name, j)
+    colours = _colour_map(list(curves))
+    for name, curve in curves.items():
+        _band_plot(ax, xs[name], curve, name, colours[name])
     if target is not None:
         ax.axhline(target, ls="--", lw=1, color="grey", label="random's final macro-F1")
+    if chance is not None:
+        ax.axhline(chance, ls=":", lw=1, color="black", label="guessing (1/K)")
     ax.set_xlabel("Labels spent (seed set included)")
     ax.set_ylabel(ylabel)
     ax.set_ylim(-0.02, 1.02)
