@@ -37,7 +37,7 @@ down:
 	$(VALVE_ID) down --state-dir $(STATE_DIR)
 
 lint: setup
-	$(VALVE_ID_VENV)/bin/ruff check backend training tests
+	$(VALVE_ID_VENV)/bin/ruff check backend training tests benchmarks
 
 clean:
 	rm -rf $(STATE_DIR)
