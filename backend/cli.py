@@ -117,7 +117,13 @@ def train(
     data: Annotated[
         str, typer.Option(help="Data set folder, its manifest.csv, or labelstudio:<project id>.")
     ],
-    profile: Annotated[str, typer.Option(help="Recipe profile: paper or quick.")] = "paper",
+    profile: Annotated[
+        str,
+        typer.Option(
+            help="Recipe profile: auto (paper on a CUDA worker with the ResNet-34 ImageNet "
+            "file, else cpu), paper, cpu, or quick (mechanics only, learns nothing useful)."
+        ),
+    ] = "auto",
     enqueue: Annotated[
         bool, typer.Option(help="Send to the RQ workers instead of training here.")
     ] = False,
@@ -130,21 +136,25 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Override the seed.")] = None,
 ) -> None:
     """Train the paper's 5-fold recipe and publish a model version."""
-    from training.config import RecipeConfig
+    from training.config import RecipeConfig, recipe_request
     from training.errors import ValveIdError
 
     settings = _settings()
+    overrides = {
+        "epochs": epochs,
+        "image_size_px": image_size,
+        "n_folds": folds,
+        "seed": seed,
+        "pretrained": False if from_scratch else None,
+    }
     try:
-        recipe = RecipeConfig.from_profile(
-            profile,
-            epochs=epochs,
-            image_size_px=image_size,
-            n_folds=folds,
-            seed=seed,
-            pretrained=False if from_scratch else None,
-        )
+        # Enqueued, "auto" is decided by the worker that plans the run, not by this machine.
+        request = recipe_request(profile, **overrides)
+        recipe = None if enqueue else RecipeConfig.from_profile(profile, **overrides)
     except ValueError as exc:
         raise _fail(str(exc)) from None
+    if recipe is not None:
+        console.print(f"profile {recipe.profile} ({recipe.profile_reason})")
     if enqueue:
         from redis import Redis
 
@@ -154,7 +164,7 @@ def train(
             Redis.from_url(settings.redis_url),
             data=data if data.startswith("labelstudio:") else str(Path(data).resolve()),
             label_config_path=str(settings.label_config),
-            recipe=recipe.to_dict(),
+            recipe=request,
             model_dir=str(settings.models.resolve()),
             cache_dir=str(settings.cache.resolve()),
             tolerance=settings.promotion_tolerance,
@@ -183,6 +193,8 @@ def train(
             settings.cache / "labelstudio-images",
             image_key=label_config.image_key,
             choices_name=label_config.choices_name,
+            keypoint_name=label_config.keypoint_name,
+            keypoint_label=label_config.keypoint_label,
         )
         run_in_process(
             staging,
@@ -237,8 +249,16 @@ def worker(
         worker_class: type[Worker] = SimpleWorker
     else:
         import training.recipe  # noqa: F401  (import torch/fastai once; each job's fork inherits it)
+        from training.config import choose_profile
 
         worker_class = Worker
+        chosen, why = choose_profile()
+        logging.getLogger("valve_id.worker").info(
+            "training worker: VALVE_ID_TRAINING_PROFILE=%s; auto trains %s here (%s)",
+            settings.training_profile,
+            chosen,
+            why,
+        )
     worker_class(
         listened, connection=connection, name=name, work_horse_killed_handler=on_work_horse_killed
     ).work(burst=burst, with_scheduler=False)

@@ -483,9 +483,10 @@ class Retrainer:
         return run_id
 
     def _enqueue_run(self, key: str, ls_project_id: int, count: int) -> Any:
-        from training.config import RecipeConfig  # fastai-free
+        from training.config import recipe_request  # fastai-free
 
-        recipe = RecipeConfig.from_profile(self.settings.training_profile).to_dict()
+        # "auto" travels unresolved: the worker that plans the run decides (its GPU, its files).
+        recipe = recipe_request(self.settings.training_profile)
         return self._enqueue_training(
             self.redis,
             data=f"labelstudio:{ls_project_id}",

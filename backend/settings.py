@@ -53,8 +53,9 @@ class Settings:
     """BASIC_AUTH_PASS: the basic-auth password (a secret)."""
     retrain_every_n_labels: int = 20
     """RETRAIN_EVERY_N_LABELS: new labelled tasks since the last run that trigger training."""
-    training_profile: str = "paper"
-    """VALVE_ID_TRAINING_PROFILE: recipe of automatic runs (paper on a GPU, quick on CPU)."""
+    training_profile: str = "auto"
+    """VALVE_ID_TRAINING_PROFILE: recipe of automatic runs: auto (decided by the worker that
+    trains: paper with CUDA and the ResNet-34 ImageNet file, else cpu), paper, cpu or quick."""
     acquisition: str = "auto"
     """VALVE_ID_ACQUISITION: uncertainty measure behind the score (entropy, margin, bald, ...);
     auto = the one the served version's report found best at detecting errors."""
@@ -133,6 +134,14 @@ class Settings:
             raise SettingsError("VALVE_ID_PREDICT_BATCH must be at least 1")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        from training.config import AUTO_PROFILE, PROFILES
+
+        if self.training_profile not in {*PROFILES, AUTO_PROFILE}:
+            choices = ", ".join(sorted({*PROFILES, AUTO_PROFILE}))
+            raise SettingsError(
+                f"VALVE_ID_TRAINING_PROFILE={self.training_profile!r} is not a profile; "
+                f"use one of {choices}"
+            )
 
     @property
     def models(self) -> Path:

@@ -104,15 +104,24 @@ def plan_job(
     cache_dir: str | None,
 ) -> dict[str, Any]:
     """Stage 1: snapshot the labelled data, decode/cache it once, fix classes and folds."""
-    from training.config import RecipeConfig
+    from training.config import resolve_recipe
     from training.dataset import load_items
     from training.labels import load_label_config
     from training.run import plan_run
 
     report_progress(stage="plan", run_id=run_id)
+    # "auto" is decided here, on the worker that trains (see training.config.choose_profile).
+    config = resolve_recipe(recipe)
+    logger.info("run %s: profile %s (%s)", run_id, config.profile, config.profile_reason)
     job = get_current_job()
     if job is not None:
-        _set_run(job.connection, run_id, status="running")
+        _set_run(
+            job.connection,
+            run_id,
+            status="running",
+            profile=config.profile,
+            profile_reason=config.profile_reason,
+        )
     label_config = load_label_config(label_config_path)
     # Images exported from Label Studio are kept beside the cache, never inside the version.
     downloads = (
@@ -126,12 +135,14 @@ def plan_job(
         downloads,
         image_key=label_config.image_key,
         choices_name=label_config.choices_name,
+        keypoint_name=label_config.keypoint_name,
+        keypoint_label=label_config.keypoint_label,
     )
     plan = plan_run(
         Path(staging),
         items,
         label_config,
-        RecipeConfig.from_dict(recipe),
+        config,
         source=data,
         cache_dir=Path(cache_dir) if cache_dir else None,
         run_id=run_id,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import training.recipe as recipe
 from training.config import PROFILES, RecipeConfig
 from training.errors import DatasetError
 from training.inference import to_network_input
@@ -30,7 +31,58 @@ def test_profiles_and_overrides_are_explicit() -> None:
         RecipeConfig.from_profile("fast")
     with pytest.raises(ValueError, match="unknown recipe settings"):
         RecipeConfig.from_profile("quick", learning_rate=1.0)
-    assert set(PROFILES) == {"paper", "quick"}
+    assert set(PROFILES) == {"paper", "cpu", "quick"}
+
+
+def test_cpu_profile_defaults_are_the_measured_ones() -> None:
+    """The values README "The cpu profile" was measured with; change both together."""
+    cpu = RecipeConfig.from_profile("cpu")
+    assert (cpu.arch, cpu.pretrained, cpu.design) == ("efficientnet_lite0", True, "auto")
+    assert (cpu.image_size_px, cpu.locator_px, cpu.crop_fraction, cpu.crop_px) == (
+        768,
+        384,
+        0.18,
+        160,
+    )
+    assert (cpu.epochs, cpu.locator_epochs, cpu.lr_max, cpu.batch_size) == (24, 300, 1e-3, 16)
+    assert (cpu.freeze_epochs, cpu.body_lr_ratio, cpu.n_folds) == (0, 1.0, 5)
+    assert cpu.min_located_fraction == 0.8
+    # The Lite0 weights want [-1, 1] inputs: the version's preprocessing says so.
+    params = cpu.preprocess_params()
+    assert params.mean == (0.5, 0.5, 0.5) and params.std == (0.5, 0.5, 0.5)
+    paper = RecipeConfig.from_profile("paper").preprocess_params()
+    assert paper.mean == (0.485, 0.456, 0.406)
+
+
+def test_auto_design_follows_how_many_images_carry_a_valve_centre() -> None:
+    cpu = RecipeConfig.from_profile("cpu")
+    assert cpu.for_snapshot(80, 100).design == "locate_classify"
+    assert cpu.for_snapshot(80, 100).image_size_px == 768
+    whole = cpu.for_snapshot(79, 100)
+    assert (whole.design, whole.image_size_px, whole.epochs) == ("whole_image", 384, 8)
+    assert cpu.for_snapshot(0, 0).design == "whole_image"
+    fixed = RecipeConfig.from_profile("cpu", design="whole_image")
+    assert fixed.for_snapshot(100, 100) is fixed
+
+
+def test_auto_profile_is_paper_only_with_cuda_and_the_resnet_file() -> None:
+    from training.config import choose_profile, recipe_request, resolve_recipe
+
+    assert choose_profile(cuda=True, resnet_weights=True)[0] == "paper"
+    for cuda, weights in ((True, False), (False, True), (False, False)):
+        name, why = choose_profile(cuda=cuda, resnet_weights=weights)
+        assert name == "cpu" and why.startswith("auto: ")
+    assert "no CUDA device" in choose_profile(cuda=False, resnet_weights=True)[1]
+    assert "ResNet-34" in choose_profile(cuda=True, resnet_weights=False)[1]
+    # Enqueued, "auto" travels unresolved and the worker decides; overrides survive.
+    request = recipe_request("auto", epochs=3, seed=None)
+    assert request == {"profile": "auto", "overrides": {"epochs": 3}, "n_folds": 5}
+    resolved = resolve_recipe(request)
+    assert resolved.profile in {"paper", "cpu"} and resolved.epochs == 3
+    assert resolved.profile_reason.startswith("auto: ")
+    assert resolve_recipe(recipe_request("quick")) == RecipeConfig.from_profile("quick")
+    with pytest.raises(ValueError, match="unknown recipe settings"):
+        recipe_request("auto", learning_rate=1.0)
 
 
 def test_splits_never_put_a_patient_in_two_folds_and_cover_everything() -> None:
@@ -128,3 +180,37 @@ def test_a_validation_split_of_a_class_unseen_in_training_keeps_finite_numbers()
     for row in result.history:
         assert row["valid_loss"] is not None and np.isfinite(row["valid_loss"])
     assert np.isfinite(result.val_logits).all()
+
+
+def test_the_learner_trains_with_the_folds_class_weights_in_vocabulary_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Imbalanced, and vocabulary order (0, 1, 2) differs from frequency order (1, 2, 0).
+    labels = np.array([0] * 2 + [1] * 8 + [2] * 4 + [0, 1])
+    images = (np.random.default_rng(5).random((labels.size, 32, 32)) * 0.3).astype(np.float16)
+    train_idx, val_idx = np.arange(14), np.arange(14, 16)
+    learners: list = []
+
+    class _RecordingLearner(recipe.Learner):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            learners.append(self)
+
+    monkeypatch.setattr(recipe, "Learner", _RecordingLearner)
+    config = RecipeConfig.from_profile(
+        "quick", image_size_px=32, pretrained=False, epochs_from_scratch=1, batch_size=4
+    )
+    result = train_fold(images, labels, train_idx, val_idx, 3, config, fold=0)
+
+    expected = np.array([14 / (3 * 2), 14 / (3 * 8), 14 / (3 * 4)], dtype=np.float32)
+    np.testing.assert_allclose(result.class_weights, expected, rtol=1e-6)
+    (learn,) = learners
+    # What the loss the Learner used computes, whatever loss class carries the weights:
+    # the class-weighted mean cross-entropy, not the plain one.
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.3, 1.0], [1.0, 1.0, 0.0]])
+    targets = torch.tensor([0, 1, 2, 1])
+    got = learn.loss_func(logits, targets)
+    weighted = torch.nn.functional.cross_entropy(logits, targets, weight=torch.tensor(expected))
+    plain = torch.nn.functional.cross_entropy(logits, targets)
+    assert not torch.isclose(weighted, plain)
+    torch.testing.assert_close(got.float(), weighted)
