@@ -30,6 +30,24 @@ How each number is computed (where the paper is silent, the choice is stated her
   so ``ece_after`` is *cross-fitted*: each split is rescaled with a ``T`` fitted on the other
   splits' OOF logits (``null`` with one split); the in-sample value is kept as
   ``ece_after_in_sample``. ECE uses :data:`ECE_BINS` equal-width confidence bins.
+  ``temperature_at_bound`` says whether ``T`` ended at an end of :data:`TEMPERATURE_BOUNDS`
+  (``"lower"``, ``"upper"`` or ``null``; see :func:`temperature_bound`).
+* **Degenerate measures**: an uncertainty whose OOF values (on the [0, 1] acquisition
+  scale) span less than :data:`DEGENERATE_SPREAD` cannot rank predictions: it is constant,
+  or all ~0 as for an overconfident model. ``uncertainty.measure_spread`` holds each
+  measure's ``max - min``, ``uncertainty.degenerate_measures`` the degenerate ones.
+* **Best acquisition** (``uncertainty.best_acquisition``): the measure with the highest
+  error-detection AUROC among those whose AUROC is defined *and* that are not degenerate
+  (ties broken by :data:`training.uncertainty.ACQUISITIONS` order). There is no second-best
+  fallback: when no measure qualifies (no errors, only errors, or every measure degenerate)
+  it is ``null``, and a consumer uses its own default (the backend ranks by entropy).
+* **Most often missed** (``most_missed``): the classes with the highest per-class mean error
+  rate, *all* of them when several tie (:func:`most_missed`); ``null`` without errors.
+* **Warnings** (``warnings``): a list of ``{"code", "message", ...details}`` dicts for
+  numbers that must not be read at face value (:data:`WARNING_CODES`):
+  ``below_chance`` (mean accuracy or macro-F1 at or below ``1/k`` for the ``k`` classes
+  with images; one entry per metric), ``temperature_at_bound`` (calibration unreliable) and
+  ``degenerate_uncertainty``. A healthy model has an empty list.
 
 All values are plain JSON: Python floats/ints/str, ``null`` instead of NaN.
 """
@@ -62,14 +80,19 @@ from training.uncertainty import (
 )
 
 __all__ = [
+    "DEGENERATE_SPREAD",
     "ECE_BINS",
     "METRICS_SCHEMA_VERSION",
     "STD_DDOF",
     "TEMPERATURE_BOUNDS",
+    "TEMPERATURE_BOUND_TOL",
+    "WARNING_CODES",
     "evaluate_oof",
     "expected_calibration_error",
     "fit_temperature",
+    "most_missed",
     "reliability_bins",
+    "temperature_bound",
     "write_metrics",
 ]
 
@@ -83,6 +106,15 @@ STD_DDOF = 1
 """Delta degrees of freedom of the SD across splits (1 = sample SD; the paper does not say)."""
 TEMPERATURE_BOUNDS: tuple[float, float] = (0.05, 20.0)
 """Search interval for the temperature (dimensionless); the fit runs on ``log T``."""
+TEMPERATURE_BOUND_TOL = 1e-3
+"""A fitted ``T`` within this distance of a bound, in ``log T`` (≈ 0.1 %), sits at the bound."""
+DEGENERATE_SPREAD = 1e-3
+"""An uncertainty whose OOF values span (max - min) less than this, on its [0, 1] acquisition
+scale, is degenerate: it cannot rank predictions (and is invisible at the report's precision)."""
+WARNING_CODES: tuple[str, ...] = ("below_chance", "temperature_at_bound", "degenerate_uncertainty")
+"""The ``code`` of each entry of ``metrics["warnings"]``."""
+_TIE_TOL = 1e-9
+"""Values closer than this count as equal: tied error rates, a metric "at" chance."""
 
 _SPLIT_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
 _CLASS_METRICS = ("precision", "recall", "f1", "error_rate")
@@ -176,6 +208,8 @@ def evaluate_oof(
         "confusion_matrix": _confusion(y, pred, classes),
         "calibration": _calibration(z, y, f, folds),
     }
+    metrics["most_missed"] = most_missed(per_class)
+    metrics["warnings"] = _warnings(metrics, n_classes_learned=int(np.unique(y).size))
     logger.info(
         "evaluated %d OOF predictions over %d folds: mean accuracy %.3f",
         y.size,
@@ -198,8 +232,10 @@ def write_metrics(metrics: Mapping[str, Any], path: Path) -> Path:
 def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     """Temperature ``T`` minimising the mean NLL of ``softmax(logits / T)`` (Guo et al. 2017).
 
-    Bounded to :data:`TEMPERATURE_BOUNDS`; a perfectly separable set drives ``T`` to the
-    lower bound, which is the honest answer (sharper is always better there).
+    Bounded to :data:`TEMPERATURE_BOUNDS`; a perfectly separable set drives ``T`` towards the
+    lower bound (sharper is always better there), outputs that carry no information about
+    the answer drive it to the upper one. Either way the fit is not a calibration to trust:
+    :func:`temperature_bound` detects it and :func:`evaluate_oof` warns.
     """
     z = np.asarray(logits, dtype=np.float64)
     y = np.asarray(y_true, dtype=np.int64)
@@ -214,6 +250,21 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     lo, hi = np.log(TEMPERATURE_BOUNDS[0]), np.log(TEMPERATURE_BOUNDS[1])
     result = minimize_scalar(nll, bounds=(lo, hi), method="bounded", options={"xatol": 1e-5})
     return float(np.exp(result.x))
+
+
+def temperature_bound(temperature: float) -> str | None:
+    """``"lower"`` or ``"upper"`` if ``temperature`` sits at that end of
+    :data:`TEMPERATURE_BOUNDS` (within :data:`TEMPERATURE_BOUND_TOL` in ``log T``), else None.
+
+    The bounded search never returns a bound exactly, only a value next to it.
+    """
+    log_t = np.log(float(temperature))
+    lo, hi = TEMPERATURE_BOUNDS
+    if log_t - np.log(lo) <= TEMPERATURE_BOUND_TOL:
+        return "lower"
+    if np.log(hi) - log_t <= TEMPERATURE_BOUND_TOL:
+        return "upper"
+    return None
 
 
 def reliability_bins(
@@ -272,6 +323,8 @@ def _calibration(z: np.ndarray, y: np.ndarray, f: np.ndarray, folds: np.ndarray)
     return {
         "method": "temperature_scaling",
         "temperature": t_all,
+        "temperature_bounds": list(TEMPERATURE_BOUNDS),
+        "temperature_at_bound": temperature_bound(t_all),
         "cross_fitted_temperatures": per_fold_t,
         "n_bins": ECE_BINS,
         "ece_before": expected_calibration_error(p_before, y),
@@ -406,19 +459,127 @@ def _means(measures: Mapping[str, np.ndarray], mask: np.ndarray) -> dict[str, An
 def _error_detection(
     probs: np.ndarray, member_probs: np.ndarray | None, wrong: np.ndarray
 ) -> dict[str, Any]:
-    """AUROC of each acquisition's uncertainty for flagging wrong predictions."""
+    """AUROC of each acquisition's uncertainty for flagging wrong predictions.
+
+    Also each measure's spread over the OOF set and which are degenerate (spread below
+    :data:`DEGENERATE_SPREAD`). ``best_acquisition`` is the highest defined AUROC among the
+    non-degenerate measures, ties in :data:`~training.uncertainty.ACQUISITIONS` order; None
+    when no measure qualifies (a degenerate measure is never recommended, whatever its
+    AUROC: its ranking rests on differences too small to mean anything).
+    """
     defined = 0 < wrong.sum() < wrong.size
     auroc: dict[str, float | None] = {}
+    spread: dict[str, float] = {}
     for name, acquisition in ACQUISITIONS.items():
         if name == "bald" and member_probs is None:
             continue
         u = acquisition(probs, member_probs)
         auroc[name] = float(roc_auc_score(wrong, u)) if defined else None
+        spread[name] = float(u.max() - u.min())
     auroc["max_softmax"] = auroc["least_confidence"]
-    ranked = [(v, name) for name, v in auroc.items() if v is not None and name in ACQUISITIONS]
+    spread["max_softmax"] = spread["least_confidence"]
+    degenerate = [name for name, s in spread.items() if s < DEGENERATE_SPREAD]
+    ranked = [
+        (v, name)
+        for name, v in auroc.items()
+        if v is not None and name in ACQUISITIONS and name not in degenerate
+    ]
     # max() keeps the first of equal AUROCs, i.e. ACQUISITIONS order breaks ties.
     best = max(ranked, key=lambda item: item[0])[1] if ranked else None
-    return {"error_detection_auroc": auroc, "best_acquisition": best}
+    return {
+        "error_detection_auroc": auroc,
+        "best_acquisition": best,
+        "measure_spread": spread,
+        "degenerate_measures": degenerate,
+    }
+
+
+def most_missed(per_class: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The class(es) with the highest mean error rate, every one of them on a tie.
+
+    ``per_class`` is ``metrics["per_class"]``. Returns ``{"classes": [...], "error_rate":
+    rate}`` (classes in vocabulary order), or None when no class has an error.
+    """
+    rates = {
+        name: float(row["error_rate"])
+        for name, row in per_class.items()
+        if row.get("error_rate") is not None
+    }
+    if not rates or max(rates.values()) <= 0:
+        return None
+    worst = max(rates.values())
+    tied = [name for name, rate in rates.items() if worst - rate <= _TIE_TOL]
+    return {"classes": tied, "error_rate": worst}
+
+
+def _warnings(metrics: Mapping[str, Any], *, n_classes_learned: int) -> list[dict[str, Any]]:
+    """The ``warnings`` list: numbers that must not be read at face value (module docstring)."""
+    out: list[dict[str, Any]] = []
+    if n_classes_learned >= 2:
+        chance = 1.0 / n_classes_learned
+        for key, label in (("f1_macro", "macro-F1"), ("accuracy", "accuracy")):
+            value = metrics["mean"][key]
+            if value is None or value > chance + _TIE_TOL:
+                continue
+            at = abs(value - chance) <= _TIE_TOL
+            digits = 2 if at or f"{value:.2f}" != f"{chance:.2f}" else 3
+            out.append(
+                {
+                    "code": "below_chance",
+                    "metric": key,
+                    "value": value,
+                    "chance": chance,
+                    "n_classes": n_classes_learned,
+                    "message": (
+                        f"{label} {value:.{digits}f} is {'at' if at else 'below'} chance "
+                        f"({chance:.{digits}f} for {n_classes_learned} classes): the model "
+                        "does no better than guessing"
+                    ),
+                }
+            )
+    cal = metrics["calibration"]
+    bound = cal["temperature_at_bound"]
+    if bound is not None:
+        t = cal["temperature"]
+        limit = TEMPERATURE_BOUNDS[0 if bound == "lower" else 1]
+        why = (
+            "the out-of-fold outputs give it nothing to calibrate against (no or almost no errors)"
+            if bound == "lower"
+            else "the outputs carry (almost) no information about the answer"
+        )
+        out.append(
+            {
+                "code": "temperature_at_bound",
+                "bound": bound,
+                "temperature": t,
+                "bounds": list(TEMPERATURE_BOUNDS),
+                "message": (
+                    f"temperature T = {t:.2f} at its {bound} search bound ({limit}); "
+                    f"calibration unreliable: {why}"
+                ),
+            }
+        )
+    unc = metrics["uncertainty"]
+    degenerate = unc["degenerate_measures"]
+    if degenerate:
+        spread = unc["measure_spread"]
+        names = ", ".join(f"{name} (spread {spread[name]:.1e})" for name in degenerate)
+        one = len(degenerate) == 1
+        out.append(
+            {
+                "code": "degenerate_uncertainty",
+                "measures": list(degenerate),
+                "tolerance": DEGENERATE_SPREAD,
+                "message": (
+                    f"degenerate uncertainty: {names} {'varies' if one else 'vary'} by "
+                    f"less than {DEGENERATE_SPREAD:g} (on the [0, 1] scale) over the "
+                    f"out-of-fold predictions, so {'it' if one else 'they'} cannot tell wrong "
+                    f"from correct answers and {'is' if one else 'are'} never chosen as the "
+                    "best acquisition"
+                ),
+            }
+        )
+    return out
 
 
 def _confusion(y: np.ndarray, pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:

@@ -7,6 +7,13 @@ al. 2025): per-split table (Table 2), per-class and uncertainty tables (Table 3)
 normalised confusion matrix (Fig. 4), saliency maps (Fig. 5), plus what the paper did not
 report: error detection by uncertainty and calibration (temperature scaling).
 
+Numbers that must not be read at face value carry a visible warning next to them, rendered
+from ``metrics["warnings"]`` (see :mod:`training.evaluation`): a mean accuracy or macro-F1
+at or below chance under the summary, a degenerate uncertainty measure at the top of the
+uncertainty section (marked "degenerate" in the error-detection table and never
+highlighted as the best), a temperature at its search bound above the calibration table.
+Warning codes without a section of their own appear under the summary, so none is dropped.
+
 Every string that reaches the HTML is escaped (class names come from the user's Label
 Studio config). Plots use matplotlib's object API (:class:`matplotlib.figure.Figure`, Agg
 canvas), so no pyplot state or GUI backend is touched.
@@ -19,7 +26,7 @@ import datetime as dt
 import html
 import io
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +50,12 @@ PLOT_DPI = 100
 _PAPER_TL = "accuracy 0.98 ± 0.01, macro F1 0.93 ± 0.04"
 _PAPER_NO_TL = "accuracy 0.93 ± 0.03, macro F1 0.87 ± 0.08"
 _BEST_ROW = ' class="best"'
+_SECTION_WARNINGS = {
+    "summary": ("below_chance",),
+    "uncertainty": ("degenerate_uncertainty",),
+    "calibration": ("temperature_at_bound",),
+}
+"""Which ``metrics["warnings"]`` codes each section shows; any other code goes to the summary."""
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;
@@ -84,11 +97,13 @@ def write_report(
     sections = [
         f"<h1>{_esc(title)}</h1>",
         _summary(metrics),
+        _warning_boxes(metrics, _SECTION_WARNINGS["summary"], placed_elsewhere=False),
         _pretrained_banner(run_info),
         _run_info(metrics, run_info),
         _splits_section(metrics),
         _per_class_section(metrics, classes),
         _confusion_section(metrics),
+        _localisation_section(metrics),
         _uncertainty_section(metrics, classes, oof),
         _calibration_section(metrics),
         _gallery_section(gradcam_examples or [], classes),
@@ -121,16 +136,18 @@ def _summary(metrics: Mapping[str, Any]) -> str:
         f"(mean over {n_folds} {fold_word}{sd}; {metrics['n_images']} X-rays in total).",
         f"Macro-averaged F1 score: {_pm(mean['f1_macro'], std.get('f1_macro'))}.",
     ]
-    rates = [
-        (row["error_rate"], name)
-        for name, row in metrics["per_class"].items()
-        if row.get("error_rate") is not None
-    ]
-    if rates and max(rates)[0] > 0:
-        worst_rate, worst = max(rates)
-        parts.append(f"Most often missed: {_esc(worst)} ({_pct(worst_rate)} of its X-rays).")
+    missed = _most_missed(metrics)
+    if missed is not None:
+        names, rate = [str(c) for c in missed["classes"]], missed["error_rate"]
+        if len(names) == 1:
+            parts.append(f"Most often missed: {_esc(names[0])} ({_pct(rate)} of its X-rays).")
+        else:
+            parts.append(
+                f"Most often missed, tied: {_esc(_and(names))} ({_pct(rate)} of the X-rays "
+                "of each)."
+            )
     unc = metrics.get("uncertainty", {})
-    best = unc.get("best_acquisition")
+    best = _best_acquisition(unc)
     if best is not None:
         auc = unc["error_detection_auroc"][best]
         parts.append(
@@ -138,6 +155,39 @@ def _summary(metrics: Mapping[str, Any]) -> str:
             f"answers with AUROC {_fmt(auc)}."
         )
     return f'<p class="summary">{" ".join(parts)}</p>'
+
+
+def _best_acquisition(unc: Mapping[str, Any]) -> str | None:
+    """The recommended measure, unless it is degenerate (never highlight one)."""
+    best = unc.get("best_acquisition")
+    return None if best in (unc.get("degenerate_measures") or ()) else best
+
+
+def _most_missed(metrics: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """``metrics["most_missed"]``; computed from ``per_class`` for metrics that predate it."""
+    if "most_missed" in metrics:
+        return metrics["most_missed"]
+    from training.evaluation import most_missed  # sklearn/scipy: only for older metrics
+
+    return most_missed(metrics["per_class"])
+
+
+def _warning_boxes(
+    metrics: Mapping[str, Any], codes: Collection[str], *, placed_elsewhere: bool = True
+) -> str:
+    """Warning boxes for the ``metrics["warnings"]`` entries with these codes.
+
+    With ``placed_elsewhere=False`` also those whose code no section places (so a code added
+    to the metrics later still shows).
+    """
+    placed = {code for section in _SECTION_WARNINGS.values() for code in section}
+    boxes = [
+        f'<div class="warning" data-warning="{_esc(w.get("code", ""))}">Warning: '
+        f"{_esc(w.get('message', w.get('code', '')))}</div>"
+        for w in metrics.get("warnings") or []
+        if w.get("code") in codes or (not placed_elsewhere and w.get("code") not in placed)
+    ]
+    return "".join(boxes)
 
 
 def _random_init(run_info: Mapping[str, Any]) -> tuple[bool, str]:
@@ -181,6 +231,22 @@ def _run_info(metrics: Mapping[str, Any], run_info: Mapping[str, Any]) -> str:
         f'<tr><th class="l">evaluated X-rays per class</th><td class="l">{_esc(support)}</td></tr>'
     )
     return f"<h2>Run</h2><table>{''.join(rows)}</table>"
+
+
+def _localisation_section(metrics: Mapping[str, Any]) -> str:
+    """Where the locate-then-classify design looked, against the annotated valve centres."""
+    found = metrics.get("localisation")
+    if not found:
+        return ""
+    if not found.get("n"):
+        return "<h2>Valve location</h2><p>No X-ray with an annotated centre was scored.</p>"
+    return (
+        "<h2>Valve location</h2><p>Out-of-fold distance between the predicted and the "
+        f"annotated valve centre, over {_esc(found['n'])} X-rays, in pixels of the original "
+        f"image: median <b>{_fmt(found['median_px'])}</b>, 95th percentile "
+        f"<b>{_fmt(found['p95_px'])}</b>. The classifier saw the crop around the predicted "
+        "centre, so these misses are part of the accuracy above.</p>"
+    )
 
 
 def _splits_section(metrics: Mapping[str, Any]) -> str:
@@ -285,10 +351,12 @@ def _uncertainty_section(
         + "".join(f"<th>{label[m]}</th>" for m in measures)
         + "</tr>"
     )
-    best = unc.get("best_acquisition")
+    best = _best_acquisition(unc)
+    degenerate = set(unc.get("degenerate_measures") or ())
     auc_rows = "".join(
         f'<tr{_BEST_ROW if name == best else ""}><td class="l">'
-        f"{_esc(name.replace('_', ' '))}</td><td>{_fmt(value)}</td></tr>"
+        f"{_esc(name.replace('_', ' '))}"
+        f"{' (degenerate)' if name in degenerate else ''}</td><td>{_fmt(value)}</td></tr>"
         for name, value in unc["error_detection_auroc"].items()
     )
     hist = ""
@@ -300,6 +368,7 @@ def _uncertainty_section(
         "higher = less certain. Max softmax: the probability of the chosen valve model. "
         "Softmax gap: chosen minus runner-up probability (small = hesitating between "
         "two). Mean ± SD over splits, per true valve model.</p>"
+        f"{_warning_boxes(metrics, _SECTION_WARNINGS['uncertainty'])}"
         f"<table>{head}{''.join(rows)}</table>"
         "<h3>Correct vs wrong predictions</h3>"
         f"<table>{corr_head}{corr_rows}</table>"
@@ -308,7 +377,8 @@ def _uncertainty_section(
         "predictions (1.0 = every wrong answer is more uncertain than every right one; "
         "0.5 = no better than chance; – = not defined: no errors, or only errors). The "
         "best measure is highlighted; it is the natural choice for ordering X-rays to "
-        "review.</p>"
+        "review. A degenerate measure (nearly the same value for every X-ray) is never "
+        "highlighted, whatever its AUROC.</p>"
         f'<table><tr><th class="l">Measure</th><th>AUROC</th></tr>{auc_rows}</table>{hist}'
     )
 
@@ -327,6 +397,7 @@ def _calibration_section(metrics: Mapping[str, Any]) -> str:
         "scaling divides the network's outputs by one number T fitted to the held-out "
         f"predictions; it never changes which valve model is predicted. ECE after scaling "
         f"is {source}.</p>"
+        f"{_warning_boxes(metrics, _SECTION_WARNINGS['calibration'])}"
         '<table><tr><th class="l">Temperature T</th><th>ECE before</th><th>ECE after</th>'
         "<th>ECE after (in-sample)</th></tr>"
         f'<tr><td class="l">{_fmt(cal["temperature"])}</td><td>{_fmt(cal["ece_before"], 3)}'
@@ -543,6 +614,11 @@ def _pm(mean: float | None, sd: float | None) -> str:
 
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100.0 * value:.0f} %"
+
+
+def _and(names: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def _plain(value: Any) -> str:

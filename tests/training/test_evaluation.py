@@ -11,11 +11,17 @@ import pytest
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
 from training.evaluation import (
+    DEGENERATE_SPREAD,
     ECE_BINS,
+    TEMPERATURE_BOUND_TOL,
+    TEMPERATURE_BOUNDS,
+    WARNING_CODES,
     evaluate_oof,
     expected_calibration_error,
     fit_temperature,
+    most_missed,
     reliability_bins,
+    temperature_bound,
     write_metrics,
 )
 from training.uncertainty import ACQUISITIONS, entropy, margin, softmax
@@ -287,3 +293,166 @@ def test_write_metrics_is_strict_json(tmp_path: Path) -> None:
     loaded = json.loads(path.read_text())
     assert loaded["extra"] is None
     assert loaded["splits"] == m["splits"]
+
+
+# --- warnings: numbers that must not be read at face value (issue 12, item 4) --------------
+
+FOUR = ["a", "b", "c", "d"]
+
+
+def _chance_level_oof(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An overconfident chance-level model, like the report that prompted these warnings.
+
+    20 X-rays per class, 4 folds. Classes a and b are always mistaken for each other (100 %
+    error each, a tie); c and d are right on 5 of 20. Every prediction has a logit gap of
+    30-35 (wrong ones the smaller gap), so every OOF entropy is ~1e-12: "0.00" in the
+    report, yet its AUROC is a perfect 1.0 on those meaningless differences.
+    """
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(4), 20)
+    pred = np.array([1, 0, 3, 2])[y]
+    right = np.isin(y, [2, 3]) & (np.arange(80) % 20 < 5)
+    pred[right] = y[right]
+    gap = np.where(pred == y, 35.0, 30.0) + rng.uniform(0, 0.5, y.size)
+    logits = gap[:, None] * np.eye(4)[pred]
+    return y, logits, np.arange(80) % 4
+
+
+def _codes(metrics: dict) -> list[str]:
+    return [w["code"] for w in metrics["warnings"]]
+
+
+def test_a_healthy_model_has_no_warnings() -> None:
+    rng = np.random.default_rng(1)
+    n = 90
+    y = np.arange(n) % 3
+    logits = rng.normal(size=(n, 3))
+    logits[np.arange(n), y] += 2.5
+    m = evaluate_oof(y, logits, (np.arange(n) // 3) % 3, CLASSES)
+    assert m["warnings"] == []
+    assert m["uncertainty"]["degenerate_measures"] == []
+    assert m["uncertainty"]["best_acquisition"] in ACQUISITIONS
+    assert m["calibration"]["temperature_at_bound"] is None
+    assert m["calibration"]["temperature_bounds"] == list(TEMPERATURE_BOUNDS)
+    assert len(m["most_missed"]["classes"]) == 1
+    assert _strict_json(m) == m
+
+
+def test_the_chance_level_model_raises_every_flag() -> None:
+    y, logits, fold = _chance_level_oof()
+    m = evaluate_oof(y, logits, fold, FOUR)
+    assert _codes(m) == [
+        "below_chance",
+        "below_chance",
+        "temperature_at_bound",
+        "degenerate_uncertainty",
+    ]
+    assert set(_codes(m)) <= set(WARNING_CODES)
+    assert m["most_missed"] == {"classes": ["a", "b"], "error_rate": 1.0}
+    assert m["uncertainty"]["best_acquisition"] is None
+    assert all(w["message"] for w in m["warnings"])
+    assert _strict_json(m) == m
+
+
+def test_macro_f1_and_accuracy_below_chance_are_flagged() -> None:
+    y, logits, fold = _chance_level_oof()
+    m = evaluate_oof(y, logits, fold, FOUR)
+    below = {w["metric"]: w for w in m["warnings"] if w["code"] == "below_chance"}
+    assert set(below) == {"f1_macro", "accuracy"}
+    f1 = below["f1_macro"]
+    assert f1["value"] == pytest.approx(m["mean"]["f1_macro"]) and f1["value"] < 0.25
+    assert (f1["chance"], f1["n_classes"]) == (0.25, 4)
+    assert f"macro-F1 {f1['value']:.2f} is below chance (0.25 for 4 classes)" in f1["message"]
+    assert below["accuracy"]["message"].startswith(
+        f"accuracy {m['mean']['accuracy']:.2f} is below chance (0.25 for 4 classes)"
+    )
+
+
+def test_chance_counts_the_classes_with_images_and_at_chance_is_flagged() -> None:
+    # A 4-class vocabulary with one class never labelled: k = 3. Everything predicted as
+    # class 0 gives accuracy 1/3 (at chance) and macro-F1 (0.5 + 0 + 0) / 3 (below).
+    y = np.arange(30) % 3
+    fold = (np.arange(30) // 3) % 2  # 5 X-rays of each class per fold
+    m = evaluate_oof(y, _logits_for(np.zeros(30, int), k=4), fold, FOUR)
+    below = {w["metric"]: w for w in m["warnings"] if w["code"] == "below_chance"}
+    assert below["accuracy"]["n_classes"] == 3
+    assert below["accuracy"]["chance"] == pytest.approx(1 / 3)
+    assert "accuracy 0.33 is at chance (0.33 for 3 classes)" in below["accuracy"]["message"]
+    assert "macro-F1 0.17 is below chance (0.33 for 3 classes)" in below["f1_macro"]["message"]
+
+
+def test_temperature_at_its_search_bound_is_flagged() -> None:
+    y, logits, fold = _chance_level_oof()
+    m = evaluate_oof(y, logits, fold, FOUR)
+    cal = m["calibration"]
+    assert cal["temperature"] == pytest.approx(TEMPERATURE_BOUNDS[1], rel=TEMPERATURE_BOUND_TOL)
+    assert cal["temperature_at_bound"] == "upper"
+    (warning,) = [w for w in m["warnings"] if w["code"] == "temperature_at_bound"]
+    assert warning["bound"] == "upper" and warning["bounds"] == list(TEMPERATURE_BOUNDS)
+    assert f"upper search bound ({TEMPERATURE_BOUNDS[1]})" in warning["message"]
+    assert "calibration unreliable" in warning["message"]
+
+
+def test_temperature_at_the_lower_bound_is_flagged_too() -> None:
+    # Always right with small logits: sharper is always better, T runs to the lower bound.
+    y = np.arange(40) % 4
+    m = evaluate_oof(y, _logits_for(y, k=4, strength=0.1), np.arange(40) % 4, FOUR)
+    assert m["calibration"]["temperature_at_bound"] == "lower"
+    (warning,) = [w for w in m["warnings"] if w["code"] == "temperature_at_bound"]
+    assert f"lower search bound ({TEMPERATURE_BOUNDS[0]})" in warning["message"]
+
+
+def test_temperature_bound_uses_the_search_interval() -> None:
+    lo, hi = TEMPERATURE_BOUNDS
+    assert temperature_bound(lo) == "lower" and temperature_bound(hi) == "upper"
+    assert temperature_bound(hi * np.exp(-TEMPERATURE_BOUND_TOL / 2)) == "upper"
+    assert temperature_bound(hi * np.exp(-2 * TEMPERATURE_BOUND_TOL)) is None
+    assert temperature_bound(1.0) is None and temperature_bound(np.sqrt(lo * hi)) is None
+
+
+def test_tied_most_missed_classes_are_all_named() -> None:
+    y, logits, fold = _chance_level_oof()
+    assert evaluate_oof(y, logits, fold, FOUR)["most_missed"]["classes"] == ["a", "b"]
+    per_class = {
+        "x": {"error_rate": 0.5},
+        "y": {"error_rate": 0.5 + 1e-12},
+        "z": {"error_rate": 0.2},
+        "w": {"error_rate": None},
+    }
+    assert most_missed(per_class) == {"classes": ["x", "y"], "error_rate": 0.5 + 1e-12}
+    assert most_missed({"x": {"error_rate": 0.0}}) is None
+    m = evaluate_oof(Y, _logits_for(PRED), FOLD, CLASSES)
+    assert m["most_missed"] == {"classes": ["certas"], "error_rate": pytest.approx(0.25)}
+
+
+def test_degenerate_entropy_is_flagged_and_never_the_best_acquisition() -> None:
+    y, logits, fold = _chance_level_oof()
+    m = evaluate_oof(y, logits, fold, FOUR)
+    unc = m["uncertainty"]
+    # The meaningless 1e-12 differences rank the errors perfectly ...
+    assert unc["error_detection_auroc"]["entropy"] == pytest.approx(1.0)
+    assert unc["by_correctness"]["wrong"]["entropy"] < 1e-9
+    # ... yet entropy (and every other measure here) is degenerate, so none is recommended.
+    assert {"entropy", "margin", "least_confidence", "max_softmax"} == set(
+        unc["degenerate_measures"]
+    )
+    assert all(s < DEGENERATE_SPREAD for s in unc["measure_spread"].values())
+    assert unc["best_acquisition"] is None
+    (warning,) = [w for w in m["warnings"] if w["code"] == "degenerate_uncertainty"]
+    assert warning["measures"] == unc["degenerate_measures"]
+    assert warning["message"].startswith("degenerate uncertainty: entropy (spread")
+
+
+def test_best_acquisition_falls_back_to_the_best_non_degenerate_measure() -> None:
+    # Same overconfident model plus an ensemble that disagrees on half of the errors: BALD
+    # varies (AUROC < 1), the softmax measures are degenerate (AUROC 1 on noise).
+    y, logits, fold = _chance_level_oof()
+    wrong = logits.argmax(1) != y
+    members = np.stack([logits, logits.copy()])
+    flip = wrong & (np.arange(y.size) % 2 == 0)
+    members[1, flip] = 30.0 * np.eye(4)[y[flip]]
+    m = evaluate_oof(y, logits, fold, FOUR, member_logits=members)
+    unc = m["uncertainty"]
+    assert "bald" not in unc["degenerate_measures"]
+    assert unc["error_detection_auroc"]["bald"] < unc["error_detection_auroc"]["entropy"]
+    assert unc["best_acquisition"] == "bald"

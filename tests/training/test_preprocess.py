@@ -10,11 +10,14 @@ import pytest
 from training.preprocess import (
     PreprocessParams,
     crop_to_foreground,
+    foreground_box,
     normalize_image,
     prepare_image,
+    prepare_image_with_box,
     preprocess_image,
     scale_to_unit_range,
     squish,
+    to_prepared_fraction,
 )
 
 
@@ -137,3 +140,78 @@ def test_normalize_means_the_same_on_torch_tensors() -> None:
     got = normalize_image(torch.from_numpy(prepared), params)
     assert tuple(got.shape) == (2, 3, 8, 8)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def _border_noise_image() -> np.ndarray:
+    """A [0, 1] image: bright field, a dim 10/255 region above it, and a black border made of
+    dense near-black noise at 3/255 (half its pixels), as collimated exports have."""
+    rng = np.random.default_rng(4)
+    img = np.where(rng.random((100, 100)) < 0.5, 3 / 255, 0.0).astype(np.float32)
+    img[20:40, 30:70] = 10 / 255  # dim soft tissue: foreground
+    img[40:60, 30:70] = 1.0  # bone
+    return img
+
+
+def test_default_background_threshold_is_the_documented_value() -> None:
+    # training/preprocess.py documents 0.02, "≈ 5 of 255 grey levels"; model versions saved
+    # with the default depend on it.
+    assert PreprocessParams().background_threshold == 0.02
+    assert round(PreprocessParams().background_threshold * 255) == 5
+
+
+def test_default_threshold_crops_3_of_255_border_noise_and_keeps_a_10_of_255_region() -> None:
+    # Pins the default between 3/255 and 10/255: with the paper's "> 0" the noisy border
+    # would survive; with a higher threshold the dim region would be lost.
+    defaults = PreprocessParams()
+    img = _border_noise_image()
+    cropped = crop_to_foreground(
+        img, defaults.background_threshold, defaults.min_foreground_fraction
+    )
+    assert cropped.shape == (40, 40)
+    np.testing.assert_allclose(cropped[:20], 10 / 255)  # the dim region is kept whole
+    # The same through the pipeline, with every crop setting at its default.
+    out = prepare_image(img, PreprocessParams(size_px=40))
+    assert out.shape == (40, 40)
+    np.testing.assert_allclose(out[:20], 10 / 255, atol=1e-6)  # no black border remains
+    np.testing.assert_allclose(out[20:], 1.0, atol=1e-6)
+
+
+def test_prepare_with_box_is_prepare_image_plus_the_crop_it_made() -> None:
+    img = _framed(90, 120, (10, 70, 20, 100))
+    params = PreprocessParams(size_px=32)
+    prepared, box = prepare_image_with_box(img, params)
+    np.testing.assert_array_equal(prepared, prepare_image(img, params))
+    assert box == (10, 70, 20, 100)
+    unit = scale_to_unit_range(img)
+    assert box == foreground_box(unit, params.background_threshold, params.min_foreground_fraction)
+    # Nothing above the threshold: the whole image is the box.
+    assert prepare_image_with_box(np.zeros((12, 9), np.float32), params)[1] == (0, 12, 0, 9)
+
+
+def test_a_point_of_the_original_lands_where_the_prepared_square_shows_it() -> None:
+    # A dim field (rows 20..80, columns 10..130) with one bright 4x4 spot; the spot's centre
+    # in original pixels (continuous: pixel i spans [i, i+1)) is (62, 42).
+    img = np.zeros((100, 150), dtype=np.float32)
+    img[20:80, 10:130] = 0.3
+    img[40:44, 60:64] = 1.0
+    params = PreprocessParams(size_px=60)
+    prepared, box = prepare_image_with_box(img, params)
+    assert box == (20, 80, 10, 130)
+    fx, fy = to_prepared_fraction(62.0, 42.0, box)
+    assert (fx, fy) == pytest.approx(((62 - 10) / 120, (42 - 20) / 60))
+    # The spot's centroid in the prepared square (pixel j spans [j, j+1) / size) is the point.
+    weight = np.clip(prepared - 0.3, 0.0, None)
+    rows, cols = np.indices(prepared.shape) + 0.5
+    centroid = (
+        float((weight * cols).sum() / weight.sum()) / params.size_px,
+        float((weight * rows).sum() / weight.sum()) / params.size_px,
+    )
+    assert centroid == pytest.approx((fx, fy), abs=0.25 / params.size_px)
+
+
+def test_points_outside_the_crop_are_clipped_to_its_edges() -> None:
+    box = (10, 50, 20, 60)
+    assert to_prepared_fraction(0.0, 100.0, box) == (0.0, 1.0)
+    assert to_prepared_fraction(20.0, 10.0, box) == (0.0, 0.0)
+    assert to_prepared_fraction(60.0, 50.0, box) == (1.0, 1.0)
+    assert to_prepared_fraction(40.0, 30.0, box) == (0.5, 0.5)

@@ -141,3 +141,104 @@ def test_report_renders_nulls(tmp_path: Path) -> None:
     text = _write(tmp_path, m)
     assert "100 % of held-out X-rays (mean over 1 fold;" in text
     assert "<td>–</td>" in text  # undefined AUROC and cross-fitted ECE
+
+
+# --- warnings next to the numbers they qualify (issue 12, item 4) --------------------------
+
+
+def _chance_level_metrics() -> dict:
+    """An overconfident chance-level model: below chance, T at its bound, degenerate entropy,
+    and two classes tied at 100 % error (see tests/training/test_evaluation.py)."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 20)
+    pred = np.array([1, 0, 3, 2])[y]
+    right = np.isin(y, [2, 3]) & (np.arange(80) % 20 < 5)
+    pred[right] = y[right]
+    gap = np.where(pred == y, 35.0, 30.0) + rng.uniform(0, 0.5, y.size)
+    logits = gap[:, None] * np.eye(4)[pred]
+    return evaluate_oof(y, logits, np.arange(80) % 4, ["Codman Hakim", EVIL, "proGAV", "sm8"])
+
+
+def _section(text: str, heading: str) -> str:
+    """The HTML from ``<h2>heading`` up to the next ``<h2>``."""
+    return text.split(f"<h2>{heading}")[1].split("<h2>")[0]
+
+
+def _warning_box(text: str, code: str) -> str:
+    match = re.search(rf'<div class="warning" data-warning="{code}">(.*?)</div>', text)
+    assert match, f"no {code} warning in the report"
+    return match.group(1)
+
+
+def test_a_healthy_report_shows_no_warning(tmp_path: Path, metrics: dict) -> None:
+    assert metrics["warnings"] == []
+    text = _write(tmp_path, metrics)
+    assert 'class="warning"' not in text
+    assert "(degenerate)" not in text and "tied" not in text
+    assert text.count('<tr class="best">') == 1
+
+
+def test_below_chance_is_flagged_right_under_the_summary(tmp_path: Path) -> None:
+    m = _chance_level_metrics()
+    text = _write(tmp_path, m)
+    f1 = m["mean"]["f1_macro"]
+    head = text.split("<h2>")[0]  # summary and what follows it, before the first section
+    box = _warning_box(head, "below_chance")
+    assert f"macro-F1 {f1:.2f} is below chance (0.25 for 4 classes)" in box
+    assert head.index('class="summary"') < head.index('data-warning="below_chance"')
+    assert f"accuracy {m['mean']['accuracy']:.2f} is below chance" in head
+
+
+def test_temperature_at_bound_is_flagged_in_the_calibration_section(tmp_path: Path) -> None:
+    m = _chance_level_metrics()
+    calibration = _section(_write(tmp_path, m), "Calibration")
+    box = _warning_box(calibration, "temperature_at_bound")
+    assert "upper search bound (20.0)" in box and "calibration unreliable" in box
+    assert calibration.index("data-warning") < calibration.index("Temperature T</th>")
+
+
+def test_tied_most_missed_classes_are_all_named(tmp_path: Path) -> None:
+    text = _write(tmp_path, _chance_level_metrics())
+    summary = text.split('<p class="summary">')[1].split("</p>")[0]
+    escaped = "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;"
+    assert (
+        f"Most often missed, tied: Codman Hakim and {escaped} (100 % of the X-rays of each)."
+        in summary
+    )
+
+
+def test_degenerate_uncertainty_is_flagged_and_never_highlighted(tmp_path: Path) -> None:
+    m = _chance_level_metrics()
+    assert m["uncertainty"]["error_detection_auroc"]["entropy"] == pytest.approx(1.0)
+    text = _write(tmp_path, m)
+    uncertainty = _section(text, "Uncertainty")
+    box = _warning_box(uncertainty, "degenerate_uncertainty")
+    assert "entropy (spread" in box and "never chosen as the best acquisition" in box
+    assert '<td class="l">entropy (degenerate)</td><td>1.00</td>' in uncertainty
+    assert 'class="best"' not in text
+    assert "separates wrong from correct" not in text  # the summary recommends no measure
+
+
+def test_a_stale_best_acquisition_that_is_degenerate_is_not_highlighted(
+    tmp_path: Path, metrics: dict
+) -> None:
+    stale = {**metrics, "uncertainty": {**metrics["uncertainty"], "degenerate_measures": []}}
+    best = stale["uncertainty"]["best_acquisition"]
+    stale["uncertainty"]["degenerate_measures"] = [best]
+    text = _write(tmp_path, stale)
+    assert 'class="best"' not in text and f"{best.replace('_', ' ')} (degenerate)" in text
+
+
+def test_unplaced_warning_codes_show_under_the_summary_escaped(
+    tmp_path: Path, metrics: dict
+) -> None:
+    future = {**metrics, "warnings": [{"code": "new_check", "message": "<b>look</b>"}]}
+    head = _write(tmp_path, future).split("<h2>")[0]
+    assert _warning_box(head, "new_check") == "Warning: &lt;b&gt;look&lt;/b&gt;"
+
+
+def test_report_of_metrics_without_most_missed_still_names_ties(
+    tmp_path: Path, metrics: dict
+) -> None:
+    older = {k: v for k, v in _chance_level_metrics().items() if k != "most_missed"}
+    assert "Most often missed, tied: Codman Hakim and" in _write(tmp_path, older)
