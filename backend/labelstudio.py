@@ -5,7 +5,8 @@ Two halves, one per direction:
 * **What Label Studio sends** (``/setup``, ``/predict``, ``/webhook``) as lenient pydantic
   models: only the fields valve-id uses are typed, everything else is kept
   (``extra="allow"``), so a newer Label Studio adding keys never breaks the backend. The
-  response builders (:func:`choice_result`, :class:`PredictResponse`) produce the shapes
+  response builders (:func:`choice_result`, :func:`keypoint_result`, :class:`PredictResponse`)
+  produce the shapes
   recorded from Label Studio 1.23.2 (see ``tests/backend/payloads/``).
 * **What we ask Label Studio** goes through :class:`LabelStudio`, a thin wrapper over
   label-studio-sdk 2.1.2. The SDK handles both token kinds: a Personal Access Token (a JWT
@@ -34,7 +35,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backend.settings import Settings
-from training.errors import LabelStudioError
+from training.errors import LabelConfigError, LabelStudioError
 from training.labels import LabelConfig
 from training.labelstudio_source import latest_annotation_choice
 
@@ -51,7 +52,9 @@ __all__ = [
     "TaskResult",
     "WebhookEvent",
     "WebhookProject",
+    "KEYPOINT_WIDTH_PERCENT",
     "choice_result",
+    "keypoint_result",
     "project_key",
     "project_key_of",
 ]
@@ -69,6 +72,8 @@ MODEL_VERSION_ATTEMPTS = 6
 version is stored, which may lag the write that created it."""
 PREDICTION_BATCH = 100
 """Predictions written per request to Label Studio."""
+KEYPOINT_WIDTH_PERCENT = 1.0
+"""Drawn size of a keypoint :func:`keypoint_result` writes, percent of the image width."""
 REVIEW_VIEW_TITLE = "Review queue — most uncertain first"
 """Title of the saved Data Manager view valve-id creates and keeps valid."""
 
@@ -233,6 +238,42 @@ def choice_result(config: LabelConfig, label: str) -> list[dict[str, Any]]:
             "to_name": config.image_name,
             "type": "choices",
             "value": {"choices": [label]},
+        }
+    ]
+
+
+def keypoint_result(
+    config: LabelConfig, x_px: float, y_px: float, width_px: int, height_px: int
+) -> list[dict[str, Any]]:
+    """The ``result`` list marking the valve centre ``(x_px, y_px)`` with the config's
+    ``<KeyPointLabels>`` (pixels of a ``width_px`` × ``height_px`` image, x = column).
+
+    Label Studio stores a keypoint in percent of the image plus the image's size in pixels;
+    :func:`training.labelstudio_source.keypoint_centre` reads it back. Raises
+    :class:`LabelConfigError` when the config has no keypoint tag (or it has no label), and
+    ``ValueError`` for a size that is not positive or a point outside the image.
+    """
+    if config.keypoint_name is None or config.keypoint_label is None:
+        raise LabelConfigError("the labeling config has no <KeyPointLabels> tag with a <Label>")
+    if width_px <= 0 or height_px <= 0:
+        raise ValueError(f"image size must be positive, got {width_px} x {height_px}")
+    if not (0.0 <= x_px <= width_px and 0.0 <= y_px <= height_px):
+        raise ValueError(f"({x_px}, {y_px}) lies outside the {width_px} x {height_px} image")
+    return [
+        {
+            "id": "valve-centre",
+            "from_name": config.keypoint_name,
+            "to_name": config.image_name,
+            "type": "keypointlabels",
+            "original_width": int(width_px),
+            "original_height": int(height_px),
+            "image_rotation": 0,
+            "value": {
+                "x": float(x_px) / width_px * 100.0,
+                "y": float(y_px) / height_px * 100.0,
+                "width": KEYPOINT_WIDTH_PERCENT,
+                "keypointlabels": [config.keypoint_label],
+            },
         }
     ]
 

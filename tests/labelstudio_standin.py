@@ -7,7 +7,10 @@ calls through label-studio-sdk, in the shapes Label Studio 1.23.2 uses (PROTOCOL
 * ``POST /api/token/refresh/`` (Personal Access Token → access token),
 * ``GET/POST /api/projects/``, ``GET /api/projects/{id}/``, ``POST /api/projects/{id}/import``,
   ``GET /api/projects/{id}/export`` (annotated tasks, JSON),
-* ``GET /api/tasks/?project=`` (paginated; 404 past the last page, as Label Studio does),
+* ``GET /api/tasks/?project=`` (paginated; 404 past the last page, as Label Studio does;
+  each task with its ``total_annotations``, the non-cancelled ones),
+* ``POST /api/tasks/{id}/annotations/`` (a new annotation with ``result``; what the stack's
+  bootstrap seeds with),
 * ``GET/POST /api/storages/localfiles/`` (the path must be a strict subfolder of the root),
 * ``GET /data/upload/...`` and ``GET /data/local-files/?d=...`` (image bytes).
 
@@ -244,6 +247,13 @@ class _Handler(BaseHTTPRequestHandler):
             return self._projects(method, segments[2:], query, body)
         if segments[:2] == ["api", "tasks"] and method == "GET":
             return self._tasks(query)
+        if (
+            segments[:2] == ["api", "tasks"]
+            and segments[3:] == ["annotations"]
+            and segments[2].isdigit()
+            and method == "POST"
+        ):
+            return self._annotate(int(segments[2]), body)
         if segments[:3] == ["api", "storages", "localfiles"]:
             return self._storages(method, query, body)
         return 404, {"detail": f"stand-in has no route {method} {path}"}
@@ -304,6 +314,10 @@ class _Handler(BaseHTTPRequestHandler):
         if page > 1 and not chunk:
             return 404, {"detail": "Invalid page."}
         fields = (query.get("fields") or ["task_only"])[0]
+        chunk = [
+            dict(t, total_annotations=sum(not a.get("was_cancelled") for a in t["annotations"]))
+            for t in chunk
+        ]
         if fields != "all":
             chunk = [
                 {k: v for k, v in t.items() if k not in ("annotations", "predictions")}
@@ -315,6 +329,28 @@ class _Handler(BaseHTTPRequestHandler):
             "total_annotations": 0,
             "total_predictions": 0,
         }
+
+    def _annotate(self, task_id: int, body: Any) -> tuple[int, Any]:
+        state = self.state
+        task = state.tasks.get(task_id)
+        if task is None:
+            return 404, {"detail": "Not found"}
+        if not isinstance(body, dict) or not isinstance(body.get("result"), list):
+            return 400, {"detail": "result must be a list"}
+        with state._lock:
+            ids = [a.get("id") or 0 for t in state.tasks.values() for a in t["annotations"]]
+            annotation = {
+                "id": max(ids, default=0) + 1,
+                "result": body["result"],
+                "was_cancelled": bool(body.get("was_cancelled", False)),
+                "ground_truth": False,
+                "created_at": _now(),
+                "updated_at": _now(),
+                "task": task_id,
+                "project": task["project"],
+            }
+            task["annotations"].append(annotation)
+        return 201, annotation
 
     def _storages(self, method: str, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
         state = self.state

@@ -5,6 +5,9 @@
 code change (the paper's main stated limitation was its fixed four classes). Every model
 version records the classes it was trained on; the backend checks a project's config
 against them.
+
+An optional ``<KeyPointLabels>`` on the image lets the annotator mark where the valve is
+(:attr:`LabelConfig.keypoint_name`); configs without one keep working.
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ class LabelConfig:
     """Choice values in config order: the class vocabulary, index = class id."""
     config_hash: str
     """sha256 of the whitespace-normalised XML, recorded with every model version."""
+    keypoint_name: str | None = None
+    """``name`` of the first ``<KeyPointLabels>`` whose ``toName`` is that image (the
+    ``from_name`` of a valve-centre result); None when the config has none."""
+    keypoint_label: str | None = None
+    """Its first ``<Label value>`` (what a valve-centre result carries in
+    ``keypointlabels``); None without a keypoint tag or label."""
 
 
 def _find_one(root: ET.Element, tag: str) -> ET.Element:
@@ -49,7 +58,8 @@ def parse_label_config(xml: str) -> LabelConfig:
     """Parse a Label Studio config; raise :class:`LabelConfigError` if it cannot serve us.
 
     Uses the first ``<Choices>`` whose ``toName`` is an ``<Image>``; its ``<Choice value>``s
-    become the classes (duplicates and empty values are refused).
+    become the classes (duplicates and empty values are refused). The first
+    ``<KeyPointLabels>`` pointing at the same image, if any, is the valve-centre keypoint.
     """
     if not xml or not xml.strip():
         raise LabelConfigError("the labeling config is empty")
@@ -84,6 +94,27 @@ def parse_label_config(xml: str) -> LabelConfig:
     if len(set(classes)) != len(classes):
         raise LabelConfigError("the <Choice> values must be unique")
 
+    keypoints = next(
+        (
+            el
+            for el in root.iter()
+            if el.tag.lower() == "keypointlabels"
+            and choices.get("toName") in (el.get("toName") or "").split(",")
+            and el.get("name")
+        ),
+        None,
+    )
+    keypoint_label = None
+    if keypoints is not None:
+        keypoint_label = next(
+            (
+                (el.get("value") or "").strip()
+                for el in keypoints.iter()
+                if el.tag.lower() == "label" and (el.get("value") or "").strip()
+            ),
+            None,
+        )
+
     normalised = " ".join(xml.split())
     return LabelConfig(
         image_name=str(image.get("name")),
@@ -91,6 +122,8 @@ def parse_label_config(xml: str) -> LabelConfig:
         choices_name=str(choices.get("name")),
         classes=classes,
         config_hash=hashlib.sha256(normalised.encode("utf-8")).hexdigest(),
+        keypoint_name=None if keypoints is None else str(keypoints.get("name")),
+        keypoint_label=keypoint_label,
     )
 
 

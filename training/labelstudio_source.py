@@ -10,6 +10,10 @@ see. Each labelled task becomes a :class:`~training.dataset.LabelledImage`:
   wins). A task whose annotations are all cancelled (skipped) or empty is not labelled. A
   label outside ``classes`` means the label config changed under the run:
   :class:`DatasetError` names it.
+* **valve_xy**: the valve centre the *same* annotation marked with the label config's
+  ``<KeyPointLabels>`` (:func:`latest_annotation`), converted from Label Studio's percent of
+  the image to pixels of the image file; None when that annotation has no (or more than one)
+  such keypoint, or was made on a rotated view.
 * **group**: the task's ``patient`` (the pseudonym ``valve-id import`` writes); a task
   without one is its own group, and the count is logged.
 * **key**: the task id. **path**: the image, copied into ``download_dir`` under a hash of
@@ -32,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -58,11 +63,14 @@ __all__ = [
     "MAX_IMAGE_BYTES",
     "PATIENT_KEY",
     "RETRY_DELAYS_S",
+    "AnnotatedLabel",
     "LabelStudioSource",
     "auth_headers",
     "configure",
     "configured_source",
     "is_project_source",
+    "keypoint_centre",
+    "latest_annotation",
     "latest_annotation_choice",
     "latest_choice",
     "load_project_items",
@@ -295,26 +303,80 @@ def _single_choice(annotation: Mapping[str, Any], choices_name: str | None) -> s
     return None
 
 
-def latest_choice(
-    annotations: Sequence[Mapping[str, Any]], choices_name: str | None = None
-) -> str | None:
-    """A task's label: the class chosen by its newest non-cancelled annotation that chose one.
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def keypoint_centre(
+    annotation: Mapping[str, Any],
+    keypoint_name: str | None = None,
+    keypoint_label: str | None = None,
+) -> tuple[float, float] | None:
+    """The valve centre an annotation marked, in pixels of the image file, else None.
+
+    Reads the one ``keypointlabels`` result (from ``keypoint_name`` and carrying
+    ``keypoint_label``, where given): Label Studio stores ``value.x``/``value.y`` in percent
+    of the image and the image's ``original_width``/``original_height`` in pixels, so the
+    centre is ``(x / 100 * original_width, y / 100 * original_height)``. None when there is
+    no such result, more than one (which is meant is unclear), a value is missing or not a
+    number, or the result was made on a rotated view (``image_rotation`` not a multiple of 360).
+    """
+    found = []
+    for result in annotation.get("result") or []:
+        if not isinstance(result, Mapping) or result.get("type") != "keypointlabels":
+            continue
+        if keypoint_name is not None and result.get("from_name") != keypoint_name:
+            continue
+        value = result.get("value")
+        if not isinstance(value, Mapping):
+            continue
+        labels = value.get("keypointlabels")
+        if keypoint_label is not None and not (
+            isinstance(labels, list) and keypoint_label in labels
+        ):
+            continue
+        found.append(result)
+    if len(found) != 1:
+        return None
+    result = found[0]
+    rotation = _number(result.get("image_rotation", 0))
+    if rotation is None or rotation % 360 != 0:
+        return None
+    x, y = _number(result["value"].get("x")), _number(result["value"].get("y"))
+    width, height = _number(result.get("original_width")), _number(result.get("original_height"))
+    if x is None or y is None or not width or not height or width < 0 or height < 0:
+        return None
+    return x / 100.0 * width, y / 100.0 * height
+
+
+@dataclass(frozen=True)
+class AnnotatedLabel:
+    """What a task's deciding annotation says (:func:`latest_annotation`)."""
+
+    annotation_id: int
+    label: str
+    """The one class it chose."""
+    valve_xy: tuple[float, float] | None
+    """The valve centre it marked, pixels of the image file (:func:`keypoint_centre`)."""
+
+
+def latest_annotation(
+    annotations: Sequence[Mapping[str, Any]],
+    choices_name: str | None = None,
+    keypoint_name: str | None = None,
+    keypoint_label: str | None = None,
+) -> AnnotatedLabel | None:
+    """The one rule for a task's label: its newest non-cancelled annotation that chose a class.
 
     Newest = latest ``updated_at`` (then ``created_at``, then id), so a correction wins over
     the first answer. Cancelled (skipped) annotations, empty ones and ones choosing several
-    classes do not count; None when no annotation counts (the task is not labelled).
-    """
-    found = latest_annotation_choice(annotations, choices_name)
-    return None if found is None else found[1]
-
-
-def latest_annotation_choice(
-    annotations: Sequence[Mapping[str, Any]], choices_name: str | None = None
-) -> tuple[int, str] | None:
-    """``(annotation id, class)`` of the annotation :func:`latest_choice` reads.
-
-    The backend's label counting uses the same rule, so what it counts as labelled is what a
-    training snapshot trains on.
+    classes do not count; None when no annotation counts (the task is not labelled). The
+    valve centre comes from that same annotation, never from another one, so class and
+    centre always belong together (an annotation without a keypoint: ``valve_xy`` None).
+    ``None`` names match any tag.
     """
     candidates = []
     for annotation in annotations:
@@ -324,11 +386,32 @@ def latest_annotation_choice(
         if chosen is None:
             continue
         when = _timestamp(annotation.get("updated_at") or annotation.get("created_at"))
-        candidates.append((when, int(annotation.get("id") or 0), chosen))
+        candidates.append((when, int(annotation.get("id") or 0), chosen, annotation))
     if not candidates:
         return None
-    _, annotation_id, chosen = max(candidates, key=lambda c: (c[0], c[1]))
-    return annotation_id, chosen
+    _, annotation_id, chosen, annotation = max(candidates, key=lambda c: (c[0], c[1]))
+    centre = keypoint_centre(annotation, keypoint_name, keypoint_label)
+    return AnnotatedLabel(annotation_id=annotation_id, label=chosen, valve_xy=centre)
+
+
+def latest_choice(
+    annotations: Sequence[Mapping[str, Any]], choices_name: str | None = None
+) -> str | None:
+    """A task's label by :func:`latest_annotation`'s rule; None when it is not labelled."""
+    found = latest_annotation(annotations, choices_name)
+    return None if found is None else found.label
+
+
+def latest_annotation_choice(
+    annotations: Sequence[Mapping[str, Any]], choices_name: str | None = None
+) -> tuple[int, str] | None:
+    """``(annotation id, class)`` of the annotation :func:`latest_annotation` reads.
+
+    The backend's label counting uses the same rule, so what it counts as labelled is what a
+    training snapshot trains on.
+    """
+    found = latest_annotation(annotations, choices_name)
+    return None if found is None else (found.annotation_id, found.label)
 
 
 def _listing(task_ids: Sequence[object]) -> str:
@@ -503,6 +586,8 @@ def load_project_items(
     *,
     image_key: str = DEFAULT_IMAGE_KEY,
     choices_name: str | None = None,
+    keypoint_name: str | None = None,
+    keypoint_label: str | None = None,
     source: LabelStudioSource | None = None,
     client: LabelStudio | None = None,
     retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
@@ -513,9 +598,11 @@ def load_project_items(
 
     ``classes`` is the label config's full choice list; ``choices_name`` (the ``<Choices>``
     tag's name) restricts which annotation results count, ``image_key`` is the task data key
-    of the image. ``source`` defaults to what :func:`configure` set; ``client`` to an SDK
-    client for it. A task whose image Label Studio does not have (404, 403 ...) is left out
-    with a warning; an unreachable Label Studio (after the retries) fails the snapshot.
+    of the image; ``keypoint_name``/``keypoint_label`` (the ``<KeyPointLabels>`` tag and its
+    label) which keypoint is the valve centre (None: any keypoint result). ``source``
+    defaults to what :func:`configure` set; ``client`` to an SDK client for it. A task whose
+    image Label Studio does not have (404, 403 ...) is left out with a warning; an
+    unreachable Label Studio (after the retries) fails the snapshot.
     """
     source = source or _configured
     if source is None:
@@ -528,16 +615,18 @@ def load_project_items(
         client = make_sdk_client(source.url, source.api_key)
     tasks = _export_tasks(client, project_id, retry_delays_s, sleep)
 
-    labelled: list[tuple[dict[str, Any], str]] = []
+    labelled: list[tuple[dict[str, Any], AnnotatedLabel]] = []
     unknown: dict[str, list[object]] = {}
     for task in tasks:
-        chosen = latest_choice(task.get("annotations") or [], choices_name)
-        if chosen is None:
+        found = latest_annotation(
+            task.get("annotations") or [], choices_name, keypoint_name, keypoint_label
+        )
+        if found is None:
             continue
-        if chosen not in classes:
-            unknown.setdefault(chosen, []).append(task.get("id"))
+        if found.label not in classes:
+            unknown.setdefault(found.label, []).append(task.get("id"))
             continue
-        labelled.append((task, chosen))
+        labelled.append((task, found))
     if unknown:
         detail = "; ".join(f"{label!r} (tasks {_listing(ids)})" for label, ids in unknown.items())
         raise DatasetError(
@@ -557,7 +646,7 @@ def load_project_items(
         def fetch(url: str, target: Path) -> None:
             _download(http, url, auth_headers(client), target)
 
-        for done, (task, label) in enumerate(labelled, start=1):
+        for done, (task, found) in enumerate(labelled, start=1):
             task_id = task.get("id")
             data = task.get("data") or {}
             path = _fetch_image(
@@ -573,7 +662,13 @@ def load_project_items(
                     group = f"task-{task_id}"
                     no_patient += 1
                 items.append(
-                    LabelledImage(path=str(path), label=label, group=group, key=str(task_id))
+                    LabelledImage(
+                        path=str(path),
+                        label=found.label,
+                        group=group,
+                        key=str(task_id),
+                        valve_xy=found.valve_xy,
+                    )
                 )
             if progress is not None:
                 progress(done, len(labelled))
@@ -598,6 +693,10 @@ def load_project_items(
             "fetched from Label Studio"
         )
     logger.info(
-        "project %s: %d labelled task(s) of %d exported", project_id, len(items), len(tasks)
+        "project %s: %d labelled task(s) of %d exported, %d with a valve centre",
+        project_id,
+        len(items),
+        len(tasks),
+        sum(1 for item in items if item.valve_xy is not None),
     )
     return items

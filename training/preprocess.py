@@ -22,6 +22,9 @@ The steps follow the paper (Vach et al. 2025, Methods / Dataset):
 
 Steps 2–4 (:func:`prepare_image`) give a compact single-channel array worth caching;
 step 5 (:func:`normalize_image`) is cheap and may run batched on the accelerator.
+:func:`prepare_image_with_box` is the same steps 2–4 plus the crop they made, which maps a
+point of the original image (the valve centre) into the prepared square
+(:func:`to_prepared_fraction`).
 """
 
 from __future__ import annotations
@@ -38,11 +41,14 @@ __all__ = [
     "IMAGENET_STD",
     "PreprocessParams",
     "crop_to_foreground",
+    "foreground_box",
     "normalize_image",
     "prepare_image",
+    "prepare_image_with_box",
     "preprocess_image",
     "scale_to_unit_range",
     "squish",
+    "to_prepared_fraction",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -122,6 +128,23 @@ def _foreground_span(counts: np.ndarray, needed: float) -> tuple[int, int] | Non
     return int(idx[0]), int(idx[-1]) + 1
 
 
+def foreground_box(
+    image: np.ndarray, threshold: float, min_fraction: float = 0.0
+) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` (half-open) of the crop :func:`crop_to_foreground` keeps.
+
+    The whole image when nothing qualifies. A point ``(x, y)`` of the original image lies at
+    ``((x - left) / (right - left), (y - top) / (bottom - top))`` of the prepared square.
+    """
+    mask = image > threshold
+    height, width = mask.shape
+    rows = _foreground_span(mask.sum(axis=1), max(1.0, min_fraction * width))
+    cols = _foreground_span(mask.sum(axis=0), max(1.0, min_fraction * height))
+    if rows is None or cols is None:
+        return 0, height, 0, width
+    return rows[0], rows[1], cols[0], cols[1]
+
+
 def crop_to_foreground(
     image: np.ndarray, threshold: float, min_fraction: float = 0.0
 ) -> np.ndarray:
@@ -132,13 +155,8 @@ def crop_to_foreground(
     which ignores isolated noise pixels in a black border. With no foreground at all the
     image comes back unchanged.
     """
-    mask = image > threshold
-    height, width = mask.shape
-    rows = _foreground_span(mask.sum(axis=1), max(1.0, min_fraction * width))
-    cols = _foreground_span(mask.sum(axis=0), max(1.0, min_fraction * height))
-    if rows is None or cols is None:
-        return image
-    return image[rows[0] : rows[1], cols[0] : cols[1]]
+    top, bottom, left, right = foreground_box(image, threshold, min_fraction)
+    return image[top:bottom, left:right]
 
 
 def squish(image: np.ndarray, size_px: int) -> np.ndarray:
@@ -150,15 +168,42 @@ def squish(image: np.ndarray, size_px: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32)
 
 
+def prepare_image_with_box(
+    image: np.ndarray, params: PreprocessParams
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """:func:`prepare_image` and the crop it made: ``(prepared, (top, bottom, left, right))``.
+
+    The box (half-open, pixels of ``image``) is what maps a point of the original image into
+    the prepared square (:func:`to_prepared_fraction`).
+    """
+    unit = scale_to_unit_range(image)
+    box = foreground_box(unit, params.background_threshold, params.min_foreground_fraction)
+    top, bottom, left, right = box
+    # Bilinear resampling can overshoot by rounding only; clip keeps the [0, 1] contract.
+    prepared = np.clip(squish(unit[top:bottom, left:right], params.size_px), 0.0, 1.0)
+    return prepared, box
+
+
 def prepare_image(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
     """Steps 2–4: scale, crop the background, squish. Returns float32 (size, size) in [0, 1].
 
     This is the part worth caching: it depends on the image and ``params`` only.
     """
-    unit = scale_to_unit_range(image)
-    cropped = crop_to_foreground(unit, params.background_threshold, params.min_foreground_fraction)
-    # Bilinear resampling can overshoot by rounding only; clip keeps the [0, 1] contract.
-    return np.clip(squish(cropped, params.size_px), 0.0, 1.0)
+    return prepare_image_with_box(image, params)[0]
+
+
+def to_prepared_fraction(x: float, y: float, box: tuple[int, int, int, int]) -> tuple[float, float]:
+    """A point ``(x, y)`` of the original image (pixels, x = column, origin top-left) as
+    fractions ``(x, y)`` of the prepared square, clipped to [0, 1].
+
+    ``box`` is the ``(top, bottom, left, right)`` crop of :func:`prepare_image_with_box`; the
+    squish is linear, so the fraction is the point's place inside the crop. A point the crop
+    cut away lands on the nearest edge.
+    """
+    top, bottom, left, right = box
+    fx = (float(x) - left) / max(right - left, 1)
+    fy = (float(y) - top) / max(bottom - top, 1)
+    return min(max(fx, 0.0), 1.0), min(max(fy, 0.0), 1.0)
 
 
 def normalize_image(prepared: Any, params: PreprocessParams) -> Any:

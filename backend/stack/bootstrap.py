@@ -7,6 +7,7 @@ Each step looks before it writes, so ``valve-id up`` can run any number of times
    storage, de-identified PNGs, pseudonymous patients; images already there are skipped);
 3. :func:`seed_annotations` — a few labels from the demo manifest's true classes, whole
    patients across all classes, so the first training run has enough patients for its folds;
+   each with the true valve centre as a keypoint when the project's config has one;
 4. :func:`connect_backend` — the ML backend with basic auth, and the webhook Label Studio
    creates for it given the same credentials (it has none by default: PROTOCOL.md);
 5. the review view (:meth:`backend.labelstudio.LabelStudio.ensure_review_view`);
@@ -21,6 +22,7 @@ which goes through :class:`backend.labelstudio.LabelStudio`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
@@ -31,10 +33,10 @@ from typing import Any
 import httpx
 
 from backend.importer import ImportReport, import_folder, source_uid
-from backend.labelstudio import choice_result
+from backend.labelstudio import choice_result, keypoint_result
 from backend.settings import Settings
-from training.errors import DatasetError, LabelStudioError
-from training.labels import LabelConfig
+from training.errors import DatasetError, LabelConfigError, LabelStudioError
+from training.labels import LabelConfig, parse_label_config
 
 __all__ = [
     "ML_BACKEND_TITLE",
@@ -47,6 +49,7 @@ __all__ = [
     "ensure_project",
     "import_demo",
     "seed_annotations",
+    "seed_result",
     "start_first_training",
     "sync_served_version",
 ]
@@ -180,6 +183,7 @@ def ensure_project(
     """The project titled ``title`` (created from ``label_config`` if missing); (id, created)."""
     found = admin.find_project(title)
     if found is not None:
+        _follow_label_config(admin, int(found["id"]), label_config)
         return int(found["id"]), False
     created = admin.request(
         "POST",
@@ -194,6 +198,20 @@ def ensure_project(
     )
     logger.info("created Label Studio project %s", created["id"])
     return int(created["id"]), True
+
+
+def _follow_label_config(admin: LabelStudioAdmin, project_id: int, label_config: Path) -> None:
+    """A demo project made by an older valve-id gets the shipped config (say, the valve-centre
+    keypoint); Label Studio refuses a change its annotations contradict, which we only log."""
+    shipped = label_config.read_text(encoding="utf-8")
+    current = admin.project(project_id).get("label_config") or ""
+    if " ".join(current.split()) == " ".join(shipped.split()):
+        return
+    try:
+        admin.update_project(project_id, label_config=shipped)
+        logger.info("project %s: label config updated to %s", project_id, label_config.name)
+    except LabelStudioError as exc:
+        logger.warning("project %s keeps its label config: %s", project_id, exc)
 
 
 def import_demo(
@@ -215,17 +233,34 @@ def import_demo(
 
 @dataclass(frozen=True)
 class DemoImage:
-    """A demo DICOM's true class and patient, keyed by the ``source_uid`` its task carries."""
+    """A demo DICOM's true class, patient and valve centre, keyed by the ``source_uid`` its
+    task carries."""
 
     label: str
     patient_id: str
+    valve_xy: tuple[float, float] | None = None
+    """True valve centre ``(x, y)``, pixels of the image (x = column); None if unknown."""
+    width_px: int | None = None
+    """Image width (DICOM Columns): ``valve-id import`` keeps the pixel grid, so this is the
+    imported PNG's width too."""
+    height_px: int | None = None
+    """Image height (DICOM Rows), likewise."""
+
+
+def _manifest_centre(row: Mapping[str, str]) -> tuple[float, float] | None:
+    try:
+        return float(row["valve_x"]), float(row["valve_y"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def demo_images(demo_dir: Path, pseudonym_key: str) -> dict[str, DemoImage]:
     """``source_uid`` → :class:`DemoImage`, from the demo's ``manifest.csv`` and headers.
 
     The importer keys each task on a keyed hash of the SOP Instance UID, so the same hash
-    computed here finds each file's task without any patient data in the task.
+    computed here finds each file's task without any patient data in the task. The centre is
+    the manifest's ``valve_x``/``valve_y``; the size is the header's Columns × Rows, the grid
+    the importer's PNG keeps (it neither crops nor resizes).
     """
     import csv
 
@@ -236,8 +271,41 @@ def demo_images(demo_dir: Path, pseudonym_key: str) -> dict[str, DemoImage]:
         for row in csv.DictReader(fh):
             header = read_dicom_header(demo_dir / row["file"], name=row["file"])
             uid = source_uid("sop", str(header.SOPInstanceUID), pseudonym_key)
-            out[uid] = DemoImage(label=row["label"], patient_id=row["patient_id"])
+            rows, columns = header.get("Rows"), header.get("Columns")
+            out[uid] = DemoImage(
+                label=row["label"],
+                patient_id=row["patient_id"],
+                valve_xy=_manifest_centre(row),
+                width_px=None if columns is None else int(columns),
+                height_px=None if rows is None else int(rows),
+            )
     return out
+
+
+def _project_keypoint(admin: LabelStudioAdmin, project_id: int, config: LabelConfig) -> bool:
+    """Whether the project's own config has ``config``'s keypoint tag (a project created
+    before the tag was added keeps its old config: it gets classes only)."""
+    if config.keypoint_name is None or config.keypoint_label is None:
+        return False
+    try:
+        stored = parse_label_config(str(admin.project(project_id).get("label_config") or ""))
+    except LabelConfigError:
+        return False
+    return (stored.keypoint_name, stored.keypoint_label) == (
+        config.keypoint_name,
+        config.keypoint_label,
+    )
+
+
+def seed_result(config: LabelConfig, image: DemoImage, *, keypoint: bool) -> list[dict[str, Any]]:
+    """An annotation's ``result``: the true class, plus the true valve centre as a keypoint
+    when ``keypoint`` and the centre and image size are known and the centre is inside."""
+    result = choice_result(config, image.label)
+    if keypoint and image.valve_xy is not None and image.width_px and image.height_px:
+        # A centre outside the image (ValueError): the class alone.
+        with contextlib.suppress(ValueError, LabelConfigError):
+            result += keypoint_result(config, *image.valve_xy, image.width_px, image.height_px)
+    return result
 
 
 def seed_annotations(
@@ -251,27 +319,32 @@ def seed_annotations(
     annotations were created (0 once the project has ``target`` labelled tasks).
 
     Whole patients are taken, one class after another, so the labelled set spans every class
-    and as many patients as possible (the folds are patient-grouped).
+    and as many patients as possible (the folds are patient-grouped). Each annotation also
+    marks the true valve centre (:func:`seed_result`) if the project's config has the
+    keypoint tag.
     """
     tasks = list(admin.tasks(project_id, fields="task_only"))
     labelled = sum(1 for t in tasks if (t.get("total_annotations") or 0) > 0)
     if labelled >= target:
         return 0
-    by_class: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    by_class: dict[str, dict[str, list[tuple[int, DemoImage]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
     for task in tasks:
         if (task.get("total_annotations") or 0) > 0:
             continue
         image = truth.get(str((task.get("data") or {}).get("source_uid")))
         if image is not None and image.label in config.classes:
-            by_class[image.label][image.patient_id].append(int(task["id"]))
+            by_class[image.label][image.patient_id].append((int(task["id"]), image))
     queues = {c: list(p.values()) for c, p in sorted(by_class.items())}
+    keypoint = any(queues.values()) and _project_keypoint(admin, project_id, config)
     created = 0
     while labelled + created < target and any(queues.values()):
-        for label, patients in queues.items():
+        for patients in queues.values():
             if not patients or labelled + created >= target:
                 continue
-            for task_id in patients.pop(0):
-                admin.create_annotation(task_id, choice_result(config, label))
+            for task_id, image in patients.pop(0):
+                admin.create_annotation(task_id, seed_result(config, image, keypoint=keypoint))
                 created += 1
     logger.info("project %s: %d seed annotation(s) created", project_id, created)
     return created

@@ -33,12 +33,14 @@ from backend.labelstudio import (
     TaskResult,
     WebhookEvent,
     choice_result,
+    keypoint_result,
     project_key,
     project_key_of,
 )
 from backend.settings import Settings
-from training.errors import LabelStudioError, ValveIdError
-from training.labels import parse_label_config
+from training.errors import LabelConfigError, LabelStudioError, ValveIdError
+from training.labels import load_label_config, parse_label_config
+from training.labelstudio_source import keypoint_centre
 
 PAYLOADS = Path(__file__).parent / "payloads"
 LS_URL = "http://ls.test:8080"
@@ -257,6 +259,43 @@ def test_response_builders_give_the_recorded_shape() -> None:
     assert response.to_json() == expected
     failed = PredictResponse(results=[TaskResult()], model_version="v0").to_json()
     assert failed == {"results": [{"result": []}], "model_version": "v0"}
+
+
+def test_keypoint_result_is_label_studios_percent_shape_and_reads_back() -> None:
+    config = load_label_config(Path(__file__).parents[2] / "label_config.xml")
+    result = keypoint_result(config, 200.0, 150.0, 800, 600)
+    assert result == [
+        {
+            "id": "valve-centre",
+            "from_name": "valve_centre",
+            "to_name": "image",
+            "type": "keypointlabels",
+            "original_width": 800,
+            "original_height": 600,
+            "image_rotation": 0,
+            "value": {"x": 25.0, "y": 25.0, "width": 1.0, "keypointlabels": ["Valve"]},
+        }
+    ]
+    annotation = {"result": choice_result(config, "proGAV 2.0") + result}
+    assert keypoint_centre(annotation, config.keypoint_name, config.keypoint_label) == (
+        pytest.approx(200.0),
+        pytest.approx(150.0),
+    )
+    # What Label Studio's own schema for the tag accepts (label-studio-sdk's LabelInterface).
+    from label_studio_sdk.label_interface import LabelInterface
+
+    control = LabelInterface(
+        (Path(__file__).parents[2] / "label_config.xml").read_text()
+    ).get_control("valve_centre")
+    assert control.validate_value(result[0]["value"])
+    # The image's edges are inside; outside is refused, as is a config without the tag.
+    assert keypoint_result(config, 800, 0, 800, 600)[0]["value"]["x"] == 100.0
+    with pytest.raises(ValueError, match="outside"):
+        keypoint_result(config, 800.5, 10, 800, 600)
+    with pytest.raises(ValueError, match="positive"):
+        keypoint_result(config, 0, 0, 0, 600)
+    with pytest.raises(LabelConfigError, match="KeyPointLabels"):
+        keypoint_result(CONFIG, 1, 1, 10, 10)
 
 
 # --------------------------------------------------------------------------------------------

@@ -88,3 +88,161 @@ def test_images_are_decoded_once_and_a_corrupt_one_fails_alone(
     # Other preprocessing parameters are another cache entry, never a stale hit.
     with pytest.raises(AssertionError, match="decoded again"):
         prepare_images([good], PreprocessParams(size_px=24), cache)
+
+
+# ------------------------------------------------------------------------------ valve centres
+
+
+def test_manifest_valve_centre_columns_are_optional_pixels(tmp_path: Path) -> None:
+    _png(tmp_path / "a.png")
+    _manifest(
+        tmp_path,
+        ["a.png,Codman Hakim,P1,12.5,30", "a.png,Codman Hakim,P2,,", "a.png,Codman Hakim,P3, 7 ,8"],
+        header="file,label,patient_id,valve_x,valve_y",
+    )
+    items = load_manifest(tmp_path, classes=["Codman Hakim"])
+    assert [i.valve_xy for i in items] == [(12.5, 30.0), None, (7.0, 8.0)]
+    _manifest(tmp_path, ["a.png,Codman Hakim,P1"])  # no such columns at all
+    assert load_manifest(tmp_path)[0].valve_xy is None
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("a.png,Codman Hakim,P2,12px,30", r"manifest\.csv:3: valve_x/valve_y must be numbers"),
+        ("a.png,Codman Hakim,P2,12,", r"manifest\.csv:3: valve_x and valve_y must be set together"),
+        ("a.png,Codman Hakim,P2,nan,3", r"manifest\.csv:3: valve_x/valve_y must be finite"),
+    ],
+)
+def test_a_bad_valve_centre_names_the_file_and_line(tmp_path: Path, row: str, message: str) -> None:
+    _png(tmp_path / "a.png")
+    _manifest(
+        tmp_path, ["a.png,Codman Hakim,P1,1,2", row], header="file,label,patient_id,valve_x,valve_y"
+    )
+    with pytest.raises(DatasetError, match=message):
+        load_manifest(tmp_path)
+
+
+def test_labelled_image_travels_as_json_with_its_centre() -> None:
+    import json
+
+    with_centre = LabelledImage("/x/a.png", "Codman Hakim", "P1", "a", valve_xy=(3, 4.5))
+    assert with_centre.valve_xy == (3.0, 4.5)
+    as_json = json.loads(json.dumps(with_centre.to_dict()))
+    assert as_json["valve_xy"] == [3.0, 4.5]
+    assert LabelledImage.from_dict(as_json) == with_centre
+    plain = LabelledImage("/x/b.png", "Codman Hakim", "P1", "b")
+    assert plain.to_dict()["valve_xy"] is None
+    assert LabelledImage.from_dict(json.loads(json.dumps(plain.to_dict()))) == plain
+    old = {"path": "/x/b.png", "label": "Codman Hakim", "group": "P1", "key": "b"}
+    assert LabelledImage.from_dict(old) == plain  # written before centres existed
+    with pytest.raises(ValueError, match="finite"):
+        LabelledImage("/x/a.png", "Codman Hakim", "P1", "a", valve_xy=(float("nan"), 1.0))
+
+
+def _items_with_centres(tmp_path: Path) -> list[LabelledImage]:
+    # _png: 40 x 60, foreground rows 10..30, columns 10..50 (the crop).
+    path = str(_png(tmp_path / "a.png"))
+    other = str(_png(tmp_path / "b.png", value=120))
+    return [
+        LabelledImage(path, "Codman Hakim", "P1", "mid", valve_xy=(30.0, 20.0)),
+        LabelledImage(other, "Codman Hakim", "P2", "unknown"),
+        LabelledImage(path, "Codman Hakim", "P3", "corner", valve_xy=(10.0, 25.0)),
+        LabelledImage(path, "Codman Hakim", "P4", "outside", valve_xy=(59.0, 2.0)),
+    ]
+
+
+def test_centres_are_fractions_of_the_prepared_square_nan_when_unknown(tmp_path: Path) -> None:
+    items = _items_with_centres(tmp_path)
+    for cache in (None, tmp_path / "cache"):
+        prepared = prepare_images(items, PreprocessParams(size_px=16), cache)
+        assert prepared.centres.shape == (4, 2) and prepared.centres.dtype == np.float32
+        np.testing.assert_allclose(prepared.centres[0], [0.5, 0.5])
+        assert np.isnan(prepared.centres[1]).all()
+        np.testing.assert_allclose(prepared.centres[2], [0.0, 0.75])
+        np.testing.assert_allclose(prepared.centres[3], [1.0, 0.0])  # clipped to the crop
+
+
+def test_centres_follow_the_kept_items_when_one_fails(tmp_path: Path) -> None:
+    good = LabelledImage(str(_png(tmp_path / "g.png")), "Codman Hakim", "P1", "g", (30.0, 20.0))
+    gone = LabelledImage(str(tmp_path / "missing.png"), "Codman Hakim", "P2", "x", (1.0, 1.0))
+    prepared = prepare_images([gone, good], PreprocessParams(size_px=16))
+    assert [i.key for i in prepared.items] == ["g"]
+    np.testing.assert_allclose(prepared.centres, [[0.5, 0.5]])
+    empty = prepare_images([gone], PreprocessParams(size_px=16))
+    assert empty.centres.shape == (0, 2)
+
+
+def test_the_crop_is_cached_beside_the_array_and_old_entries_still_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import training.dicom
+
+    items = _items_with_centres(tmp_path)
+    params = PreprocessParams(size_px=16)
+    cache = tmp_path / "cache"
+    first = prepare_images(items, params, cache)
+    boxes = sorted(cache.rglob("*.box.json"))
+    assert len(boxes) == 2 and len(sorted(cache.rglob("*.npy"))) == 2
+    digest = dataset.content_hash(items[0].path)
+    entry = json.loads((next(cache.rglob(f"{digest}.box.json"))).read_text())
+    assert entry == {"box": [10, 30, 10, 50], "shape": [40, 60]}
+
+    # An entry written before crops were cached (no box.json): an item without a centre
+    # never needs it, an item with one decodes once to get it, then never again.
+    for box in boxes:
+        box.unlink()
+    decodes: list[str] = []
+    real = training.dicom.load_image
+
+    def counting(path: object, *args: object, **kwargs: object) -> np.ndarray:
+        decodes.append(Path(str(path)).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(training.dicom, "load_image", counting)
+    without = prepare_images([items[1]], params, cache)
+    assert decodes == [] and np.isnan(without.centres).all()
+    again = prepare_images(items, params, cache)
+    assert decodes == ["a.png"]
+    np.testing.assert_array_equal(again.arrays, first.arrays)
+    np.testing.assert_array_equal(again.centres, first.centres)
+    prepare_images(items, params, cache)
+    assert decodes == ["a.png"]
+
+    # A damaged box file counts as missing.
+    next(cache.rglob(f"{digest}.box.json")).write_text("{not json")
+    np.testing.assert_array_equal(prepare_images(items, params, cache).centres, first.centres)
+    assert decodes == ["a.png", "a.png"]
+
+
+def test_prepared_images_without_centres_given_are_all_unknown() -> None:
+    prepared = dataset.PreparedImages(
+        items=[LabelledImage("/a.png", "Codman Hakim", "P1", "a")],
+        arrays=np.zeros((1, 8, 8), np.float16),
+        hashes=["0" * 64],
+        failures={},
+    )
+    assert prepared.centres.shape == (1, 2) and np.isnan(prepared.centres).all()
+
+
+def test_synthetic_manifest_centres_reach_the_prepared_square(tmp_path: Path) -> None:
+    from training.dicom import load_image
+    from training.preprocess import foreground_box, scale_to_unit_range
+    from training.synthetic import generate_dataset
+
+    manifest = generate_dataset(tmp_path / "demo", 3, seed=5, size_range_px=(96, 128))
+    items = load_manifest(manifest)
+    assert all(item.valve_xy is not None for item in items)
+    params = PreprocessParams(size_px=32)
+    prepared = prepare_images(items, params, tmp_path / "cache")
+    for item, centre in zip(prepared.items, prepared.centres, strict=True):
+        unit = scale_to_unit_range(load_image(item.path))
+        top, bottom, left, right = foreground_box(
+            unit, params.background_threshold, params.min_foreground_fraction
+        )
+        x, y = item.valve_xy
+        expected = ((x - left) / (right - left), (y - top) / (bottom - top))
+        np.testing.assert_allclose(centre, np.clip(expected, 0, 1), rtol=1e-6)
+        assert centre.min() >= 0.0 and centre.max() <= 1.0

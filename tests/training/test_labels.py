@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,54 @@ def test_project_config_has_the_papers_four_models_plus_other_and_not_assessable
     config = load_label_config(ROOT / "label_config.xml")
     assert config.classes == (*PAPER_CLASSES, "Other valve", "Not assessable")
     assert (config.image_name, config.image_key, config.choices_name) == ("image", "image", "valve")
+    assert (config.keypoint_name, config.keypoint_label) == ("valve_centre", "Valve")
     assert len(config.config_hash) == 64
+
+
+def test_project_config_is_valid_for_label_studio_and_the_keypoint_is_optional() -> None:
+    # label-studio-sdk's LabelInterface runs the checks Label Studio runs on a config
+    # (its JSON schema, unique names, every toName pointing at a tag).
+    from label_studio_sdk.label_interface import LabelInterface
+
+    xml = (ROOT / "label_config.xml").read_text()
+    interface = LabelInterface(xml)
+    interface.validate()
+    assert {c.name: c.tag for c in interface.controls} == {
+        "valve": "Choices",
+        "valve_centre": "KeyPointLabels",
+    }
+    # The class stays required; the keypoint is not (annotators may skip it).
+    tags = {el.get("name"): el for el in ET.fromstring(xml).iter() if el.get("name")}
+    assert tags["valve"].get("required") == "true"
+    assert tags["valve_centre"].get("required") in (None, "false")
+    assert tags["valve_centre"].get("toName") == "image"
+
+
+def test_configs_without_a_keypoint_keep_working() -> None:
+    xml = """<View><Image name="xray" value="$img"/>
+      <Choices name="valve" toName="xray"><Choice value="x"/><Choice value="y"/></Choices></View>"""
+    config = parse_label_config(xml)
+    assert config.classes == ("x", "y")
+    assert (config.keypoint_name, config.keypoint_label) == (None, None)
+
+
+def test_the_keypoint_is_the_first_keypointlabels_on_the_classified_image() -> None:
+    xml = """<View><Image name="xray" value="$img"/><Image name="other" value="$other"/>
+      <KeyPointLabels name="elsewhere" toName="other"><Label value="Ear"/></KeyPointLabels>
+      <Choices name="valve" toName="xray"><Choice value="x"/><Choice value="y"/></Choices>
+      <KeyPointLabels name="centre" toName="xray"><Label value=" "/><Label value="Valve"/>
+        <Label value="Reservoir"/></KeyPointLabels>
+      <KeyPointLabels name="second" toName="xray"><Label value="Tip"/></KeyPointLabels></View>"""
+    config = parse_label_config(xml)
+    assert (config.keypoint_name, config.keypoint_label) == ("centre", "Valve")
+    no_label = xml.replace(
+        '<Label value=" "/><Label value="Valve"/>\n        <Label value="Reservoir"/>', ""
+    )
+    assert "Valve" not in no_label
+    assert (
+        parse_label_config(no_label).keypoint_name,
+        parse_label_config(no_label).keypoint_label,
+    ) == ("centre", None)
 
 
 def test_a_new_valve_model_in_the_config_becomes_a_class_without_code_change() -> None:

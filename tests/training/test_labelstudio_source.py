@@ -25,6 +25,9 @@ from training.labelstudio_source import (
     LabelStudioSource,
     auth_headers,
     configure,
+    keypoint_centre,
+    latest_annotation,
+    latest_annotation_choice,
     latest_choice,
     load_project_items,
     make_sdk_client,
@@ -414,3 +417,124 @@ def test_parse_project_source_refuses_malformed_sources(bad):
 
 def test_source_repr_hides_the_key():
     assert "secret-key" not in repr(LabelStudioSource("http://ls", "secret-key"))
+
+
+# ------------------------------------------------------------------------------ valve centres
+
+
+def keypoint(
+    x: float,
+    y: float,
+    *,
+    width: int = 800,
+    height: int = 600,
+    name: str = "valve_centre",
+    label: str = "Valve",
+    **extra: object,
+) -> dict:
+    """A keypoint result as Label Studio 1.23 stores it (percent of the image)."""
+    return {
+        "id": "kp1",
+        "from_name": name,
+        "to_name": "image",
+        "type": "keypointlabels",
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "value": {"x": x, "y": y, "width": 1.0, "keypointlabels": [label]},
+        **extra,
+    }
+
+
+def with_keypoints(base: dict, *points: dict) -> dict:
+    return dict(base, result=[*base["result"], *points])
+
+
+def test_keypoint_percent_becomes_pixels_of_the_image():
+    marked = with_keypoints(annotation(1, "Codman Hakim", "2026-11-25T10:00:00Z"), keypoint(25, 50))
+    assert keypoint_centre(marked) == (200.0, 300.0)
+    assert keypoint_centre(marked, "valve_centre", "Valve") == (200.0, 300.0)
+    assert keypoint_centre(marked, "other_points") is None  # another tag's keypoint
+    assert keypoint_centre(marked, "valve_centre", "Reservoir") is None  # another label
+    unmarked = annotation(2, "Codman Hakim", "2026-11-25T10:00:00Z")
+    assert keypoint_centre(unmarked) is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        keypoint(10, 10, image_rotation=90),  # made on a rotated view: ambiguous
+        keypoint(10, 10, original_width=None),
+        keypoint(10, 10, original_height=0),
+        dict(keypoint(10, 10), value={"x": "10", "y": 10, "keypointlabels": ["Valve"]}),
+        dict(keypoint(10, 10), value={"y": 10, "keypointlabels": ["Valve"]}),
+        dict(keypoint(10, 10), value=None),
+    ],
+)
+def test_unusable_keypoints_give_no_centre(bad):
+    assert keypoint_centre(with_keypoints(annotation(1, "Codman Hakim", "t"), bad)) is None
+
+
+def test_two_valve_keypoints_in_one_annotation_give_no_centre():
+    both = with_keypoints(annotation(1, "Codman Hakim", "t"), keypoint(10, 10), keypoint(90, 90))
+    assert keypoint_centre(both) is None
+    full_turn = keypoint(10, 10, image_rotation=360)
+    assert keypoint_centre(with_keypoints(annotation(1, "a", "t"), full_turn)) == (80.0, 60.0)
+
+
+def test_class_and_centre_come_from_the_same_annotation():
+    older = with_keypoints(annotation(1, "Codman Hakim", "2026-11-25T10:00:00Z"), keypoint(10, 20))
+    newer = annotation(2, "proGAV 2.0", "2026-11-26T10:00:00Z")  # corrected, no keypoint
+    found = latest_annotation([older, newer], "valve", "valve_centre", "Valve")
+    assert (found.annotation_id, found.label, found.valve_xy) == (2, "proGAV 2.0", None)
+    # A later keypoint-only annotation (no class) does not count, nor its keypoint.
+    only_point = with_keypoints(annotation(3, None, "2026-11-27T10:00:00Z"), keypoint(50, 50))
+    found = latest_annotation([older, only_point], "valve", "valve_centre")
+    assert (found.annotation_id, found.label, found.valve_xy) == (1, "Codman Hakim", (80.0, 120.0))
+    # A cancelled one neither.
+    skipped = with_keypoints(
+        annotation(4, "proGAV 2.0", "2026-11-28T10:00:00Z", cancelled=True), keypoint(50, 50)
+    )
+    assert latest_annotation([older, skipped]).valve_xy == (80.0, 120.0)
+    # The older helpers read the same annotation.
+    assert latest_choice([older, newer]) == "proGAV 2.0"
+    assert latest_annotation_choice([older, newer]) == (2, "proGAV 2.0")
+    assert latest_annotation([]) is None
+
+
+def test_snapshot_items_carry_the_valve_centre_when_marked(standin, tmp_path, monkeypatch):
+    monkeypatch.setattr(labelstudio_source, "_configured", labelstudio_source.configured_source())
+    pid = standin.add_project(CONFIG)
+    marked = standin.add_task(
+        pid,
+        {"image": upload(standin, pid, "m.png", png_bytes(90, size=10)), "patient": "pt-1"},
+        [
+            with_keypoints(
+                annotation(1, "Codman Hakim", "2026-11-25T10:00:00Z"),
+                keypoint(35, 45, width=10, height=10),
+            )
+        ],
+    )
+    unmarked = standin.add_task(
+        pid,
+        {"image": upload(standin, pid, "u.png", png_bytes(30)), "patient": "pt-2"},
+        [annotation(2, "proGAV 2.0", "2026-11-25T10:00:00Z")],
+    )
+    items = load_project_items(
+        pid,
+        CLASSES,
+        tmp_path / "dl",
+        choices_name="valve",
+        keypoint_name="valve_centre",
+        keypoint_label="Valve",
+        source=source_for(standin),
+    )
+    by_key = {item.key: item for item in items}
+    assert by_key[str(marked)].valve_xy == pytest.approx((3.5, 4.5))
+    assert by_key[str(unmarked)].valve_xy is None
+    # load_items passes the keypoint tag through; without names any keypoint result counts.
+    configure(standin.url, standin.api_key)
+    other = load_items(f"labelstudio:{pid}", CLASSES, tmp_path / "dl2", keypoint_name="other")
+    assert all(item.valve_xy is None for item in other)
+    default = load_items(f"labelstudio:{pid}", CLASSES, tmp_path / "dl3")
+    assert {i.key: i.valve_xy for i in default}[str(marked)] == pytest.approx((3.5, 4.5))
