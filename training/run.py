@@ -38,6 +38,7 @@ __all__ = [
     "CONFIG_FILE",
     "RUN_FILE",
     "finalize_run",
+    "localisation_error",
     "plan_run",
     "run_in_process",
     "train_fold_stage",
@@ -97,6 +98,15 @@ def plan_run(
     """
     from training.splits import make_splits
 
+    located = sum(1 for item in items if item.valve_xy is not None)
+    config = config.for_snapshot(located, len(items))
+    logger.info(
+        "run %s: %s design (%d of %d images have a valve centre)",
+        run_id,
+        config.design,
+        located,
+        len(items),
+    )
     params: PreprocessParams = config.preprocess_params()
 
     def on_image(done: int, total: int) -> None:
@@ -118,7 +128,13 @@ def plan_run(
     splits = make_splits(labels, groups, config.n_folds, config.seed)
 
     snapshot = [
-        {"key": it.key, "label": it.label, "group": _pseudonym(it.group), "sha256": h}
+        {
+            "key": it.key,
+            "label": it.label,
+            "group": _pseudonym(it.group),
+            "sha256": h,
+            "valve_xy": list(it.valve_xy) if it.valve_xy is not None else None,
+        }
         for it, h in zip(prepared.items, prepared.hashes, strict=True)
     ]
     plan = {
@@ -156,7 +172,13 @@ def _load_plan(run_dir: Path, cache_dir: Path | None) -> tuple[dict, PreparedIma
     plan = read_json(run_dir / RUN_FILE)
     params = PreprocessParams.from_dict(plan["preprocess"])
     items = [
-        LabelledImage(path=p, label=s["label"], group=s["group"], key=s["key"])
+        LabelledImage(
+            path=p,
+            label=s["label"],
+            group=s["group"],
+            key=s["key"],
+            valve_xy=tuple(s["valve_xy"]) if s.get("valve_xy") else None,
+        )
         for p, s in zip(plan["paths"], plan["snapshot"], strict=True)
     ]
     prepared = prepare_images(items, params, cache_dir)
@@ -186,20 +208,21 @@ def train_fold_stage(
     plan, prepared, labels = _load_plan(run_dir, cache_dir)
     config = RecipeConfig.from_dict(plan["recipe"])
     train_idx, val_idx = _fold_indices(run_dir, plan, fold)
-    result = train_fold(
-        prepared.arrays,
-        labels,
-        train_idx,
-        val_idx,
-        len(plan["classes"]),
-        config,
-        fold=fold,
-        progress=progress,
-    )
+    extra: dict[str, np.ndarray] = {}
+    fold_args = (train_idx, val_idx, len(plan["classes"]), config)
+    if config.design == "locate_classify":
+        from training.two_stage import train_two_stage_fold
+
+        result = train_two_stage_fold(
+            prepared.arrays, labels, prepared.centres, *fold_args, fold=fold, progress=progress
+        )
+        extra["centres"] = result.val_centres
+    else:
+        result = train_fold(prepared.arrays, labels, *fold_args, fold=fold, progress=progress)
     save_checkpoint(result.model, run_dir / "weights" / f"fold_{fold}.pt", classes=plan["classes"])
     oof = run_dir / "oof" / f"fold_{fold}.npz"
     oof.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(oof, val_idx=val_idx, logits=result.val_logits)
+    np.savez(oof, val_idx=val_idx, logits=result.val_logits, **extra)
     summary = {
         "fold": fold,
         "n_train": len(train_idx),
@@ -264,6 +287,7 @@ def finalize_run(
     config_recipe = plan["recipe"]
     n_folds = config_recipe["n_folds"]
     logits = np.zeros((len(y), len(plan["classes"])), dtype=np.float32)
+    centres = np.full((len(y), 2), np.nan, dtype=np.float32)
     fold_of = np.full(len(y), -1)
     histories = []
     for k in range(n_folds):
@@ -273,6 +297,8 @@ def finalize_run(
         with np.load(path) as data:
             logits[data["val_idx"]] = data["logits"]
             fold_of[data["val_idx"]] = k
+            if "centres" in data:
+                centres[data["val_idx"]] = data["centres"]
         histories.append(read_json(run_dir / "history" / f"fold_{k}.json"))
     if (fold_of < 0).any():
         raise DatasetError("some images have no out-of-fold prediction; the splits are incomplete")
@@ -280,6 +306,8 @@ def finalize_run(
     metrics = evaluate_oof(
         y, logits, fold_of, plan["classes"], n_train_per_fold=[h["n_train"] for h in histories]
     )
+    if not np.isnan(centres).all():
+        metrics["localisation"] = localisation_error(centres, prepared.centres, prepared.boxes)
     write_metrics(metrics, run_dir / METRICS_FILE)
     temperature = float(metrics["calibration"]["temperature"])
     oof = {"fold": fold_of, "probs": softmax(logits)}
@@ -293,6 +321,7 @@ def finalize_run(
         "run_id": plan["run_id"],
         "created": plan["created"],
         "arch": config_recipe["arch"],
+        "design": config_recipe.get("design", "whole_image"),
         "classes": plan["classes"],
         "unused_classes": plan["unused_classes"],
         "label_config_hash": plan["label_config_hash"],
@@ -322,6 +351,8 @@ def finalize_run(
         "created": plan["created"],
         "source": plan["source"],
         "profile": config_recipe["profile"],
+        "profile_reason": config_recipe.get("profile_reason", ""),
+        "design": config_recipe.get("design", "whole_image"),
         "n_images": len(y),
         "class_counts": {c: int((y == i).sum()) for i, c in enumerate(plan["classes"])},
         "init": init,
@@ -340,6 +371,28 @@ def finalize_run(
         oof={"y_true": y, "probs": oof["probs"]},
     )
     return config
+
+
+def localisation_error(
+    predicted: np.ndarray, annotated: np.ndarray, boxes: np.ndarray
+) -> dict[str, Any]:
+    """Out-of-fold valve-centre error in pixels of the original images (median, 95th pct).
+
+    ``predicted``/``annotated`` are ``(N, 2)`` fractions of the prepared square (NaN where
+    unknown); ``boxes`` the ``(N, 4)`` foreground boxes ``(top, bottom, left, right)`` the
+    squares were cut from, which turn fractions back into original pixels.
+    """
+    both = ~(np.isnan(predicted).any(axis=1) | np.isnan(annotated).any(axis=1))
+    if not both.any():
+        return {"n": 0, "median_px": None, "p95_px": None}
+    box = boxes[both].astype(np.float64)
+    scale = np.stack([box[:, 3] - box[:, 2], box[:, 1] - box[:, 0]], axis=1)
+    error = np.linalg.norm((predicted[both] - annotated[both]) * scale, axis=1)
+    return {
+        "n": int(both.sum()),
+        "median_px": round(float(np.median(error)), 2),
+        "p95_px": round(float(np.percentile(error, 95)), 2),
+    }
 
 
 def run_in_process(

@@ -1,0 +1,373 @@
+"""Locate, then classify: find the valve on the whole X-ray, classify a crop around it.
+
+A shunt valve covers ~1 % of a skull radiograph. Squished whole to 384 px it is ~40 px wide,
+and a classifier must learn both where to look and what it sees from a few hundred labels —
+too much for a CPU budget (measured: README, "The cpu profile"). Split in two, each part is
+easy: the locator answers "where is the bright valve" (a class-agnostic question, learned
+from the valve centres annotators place as a keypoint), and the classifier sees the valve at
+native resolution, filling its input.
+
+:class:`LocateClassifyNet` is one ``nn.Module`` from the prepared image to class logits,
+so checkpoints, the fold ensemble, out-of-fold evaluation and serving treat it exactly like
+:class:`training.model.ValveNet`:
+
+* locator: the backbone's ImageNet body up to stride 16, frozen, at ``locator_px``; a small
+  trained head scores every cell of that feature map, and the soft-argmax of those scores is
+  the centre (differentiable, sub-cell precise);
+* crop: a ``crop_fraction`` × ``crop_fraction`` window of the prepared image around the
+  centre, resampled to ``crop_px`` (``grid_sample``);
+* classifier: a :class:`~training.model.ValveNet` on the crop, fine-tuned.
+
+:func:`train_two_stage_fold` is its recipe for one fold (plain PyTorch, CPU-sized).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.model import InitInfo, ValveNet, build_model, get_arch
+
+__all__ = [
+    "DESIGN",
+    "LocateClassifyNet",
+    "TwoStageParams",
+    "crop_around",
+    "soft_argmax",
+    "train_two_stage_fold",
+]
+
+logger = logging.getLogger(__name__)
+
+DESIGN = "locate_classify"
+"""Checkpoint ``design`` name of :class:`LocateClassifyNet`."""
+LOCATOR_HIDDEN = 64
+"""Channels of the locator head's hidden layer."""
+MIN_ONE_CYCLE_STEPS = 10
+"""Fewer optimiser steps (tiny test runs) train at a constant rate: one-cycle needs a warm-up
+and an annealing phase of at least one step each."""
+
+
+@dataclass(frozen=True)
+class TwoStageParams:
+    """Geometry of the two stages; saved in every checkpoint of this design."""
+
+    backbone: str = "efficientnet_lite0"
+    locator_px: int = 384
+    """Side of the whole image the locator sees."""
+    crop_fraction: float = 0.18
+    """Side of the crop, as a fraction of the prepared image's side."""
+    crop_px: int = 160
+    """Side of the crop the classifier sees."""
+    locator_depth: int = 7
+    """Body modules the locator keeps: Lite0's stem + stages 0-4, stride 16. Its 24 × 24 cells
+    (at 384 px) placed centres within 6 px (median) on 768-px synthetic X-rays where the last,
+    stride-32 map managed 24 px (README, "The cpu profile")."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def soft_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, h, w)`` cell scores → ``(B, 2)`` expected ``(x, y)`` in [0, 1] (cell centres)."""
+    b, _, h, w = scores.shape
+    p = torch.softmax(scores.float().reshape(b, -1), dim=-1).view(b, h, w)
+    xs = (torch.arange(w, device=scores.device, dtype=p.dtype) + 0.5) / w
+    ys = (torch.arange(h, device=scores.device, dtype=p.dtype) + 0.5) / h
+    return torch.stack([(p.sum(1) * xs).sum(-1), (p.sum(2) * ys).sum(-1)], dim=-1)
+
+
+def crop_around(
+    images: torch.Tensor, centres: torch.Tensor, fraction: float, size_px: int
+) -> torch.Tensor:
+    """Square windows of ``fraction`` × side around ``centres`` ((x, y) in [0, 1]), resampled
+    to ``size_px``; works on ``(B, C, H, W)`` and ``(B, H, W)``. Outside the image: edge values.
+    """
+    squeeze = images.dim() == 3
+    x = images.unsqueeze(1) if squeeze else images
+    n = x.shape[0]
+    theta = torch.zeros(n, 2, 3, dtype=torch.float32, device=x.device)
+    theta[:, 0, 0] = fraction
+    theta[:, 1, 1] = fraction
+    theta[:, :, 2] = centres.float() * 2 - 1
+    grid = F.affine_grid(theta, [n, x.shape[1], size_px, size_px], align_corners=False)
+    out = F.grid_sample(x.float(), grid, align_corners=False, padding_mode="border")
+    return out[:, 0] if squeeze else out
+
+
+def _channels(body: nn.Module) -> int:
+    """Channels ``body`` outputs (one dry run on a small zero image)."""
+    was_training = body.training
+    with torch.no_grad():
+        channels = int(body.eval()(torch.zeros(1, 3, 64, 64)).shape[1])
+    body.train(was_training)
+    return channels
+
+
+class LocateClassifyNet(nn.Module):
+    """Prepared, normalised image ``(B, 3, S, S)`` → class logits ``(B, K)`` via the valve's crop.
+
+    ``forward(x, centres)`` crops at given centres (training uses the annotated ones);
+    without them it locates first. :meth:`locate` alone gives the centres.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        params: TwoStageParams | None = None,
+        *,
+        classifier: ValveNet | None = None,
+        locator_trunk: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.params = params or TwoStageParams()
+        spec = get_arch(self.params.backbone)
+        trunk = spec.make_trunk() if locator_trunk is None else locator_trunk
+        self.arch = self.params.backbone
+        self.num_classes = num_classes
+        self.classes: tuple[str, ...] | None = None
+        self.locator_body = nn.Sequential(*spec.body_of(trunk)[: self.params.locator_depth])
+        self.locator_head = nn.Sequential(
+            nn.Conv2d(_channels(self.locator_body), LOCATOR_HIDDEN, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(LOCATOR_HIDDEN, 1, 3, padding=1),
+        )
+        self.classifier = classifier or ValveNet(num_classes, arch=self.params.backbone)
+
+    @property
+    def body(self) -> nn.Sequential:
+        """The classifier's body (Grad-CAM looks at its last layer, on the crop)."""
+        return self.classifier.body
+
+    def locator_features(self, x: torch.Tensor) -> torch.Tensor:
+        side = self.params.locator_px
+        small = (
+            x
+            if x.shape[-1] == side
+            else F.interpolate(
+                x.float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False
+            )
+        )
+        return self.locator_body(small.contiguous(memory_format=torch.channels_last))
+
+    def locate(self, x: torch.Tensor) -> torch.Tensor:
+        """Valve centres ``(B, 2)``, (x, y) in [0, 1] of the prepared image."""
+        return soft_argmax(self.locator_head(self.locator_features(x)))
+
+    def crop(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        crops = crop_around(x, centres, self.params.crop_fraction, self.params.crop_px)
+        return crops.to(x.dtype).contiguous(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor, centres: torch.Tensor | None = None) -> torch.Tensor:
+        if centres is None:
+            centres = self.locate(x)
+        return self.classifier(self.crop(x, centres))
+
+
+# --- the recipe of one fold ------------------------------------------------------------------
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TwoStageFoldResult:
+    """One fold: the network, out-of-fold logits and centres, and how it went."""
+
+    model: LocateClassifyNet
+    val_logits: np.ndarray
+    val_centres: np.ndarray
+    """``(n_val, 2)`` predicted centres, (x, y) in [0, 1] of the prepared image."""
+    history: list[dict[str, Any]]
+    init: InitInfo
+    class_weights: np.ndarray
+
+
+def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """One of the 8 flips/rotations of ``(B, H, W)`` (a valve may lie at any angle)."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
+
+def train_two_stage_fold(
+    images: np.ndarray,
+    labels: np.ndarray,
+    centres: np.ndarray,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    num_classes: int,
+    config: Any,
+    *,
+    fold: int = 0,
+    device: torch.device | None = None,
+    progress: ProgressFn | None = None,
+) -> TwoStageFoldResult:
+    """Train the locator head, then the crop classifier, of one fold; score its validation.
+
+    ``centres`` is ``(N, 2)`` with NaN where no annotator placed the valve. The locator
+    learns from the training images that have a centre; the classifier trains on crops at
+    the annotated centre (jittered by about the locator's error) where there is one, at the
+    locator's prediction elsewhere. Validation crops always use the prediction, as serving
+    does, so the out-of-fold numbers include localisation errors.
+    """
+    from training.inference import to_network_input
+    from training.recipe import class_weights, pick_device, seed_everything
+
+    device = device or pick_device()
+    seed_everything(config.seed + fold)
+    prep = config.preprocess_params()
+    params = TwoStageParams(
+        backbone=config.arch,
+        locator_px=config.locator_px,
+        crop_fraction=config.crop_fraction,
+        crop_px=config.crop_px,
+    )
+    classifier, init = build_model(num_classes, pretrained=config.pretrained, arch=config.arch)
+    locator_base, _ = build_model(1, pretrained=config.pretrained, arch=config.arch)
+    model = LocateClassifyNet(num_classes, params, classifier=classifier)
+    model.locator_body = nn.Sequential(*list(locator_base.body)[: params.locator_depth])
+    model = model.to(device)
+    weights = class_weights(labels[train_idx], num_classes)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
+        if config.mixed_precision
+        else torch.autocast(device.type, enabled=False)
+    )
+    all_images = torch.from_numpy(np.ascontiguousarray(images))
+    known = ~np.isnan(centres).any(axis=1)
+    history: list[dict[str, Any]] = []
+
+    def network_input(batch: torch.Tensor) -> torch.Tensor:
+        return to_network_input(batch.to(device), prep, channels_last=False)
+
+    # 1. Locator: frozen ImageNet body, its features computed once (and mirrored).
+    model.locator_body.eval().requires_grad_(False)
+    loc_train = train_idx[known[train_idx]]
+
+    @torch.inference_mode()
+    def features(idx: np.ndarray, mirror: bool = False) -> torch.Tensor:
+        out = []
+        for start in range(0, len(idx), config.batch_size):
+            batch = all_images[idx[start : start + config.batch_size]].float()
+            batch = batch.flip(-1) if mirror else batch
+            with autocast:
+                out.append(model.locator_features(network_input(batch)).float())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    if len(loc_train) == 0:
+        raise ValueError("no training image of this fold has a valve centre to learn from")
+    feats = torch.cat([features(loc_train), features(loc_train, mirror=True)])
+    target = torch.from_numpy(centres[loc_train]).float()
+    target = torch.cat([target, torch.stack([1 - target[:, 0], target[:, 1]], dim=1)]).to(device)
+    head = model.locator_head.train()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-3)
+    for epoch in range(config.locator_epochs):
+        order = torch.randperm(len(feats))
+        total = 0.0
+        for start in range(0, len(order), 32):
+            pick = order[start : start + 32]
+            loss = F.l1_loss(soft_argmax(head(feats[pick])), target[pick])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(pick)
+        if epoch + 1 == config.locator_epochs:
+            history.append({"fold": fold, "stage": "locate", "train_l1": total / len(feats)})
+    head.eval()
+
+    @torch.inference_mode()
+    def predicted_centres(idx: np.ndarray) -> np.ndarray:
+        if len(idx) == 0:
+            return np.zeros((0, 2), dtype=np.float32)
+        return soft_argmax(head(features(idx))).cpu().numpy().astype(np.float32)
+
+    crop_centres = centres.astype(np.float32).copy()
+    unknown_train = train_idx[~known[train_idx]]
+    crop_centres[unknown_train] = predicted_centres(unknown_train)
+    val_centres = predicted_centres(val_idx)
+    if len(loc_train):
+        fit = predicted_centres(loc_train) - centres[loc_train]
+        jitter = float(np.median(np.linalg.norm(fit, axis=1))) if len(fit) else 0.0
+    else:
+        jitter = 0.0
+    jitter = max(jitter, config.crop_jitter)
+    logger.info("fold %d: locator trained (%d images with a centre)", fold, len(loc_train))
+
+    # 2. Classifier on crops: weighted CE, AdamW one-cycle, dihedral + brightness augmentation.
+    clf = model.classifier.to(memory_format=torch.channels_last).train()
+    loss_fn = nn.CrossEntropyLoss(weight=torch.from_numpy(weights).to(device))
+    optimizer = torch.optim.AdamW(clf.parameters(), lr=config.lr_max, weight_decay=1e-4)
+    bs = config.batch_size
+    steps = config.epochs * math.ceil(len(train_idx) / bs)
+    schedule: torch.optim.lr_scheduler.LRScheduler = (
+        torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, config.lr_max, total_steps=steps, pct_start=0.25
+        )
+        if steps >= MIN_ONE_CYCLE_STEPS
+        else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+    )
+    y_all = torch.from_numpy(labels.astype(np.int64))
+    generator = torch.Generator().manual_seed(config.seed + fold)
+    for epoch in range(config.epochs):
+        order = train_idx[torch.randperm(len(train_idx), generator=generator).numpy()]
+        total, seen = 0.0, 0
+        for start in range(0, len(order), bs):
+            pick = order[start : start + bs]
+            shift = torch.randn(len(pick), 2, generator=generator) * jitter
+            crops = crop_around(
+                all_images[pick].float(),
+                torch.from_numpy(crop_centres[pick]) + shift,
+                params.crop_fraction,
+                params.crop_px,
+            )
+            crops = _dihedral(crops, int(torch.randint(8, (1,), generator=generator)))
+            gain = 1 + (torch.rand(len(pick), 1, 1, generator=generator) - 0.5) * 0.4
+            crops = (crops * gain).clamp(0, 1)
+            with autocast:
+                logits = clf(network_input(crops).contiguous(memory_format=torch.channels_last))
+            loss = loss_fn(logits.float(), y_all[pick].to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(pick)
+            seen += len(pick)
+        row = {
+            "fold": fold,
+            "epoch": epoch + 1,
+            "epochs": config.epochs,
+            "train_loss": total / seen,
+        }
+        history.append(row)
+        logger.info("fold %d epoch %d/%d %s", fold, epoch + 1, config.epochs, row)
+        if progress is not None:
+            progress(row)
+
+    # 3. Out-of-fold: crops at the predicted centres, as serving does.
+    model.eval()
+    val_logits = []
+    with torch.inference_mode():
+        for start in range(0, len(val_idx), bs):
+            pick = val_idx[start : start + bs]
+            crops = crop_around(
+                all_images[pick].float(),
+                torch.from_numpy(val_centres[start : start + bs]),
+                params.crop_fraction,
+                params.crop_px,
+            )
+            with autocast:
+                val_logits.append(
+                    clf(network_input(crops).contiguous(memory_format=torch.channels_last))
+                    .float()
+                    .cpu()
+                )
+    logits = torch.cat(val_logits).numpy() if val_logits else np.zeros((0, num_classes), np.float32)
+    model = model.to("cpu").eval().requires_grad_(True)
+    return TwoStageFoldResult(model, logits, val_centres, history, init, weights)
