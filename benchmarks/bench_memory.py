@@ -4,6 +4,11 @@ The served version is what training publishes: a 5-fold ResNet-34 ensemble at 51
 1-model version for comparison). RSS is read from ``/proc/<pid>/status`` of the backend
 process: idle after start-up, after batched ``/predict`` requests, after single-task ones,
 and its peak (``VmHWM``). Target (issue 6): ≤ 1.5 GiB.
+
+Beside them (issue 12, item 6), the ``cpu`` profile's versions at the same ensemble size,
+random weights: EfficientNet-Lite0 locate-then-classify (768² prepared, 384² locator, 160²
+crop) and the whole-image Lite0 at 384². A backend always serves the bf16 fast path, so
+there is no fp32 row (the weights-on-disk column is the fp32 size).
 """
 
 from __future__ import annotations
@@ -14,7 +19,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.fixtures import Served, deployment
+from benchmarks.fixtures import (
+    CPU_LOCATE_CLASSIFY,
+    CPU_WHOLE_IMAGE,
+    LOCATE_CLASSIFY,
+    Served,
+    VersionKind,
+    deployment,
+)
 from benchmarks.harness import (
     MIB,
     Table,
@@ -50,6 +62,9 @@ class MemoryOptions:
     batch_tasks: int = 32
     batch_requests: int = 3
     single_requests: int = 10
+    backbones: tuple[VersionKind, ...] = (CPU_LOCATE_CLASSIFY, CPU_WHOLE_IMAGE)
+    """The cpu profile's networks served beside ``arch`` (empty: none)."""
+    backbone_folds: int = 5
 
 
 QUICK = MemoryOptions(
@@ -59,10 +74,17 @@ QUICK = MemoryOptions(
     batch_tasks=4,
     batch_requests=1,
     single_requests=2,
+    backbones=(
+        VersionKind(
+            arch="efficientnet_lite0", size_px=64, design=LOCATE_CLASSIFY, locator_px=64, crop_px=32
+        ),
+    ),
+    backbone_folds=2,
 )
 
 
 def _weights_mib(model_dir: Path) -> float:
+    """Size of the version's checkpoints (fp32 state dicts), MiB."""
     files = (model_dir / "versions").rglob("fold_*.pt")
     return sum(f.stat().st_size for f in files) / MIB
 
@@ -71,10 +93,12 @@ def run(options: MemoryOptions, workdir: Path) -> list[Table]:
     import httpx
 
     rows = []
+    backbone_served = tuple(Served(options.backbone_folds, kind=k) for k in options.backbones)
+    all_served = tuple(dict.fromkeys((*options.served, *backbone_served)))
     with (
         deployment(
             workdir,
-            options.served,
+            all_served,
             size_px=options.size_px,
             arch=options.arch,
             n_images=options.batch_tasks,
@@ -92,23 +116,31 @@ def run(options: MemoryOptions, workdir: Path) -> list[Table]:
                 backend.predict(client, deployed.tasks(next(variant), [0]))
             time.sleep(SETTLE_S)
             memory = proc_memory_mib(backend.pid)
-            weights = _weights_mib(deployed.model_dirs[served.folds])
-            rows.append((served.name, weights, idle, after_batches, memory))
+            weights = _weights_mib(deployed.model_dir(served))
+            rows.append((served, weights, idle, after_batches, memory))
 
+    reference = Served(options.backbone_folds)
+    peaks = {served: memory["VmHWM"] for served, *_, memory in rows}
+    title = f"Backend RSS (MiB), {options.arch} at {options.size_px}²"
+    if backbone_served:
+        title += " and the cpu profile's Lite0 versions"
     table = Table(
-        f"Backend RSS (MiB), {options.arch} at {options.size_px}²",
+        title,
         [
             "served version",
-            "weights on disk",
+            "weights on disk (fp32)",
             "idle after start",
             f"after {options.batch_requests}×{options.batch_tasks} tasks",
             f"after +{options.single_requests}×1 task",
             "of which files/libraries",
             "peak",
+            f"peak ÷ {options.arch} {reference.name}'s" if reference in peaks else "",
             f"target ≤ {TARGET_MIB:.0f}",
         ],
     )
-    for name, weights, idle, after_batches, memory in rows:
+    for served, weights, idle, after_batches, memory in rows:
+        name = served.name if served.kind is not None else f"{options.arch}, {served.name}"
+        ratio = memory["VmHWM"] / peaks[reference] if reference in peaks else None
         table.add_row(
             name,
             f"{weights:.0f}",
@@ -117,6 +149,7 @@ def run(options: MemoryOptions, workdir: Path) -> list[Table]:
             f"{memory['VmRSS']:.0f}",
             f"{memory['RssFile']:.0f}",
             f"{memory['VmHWM']:.0f}",
+            f"{ratio:.2f}×" if ratio is not None else "",
             verdict(memory["VmHWM"], TARGET_MIB, higher_is_better=False),
         )
     table.notes.append(

@@ -14,8 +14,19 @@ import`` writes them), interleaved round by round:
   and compiled (``torch.compile``, inductor with freezing): the compute limit of the machine.
 
 Rates are per network forward (a 5-fold ensemble does 5 per image). Targets (issue 6): the
-HTTP path ≥ 3× fastai and ≥ 80 % of the compiled model-only rate. A second table checks the
-fast path against fp32 on a *trained* model (ResNet-18, 64², trained here in about a minute).
+HTTP path ≥ 3× fastai and ≥ 80 % of the compiled model-only rate.
+
+A second table puts the ``cpu`` profile's networks (issue 12, item 6) beside the ResNet-34
+version at equal ensemble size, in the same rounds: EfficientNet-Lite0 locate-then-classify
+(prepared at 768², locator at 384², classifier on a 160² crop) and the whole-image Lite0 at
+384², random weights (speed does not depend on them). Each is timed through ``/predict``
+(the served bf16 fast path) and through an in-process :class:`backend.predictor.Predictor`
+in bf16 and in eager fp32 (``fast_path=False``; a backend always serves the fast path), with
+img/s ratios against ResNet-34 and the backends' RSS.
+
+A third table checks the fast path against fp32 on *trained* models: a ResNet-18 (64², from
+scratch) and the two Lite0 designs from their ImageNet weights, each trained here on
+learnable synthetic images in under a minute.
 """
 
 from __future__ import annotations
@@ -32,10 +43,17 @@ from typing import Any
 import numpy as np
 
 from benchmarks.fixtures import (
+    CPU_LOCATE_CLASSIFY,
+    CPU_WHOLE_IMAGE,
+    LOCATE_CLASSIFY,
+    PRECISIONS,
     Served,
+    VersionKind,
     class_names,
     deployment,
+    in_process_predictors,
     network_batch,
+    predict_all,
     quadrant_png,
     serving_model,
     train_quadrant_version,
@@ -46,6 +64,7 @@ from benchmarks.harness import (
     emit,
     interleaved,
     median,
+    proc_rss_mib,
     timed,
 )
 
@@ -76,6 +95,12 @@ class PredictOptions:
     agreement_train_images: int = 64
     agreement_epochs: int = 8
     agreement_eval_images: int = 48
+    agreement_lite0: bool = True
+    """Also train the two Lite0 designs for the agreement table."""
+    backbones: tuple[VersionKind, ...] = (CPU_LOCATE_CLASSIFY, CPU_WHOLE_IMAGE)
+    """The cpu profile's networks timed beside ``arch`` at ``size_px`` (empty: none)."""
+    backbone_folds: int = 5
+    """Ensemble size of every version in the backbone table."""
 
 
 QUICK = PredictOptions(
@@ -89,6 +114,12 @@ QUICK = PredictOptions(
     agreement_train_images=16,
     agreement_epochs=1,
     agreement_eval_images=8,
+    backbones=(
+        VersionKind(
+            arch="efficientnet_lite0", size_px=64, design=LOCATE_CLASSIFY, locator_px=64, crop_px=32
+        ),
+    ),
+    backbone_folds=2,
 )
 FASTAI = "fastai learn.predict, fp32"
 
@@ -193,20 +224,44 @@ def _evaluation_pngs(n: int, rng: np.random.Generator) -> list[bytes]:
     return images
 
 
+@dataclass(frozen=True)
+class _TrainedVersion:
+    name: str
+    recipe: Any
+    """A :class:`training.config.RecipeConfig`, or None for the ResNet-18 default."""
+    compiled: bool
+    """Also compare the compiled fast path."""
+
+
+def _trained_versions(options: PredictOptions, with_compiled: bool) -> list[_TrainedVersion]:
+    from training.config import RecipeConfig
+
+    versions = [_TrainedVersion("ResNet-18 from scratch, 64²", None, with_compiled)]
+    if options.agreement_lite0:
+        lite0 = RecipeConfig.from_profile(
+            "cpu", design="whole_image", image_size_px=64, batch_size=8, effective_batch_size=8
+        )
+        two_stage = RecipeConfig.from_profile(
+            "cpu",
+            design=LOCATE_CLASSIFY,
+            image_size_px=96,
+            locator_px=96,
+            crop_fraction=0.5,
+            crop_px=48,
+            locator_epochs=60,
+            batch_size=8,
+        )
+        versions += [
+            _TrainedVersion("Lite0 whole image, ImageNet, 64²", lite0, False),
+            _TrainedVersion("Lite0 locate→classify, ImageNet, 96² → crop 48²", two_stage, False),
+        ]
+    return versions
+
+
 def agreement_table(options: PredictOptions, workdir: Path, *, with_compiled: bool) -> Table:
-    """Top-1 agreement and |Δp| of the served fast path(s) vs eager fp32, trained model."""
+    """Top-1 agreement and |Δp| of the served fast path(s) vs eager fp32, trained models."""
     from backend.predictor import Prediction, Predictor
 
-    model_dir = workdir / "trained-models"
-    started = time.perf_counter()
-    with _torch_threads(1):  # on a shared 2-core box one thread trains several times faster
-        train_quadrant_version(
-            model_dir,
-            workdir,
-            n_images=options.agreement_train_images,
-            epochs=options.agreement_epochs,
-        )
-    train_s = time.perf_counter() - started
     images = _evaluation_pngs(options.agreement_eval_images, np.random.default_rng(1))
 
     def probs(results: list[Any]) -> np.ndarray:
@@ -214,48 +269,65 @@ def agreement_table(options: PredictOptions, workdir: Path, *, with_compiled: bo
         classes = list(results[0].probs)  # the trained version's classes
         return np.array([[r.probs[c] for c in classes] for r in results])
 
-    with Predictor(model_dir, device="cpu", fast_path=False) as exact:
-        p32 = probs(exact.predict(images))
-    paths = {"channels_last + bf16": False}
-    if with_compiled:
-        paths["+ compiled"] = True
-    candidates = {}
-    for name, compiled in paths.items():
-        with Predictor(model_dir, device="cpu", fast_path=True, compile=compiled) as fast:
-            candidates[name] = probs(fast.predict(images))
+    columns: list[str] = []
+    exact: list[np.ndarray] = []  # fp32 answers, one per column
+    fast: list[np.ndarray] = []
+    trained_notes = []
+    for i, version in enumerate(_trained_versions(options, with_compiled)):
+        model_dir = workdir / f"trained-models-{i}"
+        started = time.perf_counter()
+        with _torch_threads(1):  # on a shared 2-core box one thread trains several times faster
+            train_quadrant_version(
+                model_dir,
+                workdir,
+                n_images=options.agreement_train_images,
+                epochs=options.agreement_epochs,
+                recipe=version.recipe,
+            )
+        trained_notes.append(f"{version.name} {time.perf_counter() - started:.0f} s")
+        with Predictor(model_dir, device="cpu", fast_path=False) as predictor:
+            p32 = probs(predictor.predict(images))
+        paths = {"bf16": False, **({"+ compiled": True} if version.compiled else {})}
+        for path, compiled in paths.items():
+            with Predictor(model_dir, device="cpu", fast_path=True, compile=compiled) as predictor:
+                fast.append(probs(predictor.predict(images)))
+            exact.append(p32)
+            columns.append(f"{version.name}: {path}")
 
-    top2 = np.sort(p32, axis=1)[:, -2:]
-    gap = top2[:, 1] - top2[:, 0]
     n = len(images)
     table = Table(
-        "Served fast path vs eager fp32 on a trained model", ["measure", *paths, "target"]
+        "Served fast path vs eager fp32 on trained models", ["measure", *columns, "target"]
     )
-    flips = {k: np.argmax(p32, axis=1) != np.argmax(v, axis=1) for k, v in candidates.items()}
-    table.add_row(
-        "top-1 agreement",
-        *(f"{n - int(f.sum())}/{n}" for f in flips.values()),
-        "100 %",
-    )
+    flips = [np.argmax(e, axis=1) != np.argmax(f, axis=1) for e, f in zip(exact, fast, strict=True)]
+    gaps = [np.diff(np.sort(e, axis=1)[:, -2:], axis=1)[:, 0] for e in exact]
+    table.add_row("top-1 agreement", *(f"{n - int(f.sum())}/{n}" for f in flips), "100 %")
     table.add_row(
         "flips away from a near-tie (gap ≥ 0.02)",
-        *(int((f & (gap >= NEAR_TIE)).sum()) for f in flips.values()),
+        *(int((f & (g >= NEAR_TIE)).sum()) for f, g in zip(flips, gaps, strict=True)),
         "0",
     )
     table.add_row(
         "max abs Δ probability",
-        *(f"{np.abs(p32 - v).max():.4f}" for v in candidates.values()),
+        *(f"{np.abs(e - f).max():.4f}" for e, f in zip(exact, fast, strict=True)),
         "< 0.1",
     )
     table.add_row(
         "mean abs Δ probability",
-        *(f"{np.abs(p32 - v).mean():.5f}" for v in candidates.values()),
+        *(f"{np.abs(e - f).mean():.5f}" for e, f in zip(exact, fast, strict=True)),
+        "",
+    )
+    table.add_row(
+        "fp32 answers with a top-2 gap < 0.99 / near-ties",
+        *(f"{int((g < 0.99).sum())} / {int((g < NEAR_TIE).sum())}" for g in gaps),
         "",
     )
     table.notes.append(
-        f"ResNet-18 trained from scratch at 64² on quadrant images ({options.agreement_epochs} "
-        f"epochs, 2 folds, {train_s:.0f} s); {n} unseen images, a third faint and a third "
-        f"ambiguous: {int((gap < 0.99).sum())} fp32 answers have a top-2 gap under 0.99, "
-        f"{int((gap < NEAR_TIE).sum())} are near-ties. The served ensemble mean is compared."
+        f"Each trained on {options.agreement_train_images} quadrant images through the real run "
+        f"stages ({options.agreement_epochs} epochs, 2 folds; "
+        + ", ".join(trained_notes)
+        + f"); {n} unseen images, a third faint and a third ambiguous. bf16 = the served "
+        "fast path (channels_last, bf16 weights and autocast). The served ensemble mean is "
+        "compared."
     )
     return table
 
@@ -270,15 +342,24 @@ def run(options: PredictOptions, workdir: Path) -> list[Table]:
     from training.model import load_checkpoint
 
     n = options.n_images
+    reference_kind = VersionKind(arch=options.arch, size_px=options.size_px)
+    kinds = (reference_kind, *options.backbones) if options.backbones else ()
+    # The reference's row is the deployment's default version (kind None): one backend.
+    by_backbone = tuple(Served(options.backbone_folds, kind=k) for k in options.backbones)
+    by_backbone = (Served(options.backbone_folds), *by_backbone) if by_backbone else ()
     with (
         deployment(
             workdir,
-            options.served,
+            tuple(dict.fromkeys((*options.served, *by_backbone))),
             size_px=options.size_px,
             arch=options.arch,
             n_images=n,
         ) as deployed,
         httpx.Client(timeout=3600) as client,
+        in_process_predictors(
+            {k: deployed.model_dir(options.backbone_folds, kind=k) for k in kinds},
+            batch_size=MODEL_BATCH,
+        ) as predictors,
     ):
         # The model alone: fold 0 of a served version, on pre-made tensors.
         fold0 = deployed.fold_weights(options.served[0].folds)
@@ -306,6 +387,8 @@ def run(options: PredictOptions, workdir: Path) -> list[Table]:
 
         for backend in deployed.backends.values():
             backend.predict(client, deployed.tasks(0))  # warm-up (first batch, lazy init)
+        for predictor in predictors.values():
+            predict_all(predictor, [deployed.xrays.png(i) for i in range(n)])  # warm-up
 
         def http(served: Served) -> Any:
             def one_round(r: int) -> float:
@@ -332,10 +415,41 @@ def run(options: PredictOptions, workdir: Path) -> list[Table]:
             contenders[name] = http(served)
             forwards[name] = served.folds
             images[name] = n
+
+        # The cpu profile's networks beside the reference: /predict and in-process predictors.
+        payloads: dict[int, list[bytes]] = {}
+
+        def in_process(predictor: Any) -> Any:
+            def one_round(r: int) -> float:
+                if r not in payloads:  # new bytes every round (no cache hit), made untimed
+                    payloads[r] = [deployed.xrays.png(i, r + 1) for i in range(n)]
+                started = time.perf_counter()
+                predict_all(predictor, payloads[r])
+                return time.perf_counter() - started
+
+            return one_round
+
+        backbone_rows: dict[tuple[VersionKind, str], str] = {}
+        for served in by_backbone:
+            kind = deployed.kind(served)
+            name = f"/predict, {served.name} version"
+            backbone_rows[(kind, "http")] = name
+            if name not in contenders:
+                contenders[name] = http(served)
+            for precision in PRECISIONS:
+                name = f"Predictor in-process, {precision}, {served.name} version"
+                backbone_rows[(kind, precision)] = name
+                contenders[name] = in_process(predictors[(kind, precision)])
+        for name in backbone_rows.values():
+            forwards[name] = options.backbone_folds
+            images[name] = n
         seconds = interleaved(contenders, options.rounds, on_round=_say_round)
         start_s = {s.name: deployed.start_s[s] for s in options.served}
+        rss = {deployed.kind(s): proc_rss_mib(deployed.backends[s].pid) for s in by_backbone}
 
     rate = {name: images[name] * forwards[name] / median(seconds[name]) for name in contenders}
+    served_names = {f"/predict, {s.name} version" for s in options.served}
+    backbone_only = set(backbone_rows.values()) - served_names
     reference = "model only, compiled bf16" if compiled is not None else "model only, eager bf16"
     table = Table(
         f"/predict throughput: {n} tasks, {options.arch} at {options.size_px}², "
@@ -343,6 +457,8 @@ def run(options: PredictOptions, workdir: Path) -> list[Table]:
         ["contender", "fwd/img", "img/s", "fwd/s", "× fastai", "% of model-only", "target"],
     )
     for name in contenders:
+        if name in backbone_only:
+            continue
         per_forward = rate[name]
         target = ""
         if name.startswith("/predict"):
@@ -377,10 +493,60 @@ def run(options: PredictOptions, workdir: Path) -> list[Table]:
         + "."
     )
     tables = [table]
+    if backbone_rows:
+        tables.append(backbone_table(options, kinds, backbone_rows, rate, rss))
     if options.agreement:
         compiled_served = any(s.compiled for s in options.served)
         tables.append(agreement_table(options, workdir, with_compiled=compiled_served))
     return tables
+
+
+def backbone_table(
+    options: PredictOptions,
+    kinds: tuple[VersionKind, ...],
+    rows: dict[tuple[VersionKind, str], str],
+    rate: dict[str, float],
+    rss: dict[VersionKind, tuple[float, float]],
+) -> Table:
+    """img/s of each network by path, × the reference (first kind), and backend RSS."""
+    folds = options.backbone_folds
+    paths = {"http": "/predict", **{p: f"Predictor {p}" for p in PRECISIONS}}
+    columns = ["version"]
+    for label in paths.values():
+        columns += [f"{label} img/s", "× " + kinds[0].name]
+    columns += ["bf16 ÷ fp32", "backend RSS MiB (now / peak)"]
+    table = Table(
+        f"Serving speed by backbone: {folds}-model versions, {options.n_images} tasks, "
+        f"median of {options.rounds} interleaved rounds",
+        columns,
+    )
+
+    def img_s(kind: VersionKind, path: str) -> float:
+        return rate[rows[(kind, path)]] / folds  # rates are per forward
+
+    for kind in kinds:
+        cells: list[str] = [kind.name]
+        for path in paths:
+            cells += [
+                f"{img_s(kind, path):.2f}",
+                f"{img_s(kind, path) / img_s(kinds[0], path):.2f}×",
+            ]
+        now, peak = rss[kind]
+        cells += [f"{img_s(kind, 'bf16') / img_s(kind, 'fp32'):.2f}×", f"{now:.0f} / {peak:.0f}"]
+        table.add_row(*cells)
+    table.notes.append(
+        "Random weights (speed does not depend on them), same images and rounds for all. "
+        "/predict: the backend's served fast path (channels_last, bf16 weights and autocast), "
+        "one request of all tasks, new bytes every round. Predictor: backend.predictor."
+        "Predictor in this process (decode, preprocess, ensemble; no HTTP or Redis), bf16 = "
+        "the same fast path, fp32 = fast_path=False (a backend cannot serve it)."
+    )
+    table.notes.append(
+        "Locate→classify: prepared at the version's size, the locator sees the locator size, "
+        "the classifier a crop of 25 % of the side resampled to the crop size; its forward is "
+        "both networks. RSS of each version's `valve-id serve` process after the rounds."
+    )
+    return table
 
 
 def _say_round(r: int, seconds: dict[str, float]) -> None:
@@ -397,7 +563,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-compiled", action="store_true", help="skip the compiled backends (VALVE_ID_COMPILE)"
     )
-    parser.add_argument("--no-agreement", action="store_true", help="skip the trained model")
+    parser.add_argument("--no-agreement", action="store_true", help="skip the trained models")
+    parser.add_argument(
+        "--no-backbones", action="store_true", help="skip the cpu profile's Lite0 versions"
+    )
     args = parser.parse_args(argv)
     options = QUICK if args.quick else PredictOptions()
     changes: dict[str, Any] = {}
@@ -407,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
         changes["served"] = tuple(s for s in options.served if not s.compiled)
     if args.no_agreement:
         changes["agreement"] = False
+    if args.no_backbones:
+        changes["backbones"] = ()
+        changes["agreement_lite0"] = False
     if changes:
         options = replace(options, **changes)
     with tempfile.TemporaryDirectory(prefix="valve-id-bench-") as tmp:

@@ -4,8 +4,10 @@ Everything is built in a temporary folder and torn down afterwards. The backend 
 one (``valve-id serve`` in a subprocess, uvicorn, the registry's current version, images read
 through Label Studio's local-files route), so an HTTP number includes request parsing, image
 reading, decoding, preprocessing, the forward passes, the Redis bookkeeping and the JSON
-answer. Versions are random-init ResNets: speed does not depend on what the weights learned
-(the agreement check in :mod:`benchmarks.bench_predict` trains a real one).
+answer. Versions are random-init networks: speed does not depend on what the weights learned
+(the agreement check in :mod:`benchmarks.bench_predict` trains real ones). A
+:class:`VersionKind` says which network a version holds: today's ResNet-34 at 512² (the
+default), or the ``cpu`` profile's EfficientNet-Lite0, whole image or locate-then-classify.
 """
 
 from __future__ import annotations
@@ -29,19 +31,27 @@ import numpy as np
 
 __all__ = [
     "BENCH_PROJECT",
+    "CPU_LOCATE_CLASSIFY",
+    "CPU_WHOLE_IMAGE",
     "LABEL_CONFIG_PATH",
+    "LOCATE_CLASSIFY",
+    "PRECISIONS",
     "ROOT",
     "Backend",
     "Deployment",
     "Served",
+    "VersionKind",
     "XrayImages",
     "backend_server",
     "deployment",
     "class_names",
     "free_port",
+    "in_process_predictors",
     "local_task",
     "network_batch",
+    "predict_all",
     "publish_random_version",
+    "quadrant_image",
     "quadrant_png",
     "redis_server",
     "serving_model",
@@ -135,37 +145,107 @@ def local_task(task_id: int, path: Path, files_root: Path) -> dict[str, Any]:
 
 # --- model versions -----------------------------------------------------------------------
 
+LOCATE_CLASSIFY = "locate_classify"
+"""``design`` of the ``cpu`` profile's two-stage network (:mod:`training.two_stage`)."""
+_ARCH_NAMES = {"resnet34": "ResNet-34", "resnet18": "ResNet-18", "efficientnet_lite0": "Lite0"}
+
+
+@dataclass(frozen=True)
+class VersionKind:
+    """Which network a published version holds, at which input size.
+
+    ``design="locate_classify"`` is :class:`training.two_stage.LocateClassifyNet` (the ``cpu``
+    profile's design: images prepared at ``size_px``, the locator sees ``locator_px``, the
+    classifier a ``crop_fraction`` crop resampled to ``crop_px``); otherwise a whole-image
+    :class:`training.model.ValveNet`. Normalisation is what ``arch``'s ImageNet weights expect
+    (Lite0: mean = std = 0.5), as training writes it.
+    """
+
+    arch: str = "resnet34"
+    size_px: int = 512
+    design: str = "whole_image"
+    locator_px: int = 384
+    crop_px: int = 160
+    crop_fraction: float = 0.25
+
+    @property
+    def name(self) -> str:
+        arch = _ARCH_NAMES.get(self.arch, self.arch)
+        if self.design == LOCATE_CLASSIFY:
+            return (
+                f"{arch} locate→classify ({self.size_px}², locator {self.locator_px}², "
+                f"crop {self.crop_px}²)"
+            )
+        return f"{arch} at {self.size_px}²"
+
+    def preprocess(self) -> Any:
+        from training.model import get_arch
+        from training.preprocess import PreprocessParams
+
+        weights = get_arch(self.arch).weights
+        return PreprocessParams(size_px=self.size_px, mean=weights.mean, std=weights.std)
+
+    def random_model(self, num_classes: int) -> Any:
+        """A random-init network of this kind (the speed of a trained one)."""
+        from training.model import ValveNet
+
+        if self.design != LOCATE_CLASSIFY:
+            return ValveNet(num_classes, arch=self.arch)
+        from training.two_stage import LocateClassifyNet, TwoStageParams
+
+        params = TwoStageParams(
+            backbone=self.arch,
+            locator_px=self.locator_px,
+            crop_fraction=self.crop_fraction,
+            crop_px=self.crop_px,
+        )
+        return LocateClassifyNet(num_classes, params)
+
+
+CPU_LOCATE_CLASSIFY = VersionKind(arch="efficientnet_lite0", size_px=768, design=LOCATE_CLASSIFY)
+"""The ``cpu`` profile's default design as it serves (768² prepared, locator 384², crop 160²)."""
+CPU_WHOLE_IMAGE = VersionKind(arch="efficientnet_lite0", size_px=384)
+"""The ``cpu`` profile's whole-image fallback (Lite0 at 384²)."""
+
 
 def publish_random_version(
     model_dir: Path,
     *,
     n_folds: int,
-    size_px: int,
+    size_px: int | None = None,
     arch: str = "resnet34",
     version_id: str = VERSION_ID,
     seed: int = 0,
+    kind: VersionKind | None = None,
 ) -> str:
-    """Publish a version of ``n_folds`` random-init ``arch`` models at ``size_px``; its id."""
+    """Publish a version of ``n_folds`` random-init models; its id.
+
+    The network is ``kind``, else a whole-image ``arch`` at ``size_px``.
+    """
     import torch
 
-    from training.model import ValveNet, save_checkpoint
-    from training.preprocess import PreprocessParams
+    from training.model import save_checkpoint
     from training.registry import ModelRegistry
 
+    if kind is None:
+        if size_px is None:
+            raise ValueError("give size_px (with arch) or kind")
+        kind = VersionKind(arch=arch, size_px=size_px)
     classes = list(class_names())
     registry = ModelRegistry(model_dir)
     staging = registry.staging("bench")
     torch.manual_seed(seed)
     for k in range(n_folds):
-        model = ValveNet(len(classes), arch=arch)
+        model = kind.random_model(len(classes))
         save_checkpoint(model, staging / "weights" / f"fold_{k}.pt", classes=classes)
     config = {
         "format": 1,
         "version": version_id,
         "classes": classes,
-        "preprocess": PreprocessParams(size_px=size_px).to_dict(),
+        "preprocess": kind.preprocess().to_dict(),
         "temperature": 1.0,
-        "arch": arch,
+        "arch": kind.arch,
+        "design": kind.design,
         "folds": [{"fold": k, "weights": f"weights/fold_{k}.pt"} for k in range(n_folds)],
     }
     metrics = {
@@ -177,6 +257,40 @@ def publish_random_version(
     (staging / "metrics.json").write_text(json.dumps(metrics))
     registry.publish(staging, version_id=version_id)
     return version_id
+
+
+def quadrant_image(
+    label: int,
+    rng: np.random.Generator,
+    *,
+    size_px: int = 96,
+    contrast: float = 1.0,
+    rival: int | None = None,
+    rival_strength: float = 0.0,
+) -> tuple[bytes, tuple[float, float]]:
+    """:func:`quadrant_png` and the centre ``(x, y)`` of the class's square, in pixels (the
+    "valve centre" a locate-then-classify recipe learns from)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("L", (size_px, size_px), 0)
+    draw = ImageDraw.Draw(image)
+    frame = int(rng.integers(30, 60))
+    draw.rectangle([2, 2, size_px - 3, size_px - 3], fill=frame)
+    bright = frame + contrast * (int(rng.integers(150, 196)) - frame)
+    squares = [(label, bright)]
+    if rival is not None:
+        squares.append((rival, frame + rival_strength * (bright - frame)))
+    side = size_px // 3
+    centre = (0.0, 0.0)
+    for i, (quadrant, level) in enumerate(squares):
+        x0 = 8 + (quadrant % 2) * (size_px // 2) + int(rng.integers(0, 6))
+        y0 = 8 + (quadrant // 2) * (size_px // 2) + int(rng.integers(0, 6))
+        draw.rectangle([x0, y0, x0 + side, y0 + side], fill=int(level))
+        if i == 0:  # PIL fills both corners: pixels x0 .. x0 + side, i.e. [x0, x0 + side + 1)
+            centre = (x0 + (side + 1) / 2, y0 + (side + 1) / 2)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue(), centre
 
 
 def quadrant_png(
@@ -193,68 +307,80 @@ def quadrant_png(
     ``contrast`` < 1 makes it faint; ``rival`` adds a second square (``rival_strength`` of
     the first's brightness) in another quadrant, so some answers are not saturated.
     """
-    from PIL import Image, ImageDraw
+    png, _ = quadrant_image(
+        label,
+        rng,
+        size_px=size_px,
+        contrast=contrast,
+        rival=rival,
+        rival_strength=rival_strength,
+    )
+    return png
 
-    image = Image.new("L", (size_px, size_px), 0)
-    draw = ImageDraw.Draw(image)
-    frame = int(rng.integers(30, 60))
-    draw.rectangle([2, 2, size_px - 3, size_px - 3], fill=frame)
-    bright = frame + contrast * (int(rng.integers(150, 196)) - frame)
-    squares = [(label, bright)]
-    if rival is not None:
-        squares.append((rival, frame + rival_strength * (bright - frame)))
-    for quadrant, level in squares:
-        x0 = 8 + (quadrant % 2) * (size_px // 2) + int(rng.integers(0, 6))
-        y0 = 8 + (quadrant // 2) * (size_px // 2) + int(rng.integers(0, 6))
-        draw.rectangle([x0, y0, x0 + size_px // 3, y0 + size_px // 3], fill=int(level))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+
+def _quadrant_data(workdir: Path, n_images: int) -> Path:
+    """``n_images`` quadrant PNGs and their manifest (with the squares' centres), made once."""
+    classes = class_names()
+    data = workdir / f"quadrants-{n_images}"
+    if (data / "manifest.csv").exists():
+        return data
+    (data / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    with open(data / "manifest.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["file", "label", "patient_id", "valve_x", "valve_y"])
+        for i in range(n_images):
+            png, (x, y) = quadrant_image(i % 4, rng)
+            (data / "images" / f"{i}.png").write_bytes(png)
+            writer.writerow([f"images/{i}.png", classes[i % 4], f"patient-{i}", x, y])
+    return data
 
 
 def train_quadrant_version(
-    model_dir: Path, workdir: Path, *, n_images: int, epochs: int, n_folds: int = 2
+    model_dir: Path,
+    workdir: Path,
+    *,
+    n_images: int,
+    epochs: int,
+    n_folds: int = 2,
+    recipe: Any = None,
+    version_id: str = "trained-1",
 ) -> str:
-    """Train a ResNet-18 from scratch on quadrant images through the real run stages and
-    publish it; the version id. Takes about a minute at the defaults of bench_predict."""
+    """Train on quadrant images through the real run stages and publish; the version id.
+
+    ``recipe`` (a :class:`training.config.RecipeConfig`; its epochs, folds and Grad-CAM are
+    set here) defaults to a ResNet-18 from scratch at 64², about a minute at the defaults of
+    bench_predict.
+    """
     from training.config import RecipeConfig
     from training.dataset import load_manifest
     from training.labels import load_label_config
     from training.registry import ModelRegistry
     from training.run import run_in_process
 
-    classes = class_names()
-    data = workdir / "quadrants"
-    (data / "images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    with open(data / "manifest.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["file", "label", "patient_id"])
-        for i in range(n_images):
-            (data / "images" / f"{i}.png").write_bytes(quadrant_png(i % 4, rng))
-            writer.writerow([f"images/{i}.png", classes[i % 4], f"patient-{i}"])
-    recipe = RecipeConfig.from_profile(
-        "quick",
-        arch="resnet18",
-        pretrained=False,
+    if recipe is None:
+        recipe = RecipeConfig.from_profile("quick", arch="resnet18", pretrained=False)
+    recipe = recipe.with_overrides(
+        epochs=epochs,
         epochs_from_scratch=epochs,
         n_folds=n_folds,
         augment=False,
         gradcam_per_class=0,
     )
+    data = _quadrant_data(workdir, n_images)
     registry = ModelRegistry(model_dir)
     staging = registry.staging("trained")
     run_in_process(
         staging,
-        load_manifest(data, classes),
+        load_manifest(data, class_names()),
         load_label_config(LABEL_CONFIG_PATH),
         recipe,
         source="quadrants",
         cache_dir=None,
-        run_id="trained-1",
+        run_id=version_id,
     )
-    registry.publish(staging, version_id="trained-1")
-    return "trained-1"
+    registry.publish(staging, version_id=version_id)
+    return version_id
 
 
 # --- model-only contenders ----------------------------------------------------------------
@@ -280,8 +406,13 @@ def serving_model(model: Any, *, compile: bool, channels_last: bool = True) -> A
     return torch.compile(model, backend="inductor")
 
 
-def network_batch(prepared: np.ndarray, size_px: int, *, channels_last: bool = True) -> Any:
-    """Prepared ``(N, H, W)`` images → the normalised network input, made once."""
+def network_batch(
+    prepared: np.ndarray, size_px: int, *, channels_last: bool = True, params: Any = None
+) -> Any:
+    """Prepared ``(N, H, W)`` images → the normalised network input, made once.
+
+    ``params`` (:class:`training.preprocess.PreprocessParams`) default to ImageNet's
+    normalisation at ``size_px``."""
     import torch
 
     from training.inference import to_network_input
@@ -289,9 +420,42 @@ def network_batch(prepared: np.ndarray, size_px: int, *, channels_last: bool = T
 
     return to_network_input(
         torch.from_numpy(np.ascontiguousarray(prepared)),
-        PreprocessParams(size_px=size_px),
+        params or PreprocessParams(size_px=size_px),
         channels_last=channels_last,
     )
+
+
+PRECISIONS = {"bf16": True, "fp32": False}
+"""In-process predictor paths: the served fast path (channels_last, bf16 weights and
+autocast) and eager fp32 (``Predictor(fast_path=False)``; a backend always serves the first)."""
+
+
+@contextlib.contextmanager
+def in_process_predictors(
+    model_dirs: dict[Any, Path], *, batch_size: int = 16
+) -> Iterator[dict[tuple[Any, str], Any]]:
+    """A :class:`backend.predictor.Predictor` per (key, precision) of :data:`PRECISIONS`,
+    each serving its registry's current version in this process (no HTTP, no Redis)."""
+    from backend.predictor import Predictor
+
+    with contextlib.ExitStack() as stack:
+        predictors = {}
+        for key, model_dir in model_dirs.items():
+            for precision, fast in PRECISIONS.items():
+                predictors[(key, precision)] = stack.enter_context(
+                    Predictor(model_dir, device="cpu", fast_path=fast, batch_size=batch_size)
+                )
+        yield predictors
+
+
+def predict_all(predictor: Any, images: Sequence[bytes]) -> None:
+    """``predictor.predict(images)``, checked: every image got a prediction."""
+    from backend.predictor import Prediction
+
+    results = predictor.predict(list(images))
+    bad = [r for r in results if not isinstance(r, Prediction)]
+    if bad:
+        raise RuntimeError(f"the in-process predictor failed on {len(bad)} image(s): {bad[0]}")
 
 
 # --- services -----------------------------------------------------------------------------
@@ -444,12 +608,15 @@ class Served:
     """Start it with ``VALVE_ID_COMPILE=1``."""
     env: tuple[tuple[str, str], ...] = ()
     """More environment for this backend (e.g. allocator settings)."""
+    kind: VersionKind | None = None
+    """The network of its version; None: the deployment's default (``arch`` at ``size_px``)."""
 
     @property
     def name(self) -> str:
         extra = ", ".join(f"{k}={v}" for k, v in self.env)
         return (
-            f"{self.folds}-model"
+            (f"{self.kind.name}, " if self.kind is not None else "")
+            + f"{self.folds}-model"
             + (", compiled" if self.compiled else "")
             + (f", {extra}" if extra else "")
         )
@@ -470,19 +637,40 @@ class Deployment:
         xrays: XrayImages,
         files_root: Path,
         backends: dict[Served, Backend],
-        model_dirs: dict[int, Path],
+        model_dirs: dict[tuple[VersionKind, int], Path],
         start_s: dict[Served, float],
+        default_kind: VersionKind,
     ) -> None:
         self.xrays = xrays
         self.files_root = files_root
         self.backends = backends
         self.model_dirs = model_dirs
+        """Registry of each published version, by (kind, folds)."""
         self.start_s = start_s
         """Seconds each backend took from launch to serving (loading, compiling)."""
+        self.default_kind = default_kind
         self._written: dict[tuple[int, int], Path] = {}
 
-    def fold_weights(self, folds: int, fold: int = 0) -> Path:
-        return self.model_dirs[folds] / "versions" / VERSION_ID / "weights" / f"fold_{fold}.pt"
+    def kind(self, served: Served | VersionKind | None = None) -> VersionKind:
+        """The network of ``served`` (a kind passes through; None: the default)."""
+        if isinstance(served, VersionKind):
+            return served
+        if served is None or served.kind is None:
+            return self.default_kind
+        return served.kind
+
+    def model_dir(self, served: Served | int, kind: VersionKind | None = None) -> Path:
+        """The registry a backend serves (``served``), or that of ``folds`` models of ``kind``."""
+        if isinstance(served, Served):
+            return self.model_dirs[(self.kind(served), served.folds)]
+        return self.model_dirs[(self.kind(kind), served)]
+
+    def fold_weights(
+        self, served: Served | int, fold: int = 0, kind: VersionKind | None = None
+    ) -> Path:
+        """Checkpoint of fold ``fold`` of ``served``'s version (or ``folds`` of ``kind``)."""
+        folder = self.model_dir(served, kind) / "versions" / VERSION_ID / "weights"
+        return folder / f"fold_{fold}.pt"
 
     def path(self, index: int, variant: int) -> Path:
         key = (index, variant)
@@ -507,14 +695,19 @@ def deployment(
     size_px: int,
     arch: str,
     n_images: int,
+    extra_versions: Sequence[tuple[VersionKind, int]] = (),
 ) -> Iterator[Deployment]:
-    """Publish one random-init version per fold count, start Redis and every backend."""
+    """Publish one random-init version per (kind, fold count), start Redis and every backend.
+
+    ``extra_versions`` are published too without a backend (for in-process contenders)."""
     files_root = workdir / "files"
     xrays = XrayImages(n_images, seed=0)
-    model_dirs: dict[int, Path] = {}
-    for folds in dict.fromkeys(s.folds for s in served):
-        model_dirs[folds] = workdir / f"models-{folds}"
-        publish_random_version(model_dirs[folds], n_folds=folds, size_px=size_px, arch=arch)
+    default_kind = VersionKind(arch=arch, size_px=size_px)
+    model_dirs: dict[tuple[VersionKind, int], Path] = {}
+    wanted = [(s.kind or default_kind, s.folds) for s in served] + list(extra_versions)
+    for kind, folds in dict.fromkeys(wanted):
+        model_dirs[(kind, folds)] = workdir / f"models-{len(model_dirs)}"
+        publish_random_version(model_dirs[(kind, folds)], n_folds=folds, kind=kind)
     with contextlib.ExitStack() as stack:
         redis_url = stack.enter_context(redis_server(workdir / "redis"))
         backends: dict[Served, Backend] = {}
@@ -523,7 +716,7 @@ def deployment(
             started = time.perf_counter()
             backends[config] = stack.enter_context(
                 backend_server(
-                    model_dirs[config.folds],
+                    model_dirs[(config.kind or default_kind, config.folds)],
                     files_root,
                     redis_url,
                     workdir / f"backend-{i}",
@@ -531,4 +724,4 @@ def deployment(
                 )
             )
             start_s[config] = time.perf_counter() - started
-        yield Deployment(xrays, files_root, backends, model_dirs, start_s)
+        yield Deployment(xrays, files_root, backends, model_dirs, start_s, default_kind)

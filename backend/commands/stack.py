@@ -152,8 +152,9 @@ def down(state_dir: StateDir = Path("state")) -> None:
 @stack_app.command()
 def status(state_dir: StateDir = Path("state")) -> None:
     """Which parts of the local stack run, and the latest training runs."""
-    from backend.stack.local import backend_jobs
+    from backend.stack.local import backend_jobs, served_demo_accuracy
     from backend.stack.local import status as stack_status
+    from training.errors import ValveIdError
 
     options = _options(state_dir)
     table = Table(title="valve-id local stack")
@@ -168,7 +169,19 @@ def status(state_dir: StateDir = Path("state")) -> None:
     if jobs:
         for run in jobs.get("runs", [])[:5]:
             version = f" → {run['version']}" if run.get("version") else ""
-            Console().print(f"run {run.get('run_id')}: {run.get('status')}{version}")
+            profile = (
+                f" (profile {run['profile']}: {run.get('profile_reason', '')})"
+                if run.get("profile")
+                else ""
+            )
+            Console().print(f"run {run.get('run_id')}: {run.get('status')}{version}{profile}")
         Console().print(f"queues: {jobs.get('queues')}")
+    try:
+        scored = served_demo_accuracy(options)
+    except ValveIdError as exc:  # Label Studio unreachable: the table above already says so
+        Console().print(f"demo accuracy: unavailable ({exc})")
+    else:
+        if scored is not None:
+            Console().print(f"served version {scored.line()}", soft_wrap=True)
     if not any(r.state == "running" for r in rows):
         raise typer.Exit(3)

@@ -1,0 +1,79 @@
+"""How right the served version is on the demo: the demo knows every X-ray's true valve.
+
+The demo project's unlabelled tasks are what an annotator would review next; the backend
+pre-annotated each with the served version. Comparing those predictions (as Label Studio
+stores them) with the demo manifest's truth says whether the product works, not only the
+loop: ``valve-id up`` and ``valve-id status`` print it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["DemoAccuracy", "demo_accuracy"]
+
+
+@dataclass(frozen=True)
+class DemoAccuracy:
+    """The served version's answers on the unlabelled demo tasks, against the truth."""
+
+    version: str
+    correct: int
+    scored: int
+    """Unlabelled tasks holding a prediction of ``version`` (re-scoring may still run)."""
+    unlabelled: int
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.scored if self.scored else None
+
+    def line(self) -> str:
+        if not self.scored:
+            return (
+                f"{self.version}: no unlabelled demo task holds its prediction yet "
+                f"({self.unlabelled} to score)"
+            )
+        pending = (
+            ""
+            if self.scored == self.unlabelled
+            else f"; {self.unlabelled - self.scored} still being scored"
+        )
+        return (
+            f"{self.version} is right on {self.correct} of {self.scored} unlabelled demo "
+            f"X-rays (accuracy {self.accuracy:.2f}{pending})"
+        )
+
+
+def _choice(prediction: Mapping[str, Any], choices_name: str) -> str | None:
+    for result in prediction.get("result") or []:
+        if result.get("from_name") == choices_name and result.get("type") == "choices":
+            choices = (result.get("value") or {}).get("choices") or []
+            return str(choices[0]) if choices else None
+    return None
+
+
+def demo_accuracy(
+    tasks: Iterable[Mapping[str, Any]],
+    truth: Mapping[str, Any],
+    version: str,
+    choices_name: str,
+) -> DemoAccuracy:
+    """Score ``version``'s predictions on the unlabelled ``tasks`` (Label Studio task dicts
+    with ``predictions``) against ``truth`` (``source_uid`` → an object with ``label``)."""
+    correct = scored = unlabelled = 0
+    for task in tasks:
+        if (task.get("total_annotations") or 0) > 0:
+            continue
+        image = truth.get(str((task.get("data") or {}).get("source_uid")))
+        if image is None:
+            continue
+        unlabelled += 1
+        ours = [p for p in task.get("predictions") or [] if str(p.get("model_version")) == version]
+        answer = _choice(ours[-1], choices_name) if ours else None
+        if answer is None:
+            continue
+        scored += 1
+        correct += int(answer == image.label)
+    return DemoAccuracy(version, correct, scored, unlabelled)
