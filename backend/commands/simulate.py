@@ -154,8 +154,6 @@ def simulate_command(
             download_dir=settings.cache / "labelstudio-images",
             image_key=label_config.image_key,
             choices_name=label_config.choices_name,
-            keypoint_name=label_config.keypoint_name,
-            keypoint_label=label_config.keypoint_label,
             expected_snapshot=expected,
             progress=show,
         )
