@@ -217,8 +217,10 @@ def train_fold_stage(
             prepared.arrays, labels, prepared.centres, *fold_args, fold=fold, progress=progress
         )
         extra["centres"] = result.val_centres
-    else:
+    elif config.design == "whole_image":
         result = train_fold(prepared.arrays, labels, *fold_args, fold=fold, progress=progress)
+    else:
+        raise ValueError(f"unknown design {config.design!r}; known: whole_image, locate_classify")
     save_checkpoint(result.model, run_dir / "weights" / f"fold_{fold}.pt", classes=plan["classes"])
     oof = run_dir / "oof" / f"fold_{fold}.npz"
     oof.parent.mkdir(parents=True, exist_ok=True)

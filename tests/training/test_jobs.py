@@ -96,13 +96,13 @@ def test_enqueued_run_is_trained_by_a_worker_and_published(
 def test_a_failing_fold_fails_the_run_and_leaves_the_registry_untouched(
     redis_conn: Redis, redis_url: str, tiny_dataset: Path, tmp_path: Path
 ) -> None:
-    run = _enqueue(redis_conn, tiny_dataset, tmp_path, arch="no-such-network")
+    run = _enqueue(redis_conn, tiny_dataset, tmp_path, design="no-such-design")
     worker = _worker(redis_url, tmp_path)
     worker.communicate(timeout=WORKER_TIMEOUT_S)
 
     status = run_status(redis_conn, run.run_id)
     assert status["status"] == "failed"
-    assert "fold failed" in status["reason"] and "no-such-network" in status["reason"]
+    assert "fold failed" in status["reason"] and "no-such-design" in status["reason"]
     finalize = Job.fetch(run.finalize_job_id, connection=redis_conn)
     assert finalize.get_status() in {"canceled", "deferred"}
     registry = ModelRegistry(tmp_path / "models")

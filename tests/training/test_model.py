@@ -122,6 +122,9 @@ def test_missing_imagenet_file_falls_back_to_random(
         "init": "random",
         "weights_file": str(expected),
         "reason": info.reason,
+        "weights_package": None,
+        "weights_package_version": None,
+        "weights_sha256": None,
     }
     assert model(_batch()).shape == (2, 4)
 

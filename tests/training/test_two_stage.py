@@ -104,3 +104,16 @@ def test_one_fold_learns_where_and_what() -> None:
     assert result.val_logits.shape == (16, 2)
     assert result.init.init == "imagenet"
     assert any(row.get("stage") == "locate" for row in result.history)
+
+
+def test_localisation_error_is_in_pixels_of_the_original_image() -> None:
+    from training.run import localisation_error
+
+    predicted = np.array([[0.5, 0.5], [0.1, 0.2], [np.nan, np.nan]], dtype=np.float32)
+    annotated = np.array([[0.6, 0.5], [0.1, 0.2], [0.3, 0.3]], dtype=np.float32)
+    # (top, bottom, left, right): 200 px wide, 100 px high foreground crops
+    boxes = np.array([[0, 100, 0, 200], [10, 110, 5, 205], [0, 1, 0, 1]], dtype=np.float32)
+    found = localisation_error(predicted, annotated, boxes)
+    assert found["n"] == 2
+    assert found["median_px"] == 10.0  # (20 + 0) / 2: 0.1 of a 200-px width, and a hit
+    assert found["p95_px"] == 19.0
