@@ -320,6 +320,8 @@ def train_two_stage_fold(
         total, seen = 0.0, 0
         for start in range(0, len(order), bs):
             pick = order[start : start + bs]
+            if len(pick) < 2:  # the head's BatchNorm needs two images (fastai drops it too)
+                continue
             shift = torch.randn(len(pick), 2, generator=generator) * jitter
             crops = crop_around(
                 all_images[pick].float(),
@@ -343,7 +345,7 @@ def train_two_stage_fold(
             "fold": fold,
             "epoch": epoch + 1,
             "epochs": config.epochs,
-            "train_loss": total / seen,
+            "train_loss": total / max(seen, 1),
         }
         history.append(row)
         logger.info("fold %d epoch %d/%d %s", fold, epoch + 1, config.epochs, row)

@@ -32,7 +32,8 @@ StateDir = Annotated[
 def _options(state_dir: Path, **kwargs: object):  # -> StackOptions
     from backend.stack.local import StackOptions
 
-    return StackOptions(state_dir=state_dir, **kwargs)  # type: ignore[arg-type]
+    given = {k: v for k, v in kwargs.items() if v is not None}  # None: the stack's default
+    return StackOptions(state_dir=state_dir, **given)  # type: ignore[arg-type]
 
 
 def _logging() -> None:
@@ -77,11 +78,17 @@ def up(
         ),
     ] = None,
     demo_images: Annotated[
-        int, typer.Option(min=10, help="Synthetic X-rays in the demo project.")
-    ] = 120,
+        int | None,
+        typer.Option(min=10, help="Synthetic X-rays in the demo project [default: 240]."),
+    ] = None,
     seed_labels: Annotated[
-        int, typer.Option(min=0, help="Demo X-rays labelled up front, so training can start.")
-    ] = 40,
+        int | None,
+        typer.Option(
+            min=0,
+            help="Demo X-rays labelled up front (class and valve centre), so training can "
+            "start [default: 160].",
+        ),
+    ] = None,
 ) -> None:
     """Start Label Studio, Redis, the backend and workers; set up the demo project."""
     from backend.stack.local import up as stack_up
