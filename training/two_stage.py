@@ -51,6 +51,10 @@ DESIGN = "locate_classify"
 """Checkpoint ``design`` name of :class:`LocateClassifyNet`."""
 LOCATOR_HIDDEN = 64
 """Channels of the locator head's hidden layer."""
+LOCATOR_LR = 1e-3
+"""AdamW rate of the locator head (on cached features: hundreds of cheap passes)."""
+LOCATOR_BATCH = 32
+"""Feature maps per locator-head step."""
 MIN_ONE_CYCLE_STEPS = 10
 """Fewer optimiser steps (tiny test runs) train at a constant rate: one-cycle needs a warm-up
 and an annealing phase of at least one step each."""
@@ -267,12 +271,12 @@ def train_two_stage_fold(
     target = torch.from_numpy(centres[loc_train]).float()
     target = torch.cat([target, torch.stack([1 - target[:, 0], target[:, 1]], dim=1)]).to(device)
     head = model.locator_head.train()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-3)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=LOCATOR_LR, weight_decay=1e-3)
     for epoch in range(config.locator_epochs):
         order = torch.randperm(len(feats))
         total = 0.0
-        for start in range(0, len(order), 32):
-            pick = order[start : start + 32]
+        for start in range(0, len(order), LOCATOR_BATCH):
+            pick = order[start : start + LOCATOR_BATCH]
             loss = F.l1_loss(soft_argmax(head(feats[pick])), target[pick])
             optimizer.zero_grad()
             loss.backward()
@@ -292,12 +296,10 @@ def train_two_stage_fold(
     unknown_train = train_idx[~known[train_idx]]
     crop_centres[unknown_train] = predicted_centres(unknown_train)
     val_centres = predicted_centres(val_idx)
-    if len(loc_train):
-        fit = predicted_centres(loc_train) - centres[loc_train]
-        jitter = float(np.median(np.linalg.norm(fit, axis=1))) if len(fit) else 0.0
-    else:
-        jitter = 0.0
-    jitter = max(jitter, config.crop_jitter)
+    with torch.inference_mode():  # the training images' own features, not mirrored
+        fitted = soft_argmax(head(feats[: len(loc_train)])).cpu().numpy()
+    residual = np.linalg.norm(fitted - centres[loc_train], axis=1)
+    jitter = max(float(np.median(residual)), config.crop_jitter)
     logger.info("fold %d: locator trained (%d images with a centre)", fold, len(loc_train))
 
     # 2. Classifier on crops: weighted CE, AdamW one-cycle, dihedral + brightness augmentation.
