@@ -48,7 +48,7 @@ def simulate_command(
         str,
         typer.Option(
             help="Comma-separated: random, entropy, margin, least_confidence, "
-            "bald, coreset, entropy_coreset."
+            "bald, coreset, entropy_coreset, typiclust, tcm."
         ),
     ] = _DEFAULT_STRATEGIES,
     seeds: Annotated[int, typer.Option(min=1, help="Replicates per strategy.")] = 3,
@@ -64,12 +64,23 @@ def simulate_command(
     mc_passes: Annotated[
         int, typer.Option(min=0, help="MC-dropout passes for BALD when --members is 1.")
     ] = 20,
-    profile: Annotated[str, typer.Option(help="Recipe profile: paper or quick.")] = "quick",
+    profile: Annotated[
+        str,
+        typer.Option(
+            help="Recipe profile: auto (paper with CUDA and the ResNet-34 file, else cpu), "
+            "paper, cpu, or quick (mechanics only)."
+        ),
+    ] = "auto",
     image_size: Annotated[int | None, typer.Option(help="Override the input size (px).")] = None,
     epochs: Annotated[
         int | None, typer.Option(help="Override the main-phase epochs (either init).")
     ] = None,
-    arch: Annotated[str | None, typer.Option(help="Backbone: resnet34 or resnet18.")] = None,
+    locator_epochs: Annotated[
+        int | None, typer.Option(help="Override the locator head's epochs (locate_classify).")
+    ] = None,
+    arch: Annotated[
+        str | None, typer.Option(help="Backbone: resnet34, resnet18 or efficientnet_lite0.")
+    ] = None,
     from_scratch: Annotated[
         bool, typer.Option(help="Random init instead of ImageNet weights.")
     ] = False,
@@ -103,6 +114,7 @@ def simulate_command(
                 image_size_px=image_size,
                 epochs=epochs,
                 epochs_from_scratch=epochs,
+                locator_epochs=locator_epochs,
                 arch=arch,
                 pretrained=False if from_scratch else None,
             )

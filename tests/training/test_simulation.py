@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from toy_images import ring_or_cross, toy_recipe
 
 from training.config import RecipeConfig
 from training.errors import DatasetError
@@ -140,6 +141,43 @@ def test_coreset_picks_spread_out_points_not_near_duplicates() -> None:
     assert len(set(k_center_greedy(duplicates, 4).tolist())) == 4, "never the same point twice"
 
 
+def test_typiclust_takes_the_typical_member_of_each_uncovered_cluster() -> None:
+    rng = np.random.default_rng(0)
+    centres = np.array([[0, 0], [10, 0], [0, 10], [10, 10]], dtype=np.float64)
+    cluster = np.repeat(np.arange(4), 25)
+    features = centres[cluster] + rng.normal(0, 0.5, (100, 2))
+    outliers = np.array([3, 28, 53, 78])  # one far-off member per cluster: diverse, atypical
+    features[outliers] = centres[cluster[outliers]] + 4.0
+    labelled = centres[:1] + rng.normal(0, 0.1, (5, 2))  # cluster 0 is covered
+    probs = np.full((100, K), 0.25)
+    picks = STRATEGIES["typiclust"](
+        probs, None, features, 3, np.random.default_rng(1), labelled_features=labelled
+    )
+    assert sorted(cluster[picks].tolist()) == [1, 2, 3], "one pick per uncovered cluster"
+    assert not set(picks.tolist()) & set(outliers.tolist()), "typical, not outlying"
+    for p in picks:  # the pick sits near its cluster's centre
+        assert np.linalg.norm(features[p] - centres[cluster[p]]) < 0.6
+
+
+def test_tcm_is_typiclust_at_the_cold_start_then_margin() -> None:
+    from training.simulation.strategies import COLD_START_LABELS_PER_CLASS
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(60, 3))
+    probs = rng.dirichlet(np.ones(K), size=60)
+    few = features[:5]
+    cold = STRATEGIES["tcm"](
+        probs, None, features, 6, np.random.default_rng(2), labelled_features=few
+    )
+    typi = STRATEGIES["typiclust"](
+        probs, None, features, 6, np.random.default_rng(2), labelled_features=few
+    )
+    assert cold.tolist() == typi.tolist()
+    many = rng.normal(size=(COLD_START_LABELS_PER_CLASS * K, 3))
+    warm = STRATEGIES["tcm"](probs, None, features, 6, rng, labelled_features=many)
+    assert warm.tolist() == STRATEGIES["margin"](probs, None, features, 6, rng).tolist()
+
+
 def test_unknown_strategy_and_bad_budgets_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown strategy"):
         get_strategy("uncertainty")
@@ -215,9 +253,16 @@ def test_labels_saved_auc_and_spread_are_computed_from_the_curves() -> None:
     summary = summarize(runs, ["a", "b"])
     saved = summary["labels_saved"]
     assert saved["target"] == pytest.approx(0.6)
-    assert saved["by_strategy"]["random"] == {"labels_needed": 40, "labels_saved": 0}
-    assert saved["by_strategy"]["entropy"] == {"labels_needed": 20, "labels_saved": 20}
-    assert saved["by_strategy"]["coreset"] == {"labels_needed": None, "labels_saved": None}
+    by = {name: dict(row) for name, row in saved["by_strategy"].items()}
+    paired = {name: row.pop("paired") for name, row in by.items()}
+    assert by["random"] == {"labels_needed": 40, "labels_saved": 0}
+    assert by["entropy"] == {"labels_needed": 20, "labels_saved": 20}
+    assert by["coreset"] == {"labels_needed": None, "labels_saved": None}
+    # Paired per seed: entropy reaches random's own final (0.5, then 0.7) at 20 labels in both.
+    assert paired["entropy"]["per_seed"] == [20, 20]
+    assert paired["entropy"]["mean"] == 20 and paired["entropy"]["ci95"] == [20.0, 20.0]
+    assert paired["coreset"]["per_seed"] == [0, None]
+    assert paired["coreset"]["reached"] == 1 and paired["coreset"]["ci95"] is None
     # AUC: trapezoid / label range; first random run: (0.25 + 0.35 + 0.45) * 10 / 30 = 0.35.
     assert summary["auc"]["random"]["per_seed"][0] == pytest.approx(0.35)
     band = summary["curves"]["random"]["macro_f1"]
@@ -277,6 +322,44 @@ def test_same_configuration_gives_the_same_selections_and_curves() -> None:
         run = first["runs"][name][0]
         picked = {k for r in run["rounds"] for k in r["picked"]}
         assert not (picked | set(run["seed_set"])) & test_keys, "the test split is never picked"
+
+
+@pytest.mark.slow
+def test_locate_classify_rounds_learn_from_the_revealed_centres() -> None:
+    """The cpu profile's design in a simulation: real Lite0 ImageNet weights, toy images
+    whose class is the valve-like object's shape and whose position varies."""
+    n = 64
+    images, labels, centres = ring_or_cross(n, seed=3)
+    data = SimulationData(
+        arrays=images,
+        labels=labels,
+        groups=np.array([f"p{i}" for i in range(n)]),
+        keys=tuple(f"item{i}" for i in range(n)),
+        classes=("ring", "cross"),
+        centres=centres,
+    )
+    recipe = toy_recipe()
+    config = SimulationConfig(
+        data="toy",
+        strategies=("random", "tcm"),
+        seeds=1,
+        budget=40,
+        batch_size=8,
+        seed_size=32,
+        mc_passes=4,
+        recipe=recipe,
+    )
+    results = run_simulation(data, config)
+    assert results["design"] == "locate_classify", "every image has a centre"
+    final = [results["runs"][s][0]["rounds"][-1]["macro_f1"] for s in config.strategies]
+    assert min(final) >= 0.8, final
+    assert results["init"]["init"] == "imagenet"
+
+    no_centres = SimulationData(
+        arrays=images, labels=labels, groups=data.groups, keys=data.keys, classes=data.classes
+    )
+    assert no_centres.located == 0
+    assert recipe.for_snapshot(no_centres.located, n).design == "whole_image"
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from toy_images import ring_or_cross, toy_recipe
 
-from training.config import RecipeConfig
 from training.model import load_checkpoint, save_checkpoint
 from training.two_stage import (
     LocateClassifyNet,
@@ -21,8 +21,6 @@ from training.two_stage import (
     soft_argmax,
     train_two_stage_fold,
 )
-
-SIDE = 192
 
 
 def test_soft_argmax_finds_the_peak_cell() -> None:
@@ -61,40 +59,13 @@ def test_checkpoint_round_trip_keeps_the_design(tmp_path: Path) -> None:
         assert torch.allclose(loaded(x), before, atol=1e-5)
 
 
-def _toy_set(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A bright ring (class 0) or a bright cross (class 1) at a random place on dim noise."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:SIDE, 0:SIDE]
-    images = rng.uniform(0.1, 0.3, (n, SIDE, SIDE)).astype(np.float32)
-    labels = np.arange(n) % 2
-    centres = rng.uniform(0.15, 0.85, (n, 2)).astype(np.float32)
-    for i in range(n):
-        cx, cy = centres[i] * SIDE
-        r = np.hypot(xx - cx, yy - cy)
-        if labels[i] == 0:
-            mask = (r > 6) & (r < 10)
-        else:
-            mask = ((abs(xx - cx) < 2.5) | (abs(yy - cy) < 2.5)) & (r < 10)
-        images[i][mask] = 0.95
-    return images.astype(np.float16), labels, centres
-
-
 def test_one_fold_learns_where_and_what() -> None:
-    images, labels, centres = _toy_set(64, seed=3)
+    images, labels, centres = ring_or_cross(64, seed=3)
     # 49 = 3 batches of 16 + 1: a batch of one must not reach the head's BatchNorm.
     train_idx, val_idx = np.arange(49), np.arange(49, 64)
     known = centres.copy()
     known[::6] = np.nan  # some training images have no annotated centre
-    config = RecipeConfig.from_profile(
-        "cpu",
-        image_size_px=SIDE,
-        locator_px=96,
-        crop_fraction=0.25,
-        crop_px=48,
-        epochs=8,
-        locator_epochs=60,
-        design="locate_classify",
-    )
+    config = toy_recipe(design="locate_classify")
     result = train_two_stage_fold(
         images, labels, known, train_idx, val_idx, 2, config, device=torch.device("cpu")
     )

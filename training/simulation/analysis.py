@@ -9,7 +9,11 @@ Pure numpy on the ``runs`` of :func:`training.simulation.loop.run_simulation`:
 * **Labels saved** (the headline): random sampling's final mean macro-F1 is the target; a
   strategy *needs* the first label count at which its mean curve reaches it, and *saves*
   random's final label count minus that. ``None`` = not reached within the budget. Counts
-  are those evaluated (multiples of the batch), never interpolated.
+  are those evaluated (multiples of the batch), never interpolated. The spread comes from the
+  replicates, paired: in replicate *r* (same seed set, test split and training seeds for
+  every strategy) a strategy saves random's labels minus the first count at which it reaches
+  random's final macro-F1 *of that replicate*; the mean of those and a 95 % Student-t
+  interval, defined when every replicate reached its target.
 * **Error detection**: AUROC of each acquisition for flagging the final model's wrong test
   predictions, mean ± SD over replicates per strategy and over all final models.
 """
@@ -21,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BASELINE", "NEAR_CHANCE_MARGIN", "STD_DDOF", "band", "summarize"]
+__all__ = ["BASELINE", "CONFIDENCE", "NEAR_CHANCE_MARGIN", "STD_DDOF", "band", "summarize"]
 
 BASELINE = "random"
 """The strategy whose final macro-F1 defines "labels saved"."""
@@ -29,6 +33,8 @@ STD_DDOF = 1
 """Sample standard deviation across replicates."""
 NEAR_CHANCE_MARGIN = 0.10
 """A best final macro-F1 below ``1/K + 0.10`` is flagged: the models barely beat guessing."""
+CONFIDENCE = 0.95
+"""Level of the interval around the mean labels saved."""
 _TOLERANCE = 1e-9
 
 
@@ -101,6 +107,8 @@ def summarize(runs: Mapping[str, Sequence[Mapping[str, Any]]], classes: Sequence
         auc[name] = _mean_sd([_normalised_auc(x, row) for row in f1])
 
     labels_saved = _labels_saved(curves)
+    for name, row in labels_saved["by_strategy"].items():
+        row["paired"] = _paired_labels_saved(runs[BASELINE], runs[name])
     auroc = _auroc(runs)
     finals = [c["macro_f1"]["mean"][-1] for c in curves.values()]
     best_final = max(finals) if finals else None
@@ -142,6 +150,37 @@ def _labels_saved(curves: Mapping[str, Any]) -> dict[str, Any]:
         "baseline_labels": base_labels,
         "by_strategy": by_strategy,
     }
+
+
+def _first_reaching(rounds: Sequence[Mapping[str, Any]], target: float) -> int | None:
+    return next((r["n_labels"] for r in rounds if r["macro_f1"] >= target - _TOLERANCE), None)
+
+
+def _paired_labels_saved(
+    baseline: Sequence[Mapping[str, Any]], reps: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Labels saved per replicate against random's own final macro-F1 in that replicate,
+    their mean and a :data:`CONFIDENCE` Student-t interval (``None`` unless every replicate
+    reached its target and there are at least two)."""
+    from scipy import stats
+
+    per_seed: list[int | None] = []
+    for base, rep in zip(baseline, reps, strict=True):
+        final = base["rounds"][-1]
+        needed = _first_reaching(rep["rounds"], final["macro_f1"])
+        per_seed.append(None if needed is None else final["n_labels"] - needed)
+    reached = [s for s in per_seed if s is not None]
+    mean = float(np.mean(reached)) if reached else None
+    interval = None
+    if len(reached) == len(per_seed) >= 2:
+        values = np.asarray(reached, dtype=np.float64)
+        half = float(
+            stats.t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1)
+            * values.std(ddof=STD_DDOF)
+            / np.sqrt(len(values))
+        )
+        interval = [float(values.mean()) - half, float(values.mean()) + half]
+    return {"per_seed": per_seed, "reached": len(reached), "mean": mean, "ci95": interval}
 
 
 def _auroc(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:

@@ -49,6 +49,8 @@ from training.dataset import LabelledImage, PreparedImages, load_items, prepare_
 from training.errors import DatasetError
 from training.simulation.config import SimulationConfig
 from training.simulation.strategies import get_strategy
+from training.two_stage import DESIGN as LOCATE_CLASSIFY
+from training.two_stage import LocateClassifyNet
 from training.uncertainty import ACQUISITIONS, softmax
 
 __all__ = [
@@ -98,6 +100,21 @@ class SimulationData:
     classes: tuple[str, ...]
     hashes: tuple[str, ...] = ()
     """Content hash of each image file ('' when built from arrays directly)."""
+    centres: np.ndarray | None = None
+    """``(N, 2)`` valve centres as fractions of the prepared image, NaN where none was
+    annotated (:attr:`training.dataset.PreparedImages.centres`); ``None``: none at all."""
+
+    def __post_init__(self) -> None:
+        if self.centres is None:
+            object.__setattr__(
+                self, "centres", np.full((len(self.labels), 2), np.nan, dtype=np.float32)
+            )
+
+    @property
+    def located(self) -> int:
+        """Images with an annotated valve centre."""
+        assert self.centres is not None
+        return int((~np.isnan(self.centres).any(axis=1)).sum())
 
     @classmethod
     def from_prepared(cls, prepared: PreparedImages, classes: Sequence[str]) -> SimulationData:
@@ -113,6 +130,7 @@ class SimulationData:
             keys=tuple(it.key for it in prepared.items),
             classes=kept,
             hashes=tuple(prepared.hashes),
+            centres=prepared.centres,
         )
 
 
@@ -214,20 +232,24 @@ def draw_seed_set(
 class _ScoringNet(nn.Module):
     """One forward pass → ``[logits | penultimate features | MC-dropout logits ...]``.
 
-    Wraps a trained :class:`training.model.ValveNet` so that
-    :func:`training.inference.predict_logits` (which puts the model in eval mode) returns
-    everything a strategy needs; the head's dropout layers are switched on only for the
-    MC passes, over body features computed once.
+    Wraps a trained network — a :class:`training.model.ValveNet`, or a
+    :class:`training.two_stage.LocateClassifyNet` whose classifier sees the crop around the
+    *predicted* centre, as served — so that :func:`training.inference.predict_logits` (which
+    puts the model in eval mode) returns everything a strategy needs; the classifier head's
+    dropout layers are switched on only for the MC passes, over body features computed once.
     """
 
     def __init__(self, model: nn.Module, mc_passes: int) -> None:
         super().__init__()
         self.model, self.mc_passes = model, mc_passes
-        self.dropouts = [m for m in model.head if isinstance(m, nn.Dropout)]
+        self.classifier = model.classifier if isinstance(model, LocateClassifyNet) else model
+        self.dropouts = [m for m in self.classifier.head if isinstance(m, nn.Dropout)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        body = self.model.body(x)
-        head = self.model.head
+        if isinstance(self.model, LocateClassifyNet):
+            x = self.model.crop(x, self.model.locate(x))
+        body = self.classifier.body(x)
+        head = self.classifier.head
         features = head[:-1](body)  # eval mode: dropout is the identity
         outputs = [head[-1](features), features]
         if self.mc_passes:
@@ -249,9 +271,15 @@ def _training_seed(base: int, replicate: int, round_: int) -> int:
 def _fit_and_score(
     data: SimulationData, labelled: np.ndarray, config: SimulationConfig, seed: int
 ) -> tuple[RoundScores, dict[str, Any]]:
-    """Train ``config.members`` models on ``labelled``; score every image with them."""
+    """Train ``config.members`` models on ``labelled``; score every image with them.
+
+    ``config.recipe.design`` is settled (:func:`run_simulation`): the whole-image recipe, or
+    locate-then-classify trained on the labelled images' valve centres (revealed with their
+    labels, as an annotator places the keypoint with the class).
+    """
     from training.inference import predict_logits
     from training.recipe import pick_device, train_fold  # fastai: only when training
+    from training.two_stage import train_two_stage_fold
 
     device = pick_device()
     recipe = config.recipe.with_overrides(seed=seed)
@@ -262,9 +290,22 @@ def _fit_and_score(
     mc_passes = config.mc_passes if config.members == 1 else 0
     member_logits, features, mc_logits, init = [], None, None, None
     for member in range(config.members):
-        result = train_fold(
-            data.arrays, data.labels, labelled, monitor, k, recipe, fold=member, device=device
-        )
+        if recipe.design == LOCATE_CLASSIFY:
+            result = train_two_stage_fold(
+                data.arrays,
+                data.labels,
+                data.centres,
+                labelled,
+                monitor,
+                k,
+                recipe,
+                fold=member,
+                device=device,
+            )
+        else:
+            result = train_fold(
+                data.arrays, data.labels, labelled, monitor, k, recipe, fold=member, device=device
+            )
         init = init or result.init.to_dict()
         net = _ScoringNet(result.model.to(device), mc_passes)
         torch.manual_seed(seed + member)  # MC-dropout masks are reproducible too
@@ -277,7 +318,7 @@ def _fit_and_score(
             mixed_precision=recipe.mixed_precision,
             channels_last=recipe.channels_last,
         )
-        d = result.model.head[-1].in_features
+        d = net.classifier.head[-1].in_features
         member_logits.append(out[:, :k])
         if features is None:
             features = out[:, k : k + d]
@@ -351,6 +392,15 @@ def run_simulation(
     AUROC of each acquisition from the last round's model on the test split.
     """
     k = len(data.classes)
+    recipe = config.recipe.for_snapshot(data.located, len(data.labels))
+    if recipe.design != config.recipe.design:
+        logger.info(
+            "simulation: %s design (%d of %d images have a valve centre)",
+            recipe.design,
+            data.located,
+            len(data.labels),
+        )
+        config = config.with_overrides(recipe=recipe)
     candidates, test = held_out_split(data.labels, data.groups, config.test_fraction, config.seed)
     y_test = data.labels[test]
     if len(candidates) < config.budget:
@@ -429,6 +479,7 @@ def run_simulation(
             "keys": [data.keys[i] for i in test],
         },
         "init": init,
+        "design": config.recipe.design,
         "runs": runs,
         "elapsed_s": round(time.monotonic() - started, 1),
     }

@@ -178,6 +178,7 @@ def _labels_saved_section(summary: Mapping[str, Any]) -> str:
             f'<tr><td class="l">{_esc(_name(name))}</td>'
             f"<td>{'not reached' if needed is None else needed}</td>"
             f"<td>{'–' if row.get('labels_saved') is None else row['labels_saved']}</td>"
+            f"<td>{_esc(_paired_text(row.get('paired')))}</td>"
             f"<td>{_pm(auc['mean'], auc['sd'])}</td>"
             f"<td>{_pm(final['mean'][-1], final['sd'][-1])}</td></tr>"
         )
@@ -186,10 +187,27 @@ def _labels_saved_section(summary: Mapping[str, Any]) -> str:
         '<p class="note">Labels needed: the first label count at which the strategy\'s mean '
         "macro-F1 reaches random sampling's final mean. Saved: random's labels minus those. "
         "AUC: area under the macro-F1 curve divided by the label range (the mean macro-F1 over "
-        "the budget, 1 = perfect from the start), mean ± SD over seeds.</p>"
+        "the budget, 1 = perfect from the start), mean ± SD over seeds. Per seed: the same "
+        "comparison inside each seed (same seed set and test split), its mean and 95 % "
+        "interval; a seed that never reached random's final value is counted as not reached.</p>"
         '<table><tr><th class="l">Strategy</th><th>Labels needed</th><th>Labels saved</th>'
+        "<th>Saved per seed (mean, 95 % CI)</th>"
         f"<th>AUC (normalised)</th><th>Final macro-F1</th></tr>{''.join(rows)}</table>"
     )
+
+
+def _paired_text(paired: Mapping[str, Any] | None) -> str:
+    """``"20, 0, 40 → 20 [-30, 70]"``; seeds that never reached the target are named."""
+    if not paired:
+        return "–"
+    seeds = ", ".join("not reached" if s is None else str(s) for s in paired["per_seed"])
+    if paired["mean"] is None:
+        return seeds
+    text = f"{seeds} → {paired['mean']:.0f}"
+    if paired["ci95"] is not None:
+        lo, hi = paired["ci95"]
+        text += f" [{lo:.0f}, {hi:.0f}]"
+    return text
 
 
 def _auroc_section(summary: Mapping[str, Any]) -> str:

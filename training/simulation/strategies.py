@@ -20,6 +20,17 @@ avoid spending a batch on ``k`` near-duplicates:
   pick is the pool image farthest from everything labelled or already picked;
 * ``entropy_coreset``: k-center greedy restricted to the ``UNCERTAIN_CANDIDATES_PER_PICK * k``
   most uncertain images by entropy (uncertainty first, then diversity among them).
+
+And two for the cold start, where uncertainty sampling is known to lose to random because a
+model trained on a handful of labels is confidently wrong about whole regions of the data:
+
+* ``typiclust``: TypiClust (Hacohen, Dekel & Weinshall, ICML 2022): cluster labelled + pool
+  features into ``labelled + k`` clusters, then repeatedly take the most *typical* pool image
+  (highest inverse mean distance to its nearest neighbours) of the largest cluster that holds
+  the fewest labels: typical, diverse examples first;
+* ``tcm``: TypiClust while fewer than ``COLD_START_LABELS_PER_CLASS`` labels per class exist,
+  margin afterwards (Doucet et al., "Bridging diversity and uncertainty in active learning
+  with self-supervised pre-training", 2023).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import numpy as np
 from training.uncertainty import ACQUISITIONS, ranking_score
 
 __all__ = [
+    "COLD_START_LABELS_PER_CLASS",
     "STRATEGIES",
     "UNCERTAIN_CANDIDATES_PER_PICK",
     "Strategy",
@@ -41,10 +53,19 @@ __all__ = [
     "select_coreset",
     "select_entropy_coreset",
     "select_random",
+    "select_tcm",
+    "select_typiclust",
+    "typicality",
 ]
 
 UNCERTAIN_CANDIDATES_PER_PICK = 3
 """``entropy_coreset`` draws its ``k`` picks from the ``3 k`` most uncertain pool images."""
+TYPICALITY_NEIGHBOURS = 20
+"""Neighbours whose mean distance defines an image's typicality (TypiClust's value)."""
+MAX_CLUSTERS = 500
+"""TypiClust's cap on the number of clusters."""
+COLD_START_LABELS_PER_CLASS = 10
+"""``tcm`` picks by TypiClust until the labelled set holds this many labels per class."""
 
 
 class Strategy(Protocol):
@@ -183,11 +204,87 @@ def select_entropy_coreset(
     return candidates[k_center_greedy(x[candidates], k, labelled_features, rng)]
 
 
+def typicality(features: np.ndarray, neighbours: int = TYPICALITY_NEIGHBOURS) -> np.ndarray:
+    """Inverse mean Euclidean distance of each row to its ``neighbours`` nearest other rows
+    (a density estimate: high = typical). A lone row gets 0."""
+    x = np.asarray(features, dtype=np.float64)
+    n = len(x)
+    if n < 2:
+        return np.zeros(n)
+    d = np.sqrt(np.maximum((x * x).sum(1)[:, None] - 2.0 * x @ x.T + (x * x).sum(1)[None], 0.0))
+    np.fill_diagonal(d, np.inf)
+    m = min(neighbours, n - 1)
+    nearest = np.sort(d, axis=1)[:, :m]
+    return 1.0 / (nearest.mean(axis=1) + 1e-12)
+
+
+def select_typiclust(
+    probs: np.ndarray,
+    member_probs: np.ndarray | None,
+    features: np.ndarray | None,
+    k: int,
+    rng: np.random.Generator,
+    *,
+    labelled_features: np.ndarray | None = None,
+) -> np.ndarray:
+    """TypiClust: the most typical pool image of each large, uncovered cluster."""
+    from sklearn.cluster import KMeans
+
+    x = _need_features(features, len(probs), "typiclust")
+    k = _check_k(len(x), k)
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    labelled = np.zeros((0, x.shape[1])) if labelled_features is None else labelled_features
+    everything = np.concatenate([np.asarray(labelled, dtype=np.float64), x]).astype(np.float64)
+    n_clusters = min(len(labelled) + k, MAX_CLUSTERS, len(everything))
+    seed = int(rng.integers(2**31 - 1))
+    assign = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed).fit_predict(everything)
+    labelled_in = np.bincount(assign[: len(labelled)], minlength=n_clusters)
+    pool_of = assign[len(labelled) :]
+    size = np.bincount(assign, minlength=n_clusters)
+    taken = np.zeros(len(x), dtype=bool)
+    picks: list[int] = []
+    while len(picks) < k:
+        free = np.array([np.any((pool_of == c) & ~taken) for c in range(n_clusters)])
+        # Fewest labels first, then the largest cluster (TypiClust's order).
+        order = np.lexsort((-size, labelled_in))
+        cluster = next(int(c) for c in order if free[c])
+        members = np.flatnonzero((pool_of == cluster) & ~taken)
+        everyone = np.flatnonzero(assign == cluster)  # typicality within the whole cluster
+        density = typicality(everything[everyone])
+        pool_density = density[np.searchsorted(everyone, members + len(labelled))]
+        pick = int(members[int(np.argmax(pool_density))])
+        picks.append(pick)
+        taken[pick] = True
+        labelled_in[cluster] += 1
+    return np.asarray(picks, dtype=np.int64)
+
+
+def select_tcm(
+    probs: np.ndarray,
+    member_probs: np.ndarray | None,
+    features: np.ndarray | None,
+    k: int,
+    rng: np.random.Generator,
+    *,
+    labelled_features: np.ndarray | None = None,
+) -> np.ndarray:
+    """TypiClust at the cold start, margin once there are enough labels per class."""
+    n_labelled = 0 if labelled_features is None else len(labelled_features)
+    if n_labelled < COLD_START_LABELS_PER_CLASS * probs.shape[1]:
+        return select_typiclust(
+            probs, member_probs, features, k, rng, labelled_features=labelled_features
+        )
+    return _REGISTRY["margin"](probs, member_probs, features, k, rng)
+
+
 _REGISTRY: dict[str, Strategy] = {
     "random": select_random,
     **{name: _by_acquisition(name) for name in ACQUISITIONS},
     "coreset": select_coreset,
     "entropy_coreset": select_entropy_coreset,
+    "typiclust": select_typiclust,
+    "tcm": select_tcm,
 }
 
 STRATEGIES: Mapping[str, Strategy] = MappingProxyType(_REGISTRY)
