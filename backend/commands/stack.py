@@ -58,7 +58,8 @@ def up(
         typer.Option(
             "--ls-venv",
             envvar="VALVE_ID_LS_VENV",
-            help="Label Studio's own virtualenv (default: <state>/ls-venv); reused across runs.",
+            help="Label Studio's own virtualenv (default: ~/.cache/valve-id/label-studio-"
+            "<version>, one per machine, shared with the tests); reused across runs.",
         ),
     ] = None,
     ls_port: Annotated[

@@ -40,6 +40,7 @@ from backend.stack.processes import (
 from training.errors import StackError
 
 __all__ = [
+    "DEFAULT_LS_VENV",
     "LABEL_STUDIO_REQUIREMENT",
     "LABEL_STUDIO_VERSION",
     "START_TIMEOUT_S",
@@ -58,6 +59,13 @@ logger = logging.getLogger(__name__)
 LABEL_STUDIO_VERSION = "1.23.2"
 """The Label Studio release valve-id is built and tested against (PROTOCOL.md)."""
 LABEL_STUDIO_REQUIREMENT = f"label-studio=={LABEL_STUDIO_VERSION}"
+DEFAULT_LS_VENV = (
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    / "valve-id"
+    / f"label-studio-{LABEL_STUDIO_VERSION}"
+)
+"""One Label Studio install per machine and version (~1 GB), shared by ``valve-id up`` and
+the test suite, outside any state folder so that ``rm -rf state`` keeps it."""
 INSTALL_TIMEOUT_S = 30 * 60
 """Seconds ``pip install label-studio`` may take (about 1 min here; slow mirrors are slower)."""
 INIT_TIMEOUT_S = 10 * 60

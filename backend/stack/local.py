@@ -11,8 +11,11 @@ Everything lives under one state directory (``VALVE_ID_STATE_DIR``, default ``st
     files/           LOCAL_FILES_DOCUMENT_ROOT: the de-identified PNGs Label Studio serves
     demo-dicom/      the synthetic demo DICOMs (+ manifest.csv) imported into the project
     redis/           our own Redis's append-only file (unless REDIS_URL answers)
-    ls-venv/         Label Studio's own virtualenv (unless VALVE_ID_LS_VENV names another)
     models/, cache/  the model registry and preprocessing cache (MODEL_DIR, VALVE_ID_CACHE_DIR)
+
+Label Studio's own virtualenv is not in it: one install per machine and version
+(:data:`~backend.stack.labelstudio_server.DEFAULT_LS_VENV`, or ``VALVE_ID_LS_VENV``), shared
+with the test suite and kept when the state folder is deleted.
 
 ``up`` is idempotent: a part already running is kept, every bootstrap step looks before it
 writes, and ports picked on the first run are reused. ``down`` stops exactly the processes
@@ -38,6 +41,7 @@ import httpx
 from backend.stack import bootstrap
 from backend.stack.demo_accuracy import DemoAccuracy, demo_accuracy
 from backend.stack.labelstudio_server import (
+    DEFAULT_LS_VENV,
     LABEL_STUDIO_VERSION,
     LabelStudioAccount,
     check_account,
@@ -128,7 +132,7 @@ class StackOptions:
 
     state_dir: Path
     ls_venv: Path | None = None
-    """Label Studio's virtualenv (default ``<state>/ls-venv``)."""
+    """Label Studio's virtualenv (default: the machine's shared ``DEFAULT_LS_VENV``)."""
     ls_port: int | None = None
     """None: the port of the last run, else :data:`DEFAULT_LS_PORT` or a free one."""
     backend_port: int | None = None
@@ -167,7 +171,7 @@ class StackPaths:
         return self.logs / f"{name}.log"
 
     def ls_venv(self, options: StackOptions) -> Path:
-        return (options.ls_venv or self.state / "ls-venv").expanduser().absolute()
+        return (options.ls_venv or DEFAULT_LS_VENV).expanduser().absolute()
 
 
 @dataclass

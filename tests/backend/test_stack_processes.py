@@ -203,3 +203,19 @@ def test_stop_signals_only_the_recorded_group(tmp_path: Path) -> None:
     finally:
         if is_alive(b):
             os.kill(b.pid, signal.SIGKILL)
+
+
+def test_label_studio_is_installed_once_per_machine_not_per_state_folder(tmp_path: Path) -> None:
+    """``make up`` and ``make test`` share one Label Studio virtualenv; deleting a state
+    folder never deletes it (issue 14)."""
+    from backend.stack.labelstudio_server import DEFAULT_LS_VENV, LABEL_STUDIO_VERSION
+    from backend.stack.local import StackOptions, StackPaths
+
+    options = StackOptions(state_dir=tmp_path / "state")
+    venv = StackPaths.of(options).ls_venv(options)
+    assert venv == DEFAULT_LS_VENV.absolute()
+    assert not venv.is_relative_to(tmp_path), "outside the state folder"
+    assert venv.name == f"label-studio-{LABEL_STUDIO_VERSION}", "one per version"
+    assert StackPaths.of(options).ls_venv(replace(options, ls_venv=tmp_path / "v")) == (
+        tmp_path / "v"
+    )

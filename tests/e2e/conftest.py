@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from backend.stack.labelstudio_server import (
+    DEFAULT_LS_VENV,
     LABEL_STUDIO_VERSION,
     LabelStudioAccount,
     copy_data_dir,
@@ -36,7 +37,6 @@ from backend.stack.processes import free_port, stop_process
 from training.errors import StackError
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_LS_VENV = Path.home() / ".cache" / "valve-id" / f"label-studio-{LABEL_STUDIO_VERSION}"
 
 
 def ls_venv_path() -> Path:
