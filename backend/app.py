@@ -171,6 +171,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(_refresh, predictor)  # load the served version before traffic
+        model.warn_if_no_model()
         reconciler = asyncio.create_task(_reconcile_periodically(redis, settings))
         yield
         reconciler.cancel()
@@ -329,6 +330,9 @@ def run(
     if workers <= 1:
         uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
     else:
+        # Settings only a part checks (the fetcher's URLs) fail here, in one line; inside the
+        # workers each would die with a traceback and uvicorn would start it again, forever.
+        _default_fetcher(settings, LabelStudio(settings)).close()
         uvicorn.run(
             "backend.app:app_from_env",
             factory=True,

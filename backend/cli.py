@@ -2,7 +2,9 @@
 
 One typer app; each command imports what it needs inside its body, so ``valve-id --help``
 stays fast and the serving commands never import fastai. Configuration comes from
-:class:`backend.settings.Settings` (environment), options override it per call.
+:class:`backend.settings.Settings` (environment), options override it per call. An error the
+user can fix (a setting, Redis unreachable, any :class:`ValveIdError`) ends every command in
+one red line and exit status 1; ``LOG_LEVEL=DEBUG`` adds its traceback.
 """
 
 from __future__ import annotations
@@ -11,38 +13,83 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
+from typer.core import TyperGroup
 
 from backend.commands.importer import import_command
 from backend.commands.models import models_app
 from backend.commands.simulate import simulate_command
 from backend.commands.stack import stack_app
-from backend.settings import Settings
+from backend.settings import Settings, SettingsError, debug_requested, environment_of
+from training.errors import ValveIdError
 
-app = typer.Typer(
-    name="valve-id",
-    help="Identify shunt-valve models on skull X-rays, inside a Label Studio annotation loop.",
-    no_args_is_help=True,
-    add_completion=False,
-)
+logger = logging.getLogger("valve_id.cli")
 console = Console(stderr=True)
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _settings() -> Settings:
     settings = Settings.from_env()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=settings.log_level.upper(), format=_LOG_FORMAT)
     return settings
 
 
+def _environment(verb: str) -> str:
+    """``--help`` epilog: the variables ``verb`` needs, from the one list next to Settings."""
+    return f"Environment: {', '.join(environment_of(verb))} (see README, Configuration)."
+
+
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    """Print ``message`` as one line (never wrapped, never read as markup); exit status 1."""
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
     return typer.Exit(code=1)
+
+
+def _expected_error(exc: Exception) -> str | None:
+    """The one line to print for an error the user can fix; ``None`` for a bug."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    if isinstance(exc, SettingsError | ValveIdError):
+        return str(exc)
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        return (
+            f"Redis is unreachable ({exc}): start it (`valve-id up` starts one) "
+            "or set REDIS_URL to one that runs"
+        )
+    return None
+
+
+class _Commands(TyperGroup):
+    """The root command: an expected error of any command becomes one line, not a traceback
+    (logged at DEBUG, so ``LOG_LEVEL=DEBUG`` still shows where it came from)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            message = _expected_error(exc)
+            if message is None:
+                raise
+            if debug_requested():  # even when the settings themselves failed to parse
+                logging.basicConfig(level=logging.DEBUG, format=_LOG_FORMAT)
+            logger.debug("%s, with its traceback:", type(exc).__name__, exc_info=exc)
+            raise _fail(message) from None
+
+
+app = typer.Typer(
+    name="valve-id",
+    cls=_Commands,
+    help="Identify shunt-valve models on skull X-rays, inside a Label Studio annotation loop.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
 def _print_progress(row: dict[str, object]) -> None:
@@ -71,24 +118,20 @@ def demo_data(
     overwrite: Annotated[bool, typer.Option(help="Replace a data set already in --out.")] = False,
 ) -> None:
     """Generate the synthetic skull X-ray demo data set (DICOM + manifest.csv)."""
-    from training.errors import ValveIdError
     from training.synthetic import VALVE_CLASSES, generate_dataset
 
     _settings()
     mix = {c: 1.0 for c in VALVE_CLASSES} if balanced else None
-    try:
-        with Progress(console=console, transient=True) as bar:
-            task = bar.add_task("rendering X-rays", total=n)
-            manifest = generate_dataset(
-                out,
-                n,
-                seed,
-                class_mix=mix,
-                overwrite=overwrite,
-                progress=lambda done, total: bar.update(task, completed=done),
-            )
-    except ValveIdError as exc:
-        raise _fail(str(exc)) from None
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("rendering X-rays", total=n)
+        manifest = generate_dataset(
+            out,
+            n,
+            seed,
+            class_mix=mix,
+            overwrite=overwrite,
+            progress=lambda done, total: bar.update(task, completed=done),
+        )
     console.print(f"wrote {n} synthetic X-rays; manifest: {manifest}")
 
 
@@ -99,16 +142,12 @@ def preview(
     per_class: Annotated[int, typer.Option(min=1)] = 4,
 ) -> None:
     """Contact sheet of a data set, each image as the network sees it."""
-    from training.errors import ValveIdError
     from training.preview import write_preview
 
     _settings()
     manifest = manifest / "manifest.csv" if manifest.is_dir() else manifest
     target = out or manifest.with_name("preview.png")
-    try:
-        path = write_preview(manifest, target, per_class=per_class)
-    except ValveIdError as exc:
-        raise _fail(str(exc)) from None
+    path = write_preview(manifest, target, per_class=per_class)
     console.print(f"preview: {path}")
 
 
@@ -121,7 +160,7 @@ def train(
         str,
         typer.Option(
             help="Recipe profile: auto (paper on a CUDA worker with the ResNet-34 ImageNet "
-            "file, else cpu), paper, cpu, or quick (mechanics only, learns nothing useful)."
+            "file, else cpu), paper or cpu."
         ),
     ] = "auto",
     enqueue: Annotated[
@@ -137,7 +176,6 @@ def train(
 ) -> None:
     """Train the paper's 5-fold recipe and publish a model version."""
     from training.config import RecipeConfig, recipe_request
-    from training.errors import ValveIdError
 
     settings = _settings()
     overrides = {
@@ -209,17 +247,15 @@ def train(
         result = registry.publish(
             staging, version_id=run_id, tolerance=settings.promotion_tolerance
         )
-    except BaseException as exc:  # a failed run leaves no staging directory behind
+    except BaseException:  # a failed run leaves no staging directory behind
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, ValveIdError):
-            raise _fail(str(exc)) from None
         raise
     state = "promoted to current" if result.promoted else "kept, not promoted"
     console.print(f"version {result.version_id}: {state} ({result.reason})")
     console.print(f"report: {result.path / 'report.html'}")
 
 
-@app.command()
+@app.command(epilog=_environment("worker"))
 def worker(
     burst: Annotated[bool, typer.Option(help="Exit when the queues are empty.")] = False,
     name: Annotated[str | None, typer.Option(help="Worker name (default: RQ's).")] = None,
@@ -240,10 +276,11 @@ def worker(
     from training.labelstudio_source import configure
 
     settings = _settings()
+    connection = Redis.from_url(settings.redis_url)
+    connection.ping()  # no Redis: say so now, not after importing torch
     # The worker reads settings once; the forked jobs inherit them (training never reads env).
     configure(settings.label_studio_url, settings.label_studio_api_key, settings.local_files_root)
     names = [q.strip() for q in queues.split(",") if q.strip()]
-    connection = Redis.from_url(settings.redis_url)
     listened = [Queue(q, connection=connection) for q in names]
     if names == [DEFAULT_QUEUE]:
         worker_class: type[Worker] = SimpleWorker
@@ -264,7 +301,7 @@ def worker(
     ).work(burst=burst, with_scheduler=False)
 
 
-@app.command()
+@app.command(epilog=_environment("serve"))
 def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port Label Studio connects to.")] = 9090,
@@ -276,7 +313,7 @@ def serve(
     run(_settings(), host=host, port=port, workers=workers)
 
 
-app.command("import")(import_command)
+app.command("import", epilog=_environment("import"))(import_command)
 app.command("simulate")(simulate_command)
 app.add_typer(models_app, name="models", help="List, inspect, promote and roll back versions.")
 app.add_typer(stack_app)  # valve-id up / down / status

@@ -257,6 +257,31 @@ def _identify(path: Path, name: str, manifest: dict[Path, str], key: str) -> _Fo
     return _Found(uid=uid, patient_id=patient_id, burned_in=burned_in)
 
 
+def _importable(path: Path, name: str, manifest: dict[Path, str], key: str) -> bool:
+    """Whether the import would try this file: DICOM, or a PNG/JPEG the manifest lists (a
+    broken or unreadable X-ray counts: the import then says why it failed)."""
+    try:
+        return _identify(path, name, manifest, key) is not None
+    except _Refused:
+        return False
+    except (ImageDecodeError, OSError):
+        return True
+
+
+def _check_something_to_import(
+    source_dir: Path, files: list[Path], manifest: dict[Path, str], key: str
+) -> None:
+    """Refuse a folder with nothing importable before Label Studio is touched (``--create``
+    would leave an empty project behind); stops at the first importable file."""
+    if any(_importable(p, p.relative_to(source_dir).as_posix(), manifest, key) for p in files):
+        return
+    found = f"{len(files)} file(s), none of them an X-ray valve-id imports" if files else "no file"
+    raise DatasetError(
+        f"nothing importable in {source_dir} ({found}): valve-id imports DICOM files, and "
+        f"PNG/JPEG files listed in {MANIFEST_NAME} (columns file,patient_id)"
+    )
+
+
 # ------------------------------------------------------------------------------ the PNG
 
 
@@ -410,8 +435,9 @@ def import_folder(
 
     ``storage_root`` is the PNG folder, a strict subfolder of ``LOCAL_FILES_DOCUMENT_ROOT``
     (default ``<root>/valve-id``). ``progress(done, total)`` is called after each file.
-    Raises :class:`SettingsError` without a usable pseudonym key or storage folder, before
-    anything is written or sent.
+    Raises :class:`SettingsError` without a usable pseudonym key or storage folder, and
+    :class:`DatasetError` for a folder with nothing importable, before anything is written
+    or sent.
     """
     if create == (project_id is not None):
         raise ValueError("give either a project id or create=True, not both or neither")
@@ -422,6 +448,7 @@ def import_folder(
         raise DatasetError(f"{source_dir} is not a folder")
     manifest = _read_manifest(source_dir)
     files = list(_walk(source_dir, folder))
+    _check_something_to_import(source_dir, files, manifest, key)
 
     if create:
         with _talking_to_label_studio("creating the project"):

@@ -14,7 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-__all__ = ["DEFAULT_LABEL_CONFIG", "Settings", "SettingsError"]
+__all__ = [
+    "DEFAULT_LABEL_CONFIG",
+    "VERB_SETTINGS",
+    "Settings",
+    "SettingsError",
+    "debug_requested",
+    "environment_of",
+]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LABEL_CONFIG = PROJECT_ROOT / "label_config.xml"
@@ -124,6 +131,12 @@ class Settings:
         return bool(self.basic_auth_user and self.basic_auth_pass)
 
     def __post_init__(self) -> None:
+        # Fixed once, where valve-id starts: every message names the real folder, and a
+        # process started elsewhere (a worker, a job) uses the same one.
+        for name in ("state_dir", "model_dir", "cache_dir"):
+            path = getattr(self, name)
+            if path is not None:
+                object.__setattr__(self, name, Path(path).expanduser().absolute())
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise SettingsError(f"LOG_LEVEL={self.log_level!r} is not a logging level name")
         if not 0.0 <= self.promotion_tolerance <= 1.0:
@@ -142,6 +155,9 @@ class Settings:
                 f"VALVE_ID_TRAINING_PROFILE={self.training_profile!r} is not a profile; "
                 f"use one of {choices}"
             )
+        from backend.ranking import validate_acquisition
+
+        validate_acquisition(self.acquisition)
 
     @property
     def models(self) -> Path:
@@ -154,9 +170,52 @@ class Settings:
         return self.cache_dir or self.state_dir / "cache"
 
 
+def debug_requested(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``LOG_LEVEL`` asks for DEBUG, read on its own: the command line's error report
+    needs it exactly when the other settings failed to parse."""
+    env = os.environ if environ is None else environ
+    return env.get(Settings._ENV["log_level"], "").strip().upper() == "DEBUG"
+
+
 _SECRETS = frozenset({"label_studio_api_key", "basic_auth_pass", "pseudonym_key"})
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
+
+VERB_SETTINGS: dict[str, tuple[str, ...]] = {
+    "serve": (
+        "label_studio_url",
+        "label_studio_api_key",
+        "basic_auth_user",
+        "basic_auth_pass",
+        "redis_url",
+        "state_dir",
+        "model_dir",
+        "local_files_root",
+    ),
+    "worker": (
+        "redis_url",
+        "label_studio_url",
+        "label_studio_api_key",
+        "state_dir",
+        "model_dir",
+        "local_files_root",
+        "training_profile",
+    ),
+    "import": (
+        "label_studio_url",
+        "label_studio_api_key",
+        "pseudonym_key",
+        "local_files_root",
+        "label_config",
+    ),
+}
+"""The settings each long-running or Label Studio-facing verb cannot work without the right
+value of; its ``--help`` lists their variables (:func:`environment_of`)."""
+
+
+def environment_of(verb: str) -> tuple[str, ...]:
+    """The environment variables behind :data:`VERB_SETTINGS` ``[verb]``."""
+    return tuple(Settings._ENV[name] for name in VERB_SETTINGS[verb])
 
 
 def _cast(name: str | None, raw: str, annotation: object) -> object:

@@ -55,7 +55,8 @@ FETCH_THREADS = 8
 FETCH_CHUNK_TASKS = 64
 """Tasks fetched and predicted together; bounds the image bytes held in memory at once."""
 _MAX_REMEMBERED_PROJECTS = 1000
-"""Label configs kept from ``/setup`` (one per project; least recently used dropped first)."""
+"""Label configs kept from ``/setup`` (one per project; least recently used dropped first),
+and the bound on notices remembered as already logged."""
 
 
 class PredictorLike(Protocol):
@@ -120,6 +121,7 @@ class ValveModel:
         self._default_config: LabelConfig | None = None
         self._lock = threading.Lock()
         self._outcomes: Counter[str] = Counter()
+        self._told: set[tuple[object, ...]] = set()
         self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="valve-id-fetch")
 
     def close(self) -> None:
@@ -134,7 +136,8 @@ class ValveModel:
         Raises :class:`LabelConfigError` for a config without ``<Image>``/``<Choices>``. A
         project whose classes differ from the served version's is still accepted (it may
         have added a valve model the next training run will learn); the difference is
-        logged, and predictions only ever propose classes the project's config has.
+        logged once per version and project (Label Studio calls ``/setup`` again on every
+        project page), and predictions only ever propose classes the project's config has.
         """
         config = parse_label_config(request.label_config)
         self._remember_config(request.project, config)
@@ -142,12 +145,16 @@ class ValveModel:
         if served is not None:
             unknown_to_model = [c for c in config.classes if c not in served]
             unknown_to_project = [c for c in served if c not in config.classes]
-            if unknown_to_model or unknown_to_project:
+            version = self.predictor.version
+            difference = (tuple(unknown_to_model), tuple(unknown_to_project))
+            if (unknown_to_model or unknown_to_project) and self._first_time(
+                "classes", version, request.project, difference
+            ):
                 logger.warning(
                     "project %s: classes differ from served version %s "
                     "(not learned yet: %s; not in the project: %s)",
                     request.project,
-                    self.predictor.version,
+                    version,
                     unknown_to_model,
                     unknown_to_project,
                 )
@@ -174,6 +181,8 @@ class ValveModel:
         version = self.predictor.version
         if version is None:
             self._count("no_model", len(tasks))
+            if self._first_time("no model"):
+                self.warn_if_no_model()
             return PredictResponse(results=results, model_version=NO_MODEL_VERSION)
 
         served = self._served_classes()
@@ -242,6 +251,24 @@ class ValveModel:
             return "logged"
         return "accepted"
 
+    def warn_if_no_model(self) -> None:
+        """Say (WARNING) that no version is served and how to get one: at start-up, and at
+        the first ``predict`` without one, whose empty answers would otherwise be silent."""
+        if self.predictor.version is not None:
+            return
+        if self.predictor.load_error:
+            logger.warning(
+                "no model version served (%s): /predict answers empty results until one loads",
+                self.predictor.load_error,
+            )
+            return
+        logger.warning(
+            "no model version in %s yet, so /predict answers empty results: label some tasks "
+            "and press 'Start training' in Label Studio, or run "
+            "`valve-id train --data <folder or labelstudio:<project id>> --enqueue`",
+            self.settings.models,
+        )
+
     def outcome_counts(self) -> dict[str, int]:
         """Tasks answered since start, by outcome (ok, no_image, fetch_error, ...)."""
         with self._lock:
@@ -255,6 +282,16 @@ class ValveModel:
             self._configs.move_to_end(key)
             while len(self._configs) > _MAX_REMEMBERED_PROJECTS:
                 self._configs.popitem(last=False)
+
+    def _first_time(self, *key: object) -> bool:
+        """Whether a notice about ``key`` is new (so each is logged once, not per request)."""
+        with self._lock:
+            if key in self._told:
+                return False
+            if len(self._told) >= _MAX_REMEMBERED_PROJECTS:
+                self._told.clear()  # bounded; a notice repeated after that is harmless
+            self._told.add(key)
+            return True
 
     def _config_for(self, context: PredictContext) -> LabelConfig:
         if context.label_config:

@@ -82,7 +82,7 @@ def import_command(
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
     except (ValveIdError, SettingsError) as exc:
-        _console.print(f"[red]error:[/red] {exc}", highlight=False)
+        _console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     _print_report(report)
     if report.failed:

@@ -48,13 +48,15 @@ def _exit_on_error() -> Iterator[None]:
     try:
         yield
     except ValveIdError as exc:
-        _err_console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        _err_console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from exc
 
 
 def _registry(model_dir: Path | None) -> ModelRegistry:
-    """The registry at ``--model-dir``, else where the settings put it."""
-    return ModelRegistry(model_dir if model_dir is not None else Settings.from_env().models)
+    """The registry at ``--model-dir``, else where the settings put it; absolute either way,
+    so that every message names the folder actually read."""
+    root = model_dir.expanduser().absolute() if model_dir is not None else None
+    return ModelRegistry(root or Settings.from_env().models)
 
 
 def _fmt(value: float | None) -> str:
@@ -65,15 +67,17 @@ def _fmt(value: float | None) -> str:
 def list_versions(model_dir: ModelDir = None, as_json: AsJson = False) -> None:
     """List model versions, oldest first; the current one is marked."""
     with _exit_on_error():
-        versions = _registry(model_dir).list_versions()
+        registry = _registry(model_dir)
+        versions = registry.list_versions()
     if as_json:
         typer.echo(json.dumps([v.to_dict() for v in versions], indent=2))
         return
     if not versions:
-        _console.print(f"No model versions in {model_dir}.")
+        _console.print(f"No model versions in {registry.root}.", soft_wrap=True)
         return
     # The id already says when (UTC); `show` gives the exact publish time.
-    table = Table(title=f"Model versions in {model_dir}")
+    _console.print(f"Model versions in {registry.root}", soft_wrap=True)
+    table = Table()
     for column in ("", "version", "macro-F1", "accuracy", "classes", "gate"):
         table.add_column(column, no_wrap=True)
     for v in versions:
@@ -103,7 +107,7 @@ def show(
         if version is None:
             version = registry.current()
             if version is None:
-                raise ModelNotFound(f"no current model version in {model_dir}")
+                raise ModelNotFound(f"no current model version in {registry.root}")
         info = registry.get(version)
     config = _read_json(info.path / "config.json")
     metrics = _read_json(info.path / "metrics.json")

@@ -86,8 +86,8 @@ def up(
         int | None,
         typer.Option(
             min=0,
-            help="Demo X-rays labelled up front (class and valve centre), so training can "
-            "start [default: 160].",
+            help="About this many demo X-rays labelled up front (class and valve centre; "
+            "whole patients), so training can start [default: 160].",
         ),
     ] = None,
 ) -> None:

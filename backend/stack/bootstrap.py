@@ -49,6 +49,7 @@ __all__ = [
     "ensure_project",
     "import_demo",
     "seed_annotations",
+    "seed_line",
     "seed_result",
     "start_first_training",
     "sync_served_version",
@@ -348,6 +349,15 @@ def seed_annotations(
                 created += 1
     logger.info("project %s: %d seed annotation(s) created", project_id, created)
     return created
+
+
+def seed_line(created: int, labelled: int, asked: int) -> str:
+    """What seeding did, in words that explain the number: whole patients overshoot the
+    ``asked`` count, and a project labelled before is only topped up."""
+    why = f"(the seed: whole patients, about {asked} asked)"
+    if created >= labelled:
+        return f"labelled {created} demo X-rays with their true class {why}"
+    return f"labelled {created} more demo X-rays with their true class, {labelled} in all {why}"
 
 
 def connect_backend(

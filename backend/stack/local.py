@@ -557,8 +557,9 @@ def _bootstrap(
         truth = bootstrap.demo_images(paths.demo, values["VALVE_ID_PSEUDONYM_KEY"])
         config = load_label_config(settings.label_config)
         seeded = bootstrap.seed_annotations(admin, project_id, truth, config, options.seed_labels)
+        labelled = LabelStudio(settings).count_labelled_tasks(project_id)
         if seeded:
-            say(f"labelled {seeded} demo X-rays with their true class (the seed)")
+            say(bootstrap.seed_line(seeded, labelled, options.seed_labels))
         ml_id = bootstrap.connect_backend(
             admin,
             project_id,
@@ -574,7 +575,7 @@ def _bootstrap(
                 ml_id,
                 served=served,
                 runs_active=_runs_active(settings.redis_url),
-                labelled=LabelStudio(settings).count_labelled_tasks(project_id),
+                labelled=labelled,
             ):
                 training = (
                     f"first run started ({settings.training_profile} profile); predictions "

@@ -16,6 +16,7 @@ import base64
 import copy
 import io
 import json
+import logging
 import socket
 import statistics
 import subprocess
@@ -342,6 +343,67 @@ def test_without_a_model_every_task_is_empty_and_nothing_is_fetched(tmp_path: Pa
     assert fetcher.fetched == []
 
 
+def _notices(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "backend.valve_model"
+        and r.levelno == logging.WARNING
+        and text in r.getMessage()
+    ]
+
+
+def test_no_model_is_said_at_start_and_at_the_first_predict_not_on_every_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    body = predict_body([{"id": 1, "data": {"image": "/a.png"}}])
+    with make_client(tmp_path, predictor=FakePredictor(version=None)) as client:
+        at_start = _notices(caplog, "no model version")
+        answers = [client.post("/predict", json=body).json() for _ in range(10)]
+        health = client.get("/health").json()
+    assert len(at_start) == 1
+    assert str(tmp_path / "state" / "models") in at_start[0]
+    assert "Start training" in at_start[0] and "valve-id train" in at_start[0]
+    assert _notices(caplog, "no model version") == at_start * 2  # start + first /predict
+    assert all(a["model_version"] == "none" for a in answers)
+    assert health["model_loaded"] is False
+
+    caplog.clear()
+    with make_client(tmp_path) as client:  # a version is served: nothing to say
+        client.post("/predict", json=body)
+    assert _notices(caplog, "no model version") == []
+
+
+def test_a_class_difference_is_logged_once_per_version_and_project(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    config = RECORDED_CONFIG.replace(
+        "</Choices>", '<Choice value="Other valve"/><Choice value="Not assessable"/></Choices>'
+    )
+    predictor = FakePredictor()
+    with make_client(tmp_path, predictor=predictor) as client:
+
+        def setup(project: str) -> None:
+            assert client.post("/setup", json={"project": project, "schema": config}).is_success
+
+        for _ in range(12):
+            setup("1.1700000000")
+        once = _notices(caplog, "classes differ")
+        predictor.version = "20261126-090000-next"
+        setup("1.1700000000")
+        setup("1.1700000000")
+        setup("2.1700000000")
+        setup("2.1700000000")
+    assert len(once) == 1
+    assert "['Other valve', 'Not assessable']" in once[0] and VERSION in once[0]
+    logged = _notices(caplog, "classes differ")
+    assert len(logged) == 3
+    assert "1.1700000000" in logged[1] and "20261126-090000-next" in logged[1]
+    assert "2.1700000000" in logged[2]
+
+
 def test_predict_refreshes_the_model_first_and_uses_the_setup_config(tmp_path: Path) -> None:
     predictor = FakePredictor()
     fetcher = FakeFetcher({"/a.png": b"IMG:Codman Hakim"})
@@ -377,13 +439,17 @@ def test_too_many_tasks_are_refused_with_413(tmp_path: Path) -> None:
     assert str(MAX_TASKS_PER_PREDICT) in response.json()["error"]
 
 
+SLOW_FETCH_S = 3.0
+"""How long the slow image download of the event-loop test takes."""
+
+
 def test_predict_never_blocks_the_event_loop(tmp_path: Path) -> None:
     """While a slow /predict downloads images, /health still answers at once."""
     s = settings_for(tmp_path)
     app = create_app(
         s,
         predictor=FakePredictor(),
-        fetcher=FakeFetcher({"/a.png": b"IMG:Codman Hakim"}, delay_s=1.0),
+        fetcher=FakeFetcher({"/a.png": b"IMG:Codman Hakim"}, delay_s=SLOW_FETCH_S),
         label_studio=LabelStudio(s),
         retrainer=FakeRetrainer(),
     )
@@ -403,7 +469,8 @@ def test_predict_never_blocks_the_event_loop(tmp_path: Path) -> None:
             return health_done, time.perf_counter() - started
 
     health_done, predict_done = asyncio.run(scenario())
-    assert health_done < 0.6 < 1.0 <= predict_done
+    # Blocked, /health would wait for the whole download; the margin is wide for busy CPUs.
+    assert health_done < SLOW_FETCH_S / 2 < SLOW_FETCH_S <= predict_done
 
 
 # --------------------------------------------------------------------------------------------

@@ -165,3 +165,14 @@ def test_a_project_made_before_the_keypoint_tag_is_seeded_with_classes_only(
     ]
     assert len(results) == created
     assert all([r["type"] for r in result] == ["choices"] for result in results)
+
+
+def test_seed_line_says_how_its_number_came_about() -> None:
+    """``make up`` printed "labelled 42 demo X-rays" where 160 were expected: the line says
+    whole patients overshoot the count asked for, and a top-up says the total (issue 14)."""
+    first = bootstrap.seed_line(161, 161, 160)
+    assert first.startswith("labelled 161 demo X-rays")
+    assert "whole patients, about 160 asked" in first
+    top_up = bootstrap.seed_line(42, 161, 160)
+    assert top_up.startswith("labelled 42 more demo X-rays")
+    assert "161 in all" in top_up and "about 160 asked" in top_up

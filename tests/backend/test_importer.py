@@ -434,3 +434,25 @@ def test_cli_fails_visibly(standin, dicom_set, tmp_path, monkeypatch):
     monkeypatch.delenv("VALVE_ID_PSEUDONYM_KEY")
     nokey = runner.invoke(cli(), ["import", str(dicom_set), "--create"])
     assert nokey.exit_code == 1 and "VALVE_ID_PSEUDONYM_KEY" in nokey.output
+
+
+def test_cli_refuses_a_folder_with_nothing_importable(standin, tmp_path, monkeypatch):
+    """An empty folder, or one with nothing valve-id imports, is one line and exit 1, found
+    before Label Studio is touched (``--create`` makes no empty project); issue 14."""
+    for name, value in cli_env(standin).items():
+        monkeypatch.setenv(name, value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    junk = tmp_path / "junk"
+    (junk / "sub").mkdir(parents=True)
+    (junk / "notes.txt").write_text("not an X-ray")
+    Image.new("L", (8, 8)).save(junk / "sub" / "unlisted.png")  # no manifest.csv lists it
+    runner = CliRunner()
+    for folder, found in ((empty, "no file"), (junk, "2 file(s)")):
+        result = runner.invoke(cli(), ["import", str(folder), "--create"])
+        assert result.exit_code == 1, result.output
+        (line,) = [line for line in result.output.splitlines() if line.strip()]
+        assert f"nothing importable in {folder} ({found}" in line
+        assert "DICOM" in line and "PNG/JPEG" in line and "manifest.csv" in line
+        assert "task(s) created" not in result.output
+    assert standin.projects == {}

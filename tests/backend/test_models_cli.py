@@ -10,6 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from backend.commands.models import models_app
+from backend.settings import Settings
 from training.registry import ModelRegistry
 
 CLASSES = ["codman_hakim", "certas_plus", "sophy_sm8", "progav_2"]
@@ -118,3 +119,39 @@ def test_rollback_with_nothing_before(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "cannot roll back" in result.output
     assert registry.current() == "20261125-100000-aaaa"
+
+
+def test_list_names_the_absolute_registry_from_any_directory(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From another folder the listing names the registry it read, absolute, never "None"
+    (issue 14: "Model versions in None")."""
+    for name in ("VALVE_ID_STATE_DIR", "MODEL_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    empty = _run("list")
+    assert empty.exit_code == 0, empty.output
+    assert f"No model versions in {elsewhere / 'state' / 'models'}." in empty.output
+    assert "None" not in empty.output
+
+    monkeypatch.chdir(model_dir.parent)
+    listed = _run("list", env={"MODEL_DIR": model_dir.name})
+    assert listed.exit_code == 0, listed.output
+    assert f"Model versions in {model_dir}\n" in listed.output and "None" not in listed.output
+    missing = _run("show", env={"MODEL_DIR": "nothing"})
+    assert missing.exit_code == 1
+    assert f"no current model version in {model_dir.parent / 'nothing'}" in missing.output
+
+
+def test_settings_fix_state_registry_and_cache_absolutely_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = Settings.from_env({"VALVE_ID_STATE_DIR": "state", "VALVE_ID_CACHE_DIR": "~/c"})
+    monkeypatch.chdir("/")  # later changes of directory change nothing
+    assert settings.state_dir == tmp_path / "state"
+    assert settings.models == tmp_path / "state" / "models"
+    assert settings.cache == Path.home() / "c"
+    assert Settings(model_dir=Path("m")).models == Path("/m")
