@@ -63,9 +63,11 @@ class Settings:
     training_profile: str = "auto"
     """VALVE_ID_TRAINING_PROFILE: recipe of automatic runs: auto (decided by the worker that
     trains: paper with CUDA and the ResNet-34 ImageNet file, else cpu), paper, cpu or quick."""
-    acquisition: str = "auto"
-    """VALVE_ID_ACQUISITION: uncertainty measure behind the score (entropy, margin, bald, ...);
-    auto = the one the served version's report found best at detecting errors."""
+    acquisition: str = "least_confidence"
+    """VALVE_ID_ACQUISITION: uncertainty measure behind the score. least_confidence (default):
+    the score is the calibrated probability of the proposed class, the number Label Studio shows
+    and a reader expects; entropy, margin, bald order by their own score; auto = the one the
+    served version's report found best at detecting errors."""
     pseudonym_key: str = ""
     """VALVE_ID_PSEUDONYM_KEY: HMAC key turning patient ids into stable pseudonyms (a secret)."""
     allowed_hosts: tuple[str, ...] = ()

@@ -24,6 +24,7 @@ import numpy as np
 
 __all__ = [
     "ACQUISITIONS",
+    "CONFIDENCE_SCORED",
     "Acquisition",
     "bald",
     "entropy",
@@ -157,6 +158,10 @@ ACQUISITIONS: dict[str, Acquisition] = {
 """
 
 
+CONFIDENCE_SCORED = "least_confidence"
+"""The acquisition whose ranking score is the proposed class's (calibrated) probability."""
+
+
 def score_from_uncertainty(uncertainty: np.ndarray) -> np.ndarray:
     """Ranking score ``1 - u`` from a [0, 1] uncertainty: ascending = most uncertain first."""
     return np.clip(1.0 - np.asarray(uncertainty, dtype=np.float64), 0.0, 1.0)
@@ -167,7 +172,10 @@ def ranking_score(
 ) -> np.ndarray:
     """Score in [0, 1] per item for acquisition ``name``; sort ascending to label first.
 
-    E.g. ``entropy`` gives ``1 - H(p)/log K``, ``margin`` gives the margin itself.
+    E.g. ``entropy`` gives ``1 - H(p)/log K``, ``margin`` gives the margin itself. For
+    ``least_confidence`` the score is the proposed class's probability ``p_(1)`` itself: the
+    same order as ``1 - least_confidence`` (a monotone rescaling), and the number a reader
+    takes Label Studio's displayed prediction score for — the model's confidence in its answer.
     """
     try:
         acquisition = ACQUISITIONS[name]
@@ -175,4 +183,6 @@ def ranking_score(
         raise ValueError(
             f"unknown acquisition {name!r}; choose one of {sorted(ACQUISITIONS)}"
         ) from None
+    if name == CONFIDENCE_SCORED:
+        return np.clip(_as_probs(probs).max(axis=-1).astype(np.float64), 0.0, 1.0)
     return score_from_uncertainty(acquisition(probs, member_probs))

@@ -432,6 +432,26 @@ def test_score_follows_the_acquisition_and_sorts_like_rank_tasks(
     assert len({round(p.score, 6) for p in predictions}) > 1  # the order is not vacuous
 
 
+def test_the_default_score_is_the_calibrated_probability_of_the_proposed_class(
+    registry: ModelRegistry,
+) -> None:
+    """What Label Studio shows as the prediction's score (a percentage) is what an annotator
+    reads it as: the model's calibrated probability for the class it pre-selects."""
+    from backend.settings import Settings
+
+    _publish(registry, "v1", best_acquisition="margin", temperature=0.3)
+    acquisition = Settings().acquisition
+    assert acquisition == "least_confidence"
+    with _predictor(registry, acquisition=acquisition) as predictor:
+        results = predictor.predict([_png(i) for i in range(12)])
+    predictions = [r for r in results if isinstance(r, Prediction)]
+    assert len(predictions) == 12
+    for p in predictions:
+        assert p.label == max(p.probs, key=p.probs.__getitem__)
+        assert p.score == pytest.approx(p.probs[p.label], abs=1e-9)
+    assert len({round(p.score, 6) for p in predictions}) > 1
+
+
 def test_an_unknown_acquisition_is_refused_at_start(registry: ModelRegistry) -> None:
     with pytest.raises(SettingsError, match="entropy"):
         Predictor(registry.root, acquisition="random")

@@ -100,6 +100,13 @@ def test_ranking_score_ascending_puts_most_uncertain_first() -> None:
         assert order[-1] == 0, name
     np.testing.assert_allclose(ranking_score("margin", p), margin(p))
     np.testing.assert_allclose(ranking_score("entropy", p), 1.0 - normalized_entropy(p))
+    # least confidence is scored by the proposed class's probability (what an annotator reads
+    # as the model's confidence), in the same order as 1 - least_confidence.
+    np.testing.assert_allclose(ranking_score("least_confidence", p), p.max(axis=1))
+    np.testing.assert_array_equal(
+        np.argsort(ranking_score("least_confidence", p), kind="stable"),
+        np.argsort(1.0 - least_confidence(p), kind="stable"),
+    )
     # margin ranks the two-way tie (row 3) before the wider spread (row 2).
     assert ranking_score("margin", p)[3] < ranking_score("margin", p)[2]
 
