@@ -80,15 +80,15 @@ REVIEW_VIEW_TITLE = "Review queue — most uncertain first"
 _RETRY_STATUSES = frozenset({408, 429})
 _MAX_MESSAGE_BODY_CHARS = 200
 
-# Data Manager column ids hidden by default in a new view; the prediction score is left
-# out of the "explore" list so the review queue shows the number it is sorted by.
+# Data Manager column ids hidden by default in a new view; the prediction's class and score
+# are left out of the "explore" list so the review queue shows what the model proposes and
+# the number the queue is sorted by.
 _REVIEW_VIEW_HIDDEN_COLUMNS = {
     "explore": [
         "tasks:inner_id",
         "tasks:annotations_results",
         "tasks:annotations_ids",
         "tasks:predictions_model_versions",
-        "tasks:predictions_results",
         "tasks:file_upload",
         "tasks:storage_filename",
         "tasks:created_at",

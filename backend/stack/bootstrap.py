@@ -44,6 +44,7 @@ __all__ = [
     "DemoImage",
     "LabelStudioAdmin",
     "basic_auth_header",
+    "backend_description",
     "connect_backend",
     "demo_images",
     "ensure_project",
@@ -61,6 +62,24 @@ PROJECT_TITLE = "valve-id demo"
 """Title of the project ``valve-id up`` creates (and finds again)."""
 ML_BACKEND_TITLE = "valve-id"
 """Title of the ML backend connection in the project's settings."""
+
+
+def backend_description(retrain_every_n_labels: int) -> str:
+    """What Settings → Model says about the connection: what triggers training.
+
+    valve-id retrains from the project webhook after every N new labels, and at once on "Start
+    Training". Label Studio's own "Start model training on annotation submission" toggle stays
+    off: on, it sends START_TRAINING after *every* submission (its counter is set to 1), and a
+    run per label is what the label threshold exists to avoid.
+    """
+    return (
+        f"Pre-selects the valve model and ranks the review queue. Retrains by itself after every "
+        f"{retrain_every_n_labels} new labels (project webhook) and at once on 'Start Training'. "
+        "Leave 'Start model training on annotation submission' off: it would start a run "
+        "after every single submission."
+    )
+
+
 PROJECT_DESCRIPTION = (
     "Synthetic skull X-rays (no patient data). Pick the valve model; valve-id pre-selects "
     "its guess and the review view lists the most uncertain X-rays first."
@@ -367,6 +386,7 @@ def connect_backend(
     *,
     basic_auth: tuple[str, str] | None,
     title: str = ML_BACKEND_TITLE,
+    description: str = "",
 ) -> int:
     """Connect the backend to the project (or update the connection); returns its id.
 
@@ -387,13 +407,20 @@ def connect_backend(
     old_urls = {str(b.get("url") or "").rstrip("/") for b in existing} - {backend_url}
     if existing:
         ml_id = int(existing[0]["id"])
-        if _connection_differs(existing[0], backend_url, auth):
+        described = str(existing[0].get("description") or "") == description
+        if _connection_differs(existing[0], backend_url, auth) or not described:
             # Label Studio re-validates a PATCH with health and setup calls, which need the
             # project and URL in the body (without them: HTTP 500).
             admin.request(
                 "PATCH",
                 f"/api/ml/{ml_id}",
-                json={"project": project_id, "url": backend_url, "title": title, **auth},
+                json={
+                    "project": project_id,
+                    "url": backend_url,
+                    "title": title,
+                    "description": description,
+                    **auth,
+                },
             )
             logger.info("updated ML backend %s of project %s", ml_id, project_id)
     else:
@@ -404,6 +431,7 @@ def connect_backend(
                 "project": project_id,
                 "url": backend_url,
                 "title": title,
+                "description": description,
                 "is_interactive": False,
                 **auth,
             },

@@ -565,6 +565,7 @@ def _bootstrap(
             project_id,
             backend_url,
             basic_auth=(values["BASIC_AUTH_USER"], values["BASIC_AUTH_PASS"]),
+            description=bootstrap.backend_description(settings.retrain_every_n_labels),
         )
         view_id = LabelStudio(settings).ensure_review_view(project_id)
         served = ModelRegistry(settings.models).current()

@@ -426,6 +426,7 @@ def test_review_view_is_created_once_then_kept_valid(standin: StandIn) -> None:
                    "type": "Number", "value": 0}],
     }  # fmt: skip
     assert "tasks:predictions_score" not in data["hiddenColumns"]["explore"]
+    assert "tasks:predictions_results" not in data["hiddenColumns"]["explore"], "the class"
 
     standin.views[-1]["data"]["ordering"] = ["-tasks:id"]  # someone changed it in the UI
     assert ls.ensure_review_view(3) == view_id

@@ -328,16 +328,23 @@ def test_02_connected_backend_predicts_on_open_and_on_retrieve(loop: Loop) -> No
     assert v1, "the initial version is not served"
     loop.facts["v1"] = v1
 
+    described = bootstrap.backend_description(loop.settings.retrain_every_n_labels)
     ml_id = bootstrap.connect_backend(
-        loop.admin, project_id, loop.backend_url, basic_auth=loop.auth
+        loop.admin, project_id, loop.backend_url, basic_auth=loop.auth, description=described
     )
     assert (
-        bootstrap.connect_backend(loop.admin, project_id, loop.backend_url, basic_auth=loop.auth)
+        bootstrap.connect_backend(
+            loop.admin, project_id, loop.backend_url, basic_auth=loop.auth, description=described
+        )
         == ml_id
     )
     loop.facts["ml_id"] = ml_id
     (backend,) = loop.admin.ml_backends(project_id)
     assert backend["state"] == "CO", backend  # Label Studio's "Connected"
+    # Settings → Model says what trains, and Label Studio's own toggle stays off (on, it
+    # would send START_TRAINING after every single submission).
+    assert backend["description"] == described and "new labels" in described
+    assert loop.project()["start_training_on_annotation_update"] is False
     assert backend["auth_method"] == "BASIC_AUTH" and backend["basic_auth_pass_is_set"]
     hooks = loop.admin.webhooks(project_id)
     assert [h["url"] for h in hooks] == [f"{loop.backend_url}/webhook"]
@@ -511,6 +518,37 @@ def test_04_labels_train_promote_and_rescore(loop: Loop) -> None:
 # 5. what the annotator sees
 
 
+_LAYOUT_JS = """
+const image = [...document.querySelectorAll('.lsf-main-view img')].find(i => i.naturalWidth > 0);
+const choices = [...document.querySelectorAll('.lsf-choice')];
+const box = e => e.getBoundingClientRect();
+return {
+  viewportHeight: window.innerHeight,
+  imageTop: box(image).top,
+  imageRight: box(image).right,
+  choicesLeft: Math.min(...choices.map(c => box(c).left)),
+  choicesBottom: Math.max(...choices.map(c => box(c).bottom)),
+};
+"""
+
+
+def _served_probability(loop: Loop, task: dict[str, Any], version: str) -> float:
+    """The proposed class's calibrated ensemble probability for ``task``, from the served
+    version itself (the image as Label Studio stores it, the backend's own predictor)."""
+    from urllib.parse import parse_qs, urlparse
+
+    from backend.predictor import Predictor
+
+    url = str(task["data"][loop.config.image_key])  # /data/local-files/?d=<path under root>
+    (relative,) = parse_qs(urlparse(url).query)["d"]
+    assert loop.settings.local_files_root is not None
+    body = (Path(loop.settings.local_files_root) / relative).read_bytes()
+    with Predictor(loop.settings.models, device="cpu") as predictor:
+        (answer,) = predictor.predict([body])
+    assert answer.model_version == version
+    return float(answer.probs[answer.label])
+
+
 def test_05_browser_shows_the_model_choice_preselected(
     loop: Loop, artifacts_dir: Path, tmp_path: Path
 ) -> None:
@@ -558,11 +596,8 @@ def test_05_browser_shows_the_model_choice_preselected(
             )
         )
         time.sleep(0.5)  # let the pre-annotation settle into the checkboxes
-        driver.execute_script(  # the choices sit below the X-ray: show them in the shot
-            "document.querySelector('.lsf-choice').scrollIntoView({block: 'center'})"
-        )
-        time.sleep(0.3)
-        driver.save_screenshot(str(shot))
+        driver.save_screenshot(str(shot))  # as the annotator sees it: no scrolling
+        layout = driver.execute_script(_LAYOUT_JS)
         shown = driver.execute_script(
             "return document.querySelector('.lsf-current-task__task-id').firstChild.textContent"
         )
@@ -571,12 +606,46 @@ def test_05_browser_shows_the_model_choice_preselected(
             for e in driver.find_elements(By.CSS_SELECTOR, ".lsf-choice input")
             if e.is_selected()
         ]
+        task_id = int(str(shown).strip().lstrip("#"))
+
+        # The quick view lists the prediction with the number Label Studio displays for it.
+        driver.get(f"{loop.ls_url}/projects/{project_id}/data?tab={view_id}&task={task_id}")
+        displayed = wait.until(
+            lambda d: d.execute_script(
+                "const s = document.querySelector('span[title^=\"Prediction score\"]');"
+                "return s ? s.textContent : null"
+            )
+        )
+        driver.save_screenshot(str(artifacts_dir / "e2e-prediction-score.png"))
+
+        # The review view itself, with the proposed class as a column.
+        driver.get(f"{loop.ls_url}/projects/{project_id}/data?tab={view_id}")
+        grid = wait.until(
+            lambda d: (
+                d.execute_script("return document.body.innerText")
+                if d.find_elements(By.CSS_SELECTOR, "[class*='table'] [class*='row']")
+                else None
+            )
+        )
+        time.sleep(1.0)  # let the cells render
+        grid = driver.execute_script("return document.body.innerText")
+        driver.save_screenshot(str(artifacts_dir / "e2e-review-view.png"))
     finally:
         driver.quit()
 
-    task = loop.admin.request("GET", f"/api/tasks/{int(str(shown).strip().lstrip('#'))}/")
+    task = loop.admin.request("GET", f"/api/tasks/{task_id}/")
     (prediction,) = _predictions(task, v2)
     assert selected == [_choice(prediction)], f"pre-selected {selected}; screenshot {shot}"
+    # Image and choices together on a 1400 x 900 screen: the choices beside the X-ray.
+    assert layout["choicesBottom"] <= layout["viewportHeight"], (layout, shot)
+    assert layout["imageTop"] < layout["viewportHeight"] / 2, (layout, shot)
+    assert layout["choicesLeft"] >= layout["imageRight"] - 1, (layout, shot)
+    # The displayed number is the calibrated probability of the proposed class.
+    assert f"{100 * float(prediction['score']):.2f}%" in str(displayed), displayed
+    probability = _served_probability(loop, task, v2)
+    assert float(prediction["score"]) == pytest.approx(probability, abs=0.01)  # bf16 batches
+    # The review view shows what the model proposes.
+    assert _choice(prediction) in grid, "no prediction column in the review view"
     unlabelled = [t for t in loop.tasks() if not t["total_annotations"]]
     lowest = min(float(_predictions(t, v2)[0]["score"]) for t in unlabelled)
     assert float(prediction["score"]) == pytest.approx(lowest), "not the most uncertain task"
