@@ -41,7 +41,8 @@ def simulate_command(
             "--config",
             exists=True,
             dir_okay=False,
-            help="Rerun a saved config.json exactly (then only --out applies).",
+            help="Rerun a saved config.json exactly (then only --out applies, and --data "
+            "for the same images in another place).",
         ),
     ] = None,
     strategies: Annotated[
@@ -106,6 +107,9 @@ def simulate_command(
             from training.simulation.loop import load_simulation_config
 
             sim, expected = load_simulation_config(config)
+            if data is not None:  # the same data elsewhere: the snapshot's hashes must match
+                located = data if data.startswith("labelstudio:") else str(Path(data).resolve())
+                sim = sim.with_overrides(data=located)
         else:
             if data is None:
                 raise ValueError("give --data (or --config to rerun a saved simulation)")

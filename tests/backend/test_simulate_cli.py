@@ -18,6 +18,8 @@ app.command("noop")(lambda: None)  # two commands: typer keeps "simulate" as a s
 runner = CliRunner()
 
 TINY = [
+    "--profile",
+    "quick",  # mechanics only: the default (auto) trains the real cpu profile
     "--strategies",
     "random,margin",
     "--seeds",
@@ -79,6 +81,22 @@ def test_simulate_writes_the_report_and_a_rerun_from_its_config_picks_the_same(
     assert result.exit_code == 0, result.output
     assert _picks(again / "results.json") == _picks(out / "results.json")
     assert len(_picks(out / "results.json")["margin"][1]) == 4
+
+    # The same images in another folder: --data relocates them, the snapshot check still holds.
+    import shutil
+
+    moved = shutil.copytree(tiny_dataset, tmp_path / "moved-data")
+    relocated = tmp_path / "relocated"
+    result = runner.invoke(
+        app,
+        ["simulate", "--config", str(out / "config.json"), "--data", str(moved)]
+        + ["--out", str(relocated)],
+        env=_env(tmp_path),
+    )
+    assert result.exit_code == 0, result.output
+    assert _picks(relocated / "results.json") == _picks(out / "results.json")
+    saved = json.loads((relocated / "config.json").read_text(encoding="utf-8"))
+    assert saved["simulation"]["data"] == str(moved)
 
 
 def test_simulate_refuses_bad_options_with_a_clear_message(tmp_path: Path) -> None:
