@@ -231,13 +231,19 @@ class WebhookEvent(_Lenient):
 
 
 def choice_result(config: LabelConfig, label: str) -> list[dict[str, Any]]:
-    """The ``result`` list pre-selecting ``label`` in the project's ``<Choices>``."""
+    """The ``result`` list pre-selecting ``label`` in the project's ``<Choices>``.
+
+    ``value`` comes first: the Data Manager's "Prediction results" column shows the stored JSON
+    cut after about three lines, so the review view shows the proposed class only if it leads
+    (SQLite keeps this order; PostgreSQL's jsonb puts the shorter keys ``type`` and ``value``
+    first anyway).
+    """
     return [
         {
+            "value": {"choices": [label]},
             "from_name": config.choices_name,
             "to_name": config.image_name,
             "type": "choices",
-            "value": {"choices": [label]},
         }
     ]
 
