@@ -513,7 +513,7 @@ class _BasicAuth:
     ``/health`` stays open: it reveals no secret, and load balancers and container health
     checks probe it without credentials. Label Studio sends the credentials it was given when
     the backend was registered with ``auth_method: BASIC_AUTH`` (its auto-created webhook
-    does not: patch the webhook's headers, see PROTOCOL.md).
+    does not: patch the webhook's headers, see docs/PROTOCOL.md).
     """
 
     OPEN_PATHS = frozenset({"/health"})

@@ -450,7 +450,7 @@ def _publish_version(
     Label Studio refuses a version without predictions) and keep the review view.
 
     Without this, ``predictions_score`` ignores the new predictions and the queue does not
-    re-sort (PROTOCOL.md). Returns whether it is done; a refusal is retried next batch.
+    re-sort (docs/PROTOCOL.md). Returns whether it is done; a refusal is retried next batch.
     """
     if not always and retrainer.state(project_key).get("model_version") == version:
         return True

@@ -2,7 +2,7 @@
 
 A real Label Studio (about 1 GB installed, 30 s to start) cannot run in unit tests; the
 end-to-end suite against one comes with issue 5. This server answers the few routes valve-id
-calls through label-studio-sdk, in the shapes Label Studio 1.23.2 uses (PROTOCOL.md):
+calls through label-studio-sdk, in the shapes Label Studio 1.23.2 uses (docs/PROTOCOL.md):
 
 * ``POST /api/token/refresh/`` (Personal Access Token → access token),
 * ``GET/POST /api/projects/``, ``GET /api/projects/{id}/``, ``POST /api/projects/{id}/import``,

@@ -1,7 +1,9 @@
 """Batched forward passes over prepared images — shared by evaluation and serving.
 
-Torch only (no fastai): the backend's predictor and the recipe's out-of-fold evaluation
-both call :func:`predict_logits`, so a model is scored the same way wherever it runs.
+Torch only (no fastai): out-of-fold evaluation and the simulation call
+:func:`predict_logits`; the backend's predictor builds its batches from the same pieces
+(:func:`iter_batches`, :func:`to_network_input`, :func:`autocast_for`), so a model is scored
+the same way wherever it runs.
 Normalisation is :func:`training.preprocess.normalize_image`, the one preprocessing seam.
 """
 

@@ -9,7 +9,7 @@ Each step looks before it writes, so ``valve-id up`` can run any number of times
    patients across all classes, so the first training run has enough patients for its folds;
    each with the true valve centre as a keypoint when the project's config has one;
 4. :func:`connect_backend` — the ML backend with basic auth, and the webhook Label Studio
-   creates for it given the same credentials (it has none by default: PROTOCOL.md);
+   creates for it given the same credentials (it has none by default: docs/PROTOCOL.md);
 5. the review view (:meth:`backend.labelstudio.LabelStudio.ensure_review_view`);
 6. :func:`start_first_training` / :func:`sync_served_version` — nothing served yet: "Start
    training"; a version served that the project does not show yet: a re-scoring job.
@@ -393,7 +393,7 @@ def connect_backend(
     Label Studio calls ``/health`` and ``/setup`` before it answers, so the backend must be
     up. It creates a webhook to ``<url>/webhook`` on first connect, without headers; with
     basic auth the webhook gets the ``Authorization`` header here, or every event would be
-    refused with 401 and lost silently (PROTOCOL.md).
+    refused with 401 and lost silently (docs/PROTOCOL.md).
     """
     backend_url = backend_url.rstrip("/")
     auth: dict[str, Any] = {"auth_method": "NONE"}

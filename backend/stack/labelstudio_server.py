@@ -5,7 +5,7 @@ Label Studio is a separate server with its own pins (Django, ``redis<5.3``, ``rq
 creates it once (about a minute and 1 GB) and reuses it. :func:`init_data_dir` migrates a
 fresh SQLite data dir and creates the admin user with a fixed legacy token, without a server
 (``label-studio init``). :func:`start_label_studio` starts it bound to loopback with the
-environment the ML-backend loop needs (see ``PROTOCOL.md`` in the shared notes: a backend on
+environment the ML-backend loop needs (see ``docs/PROTOCOL.md``: a backend on
 127.0.0.1 is refused unless ``ML_BLOCK_LOCAL_IP=false``; the webhook Label Studio creates on
 connect silently does not exist unless ``SSRF_PROTECTION_ENABLED=false``).
 
@@ -57,7 +57,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LABEL_STUDIO_VERSION = "1.23.2"
-"""The Label Studio release valve-id is built and tested against (PROTOCOL.md)."""
+"""The Label Studio release valve-id is built and tested against (docs/PROTOCOL.md)."""
 LABEL_STUDIO_REQUIREMENT = f"label-studio=={LABEL_STUDIO_VERSION}"
 DEFAULT_LS_VENV = (
     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -233,7 +233,7 @@ def label_studio_env(
             "LOCAL_FILES_SERVING_ENABLED": "true",
             "LOCAL_FILES_DOCUMENT_ROOT": str(files_root.absolute()),
             # A backend on 127.0.0.1 is refused, and its webhook silently not created,
-            # without these two (PROTOCOL.md). Label Studio itself listens on loopback only.
+            # without these two (docs/PROTOCOL.md). Label Studio itself listens on loopback only.
             "ML_BLOCK_LOCAL_IP": "false",
             "SSRF_PROTECTION_ENABLED": "false",
             "SENTRY_DSN": "",
