@@ -319,17 +319,31 @@ def test_concurrent_reconciliations_do_not_overlap(retrainer: Retrainer, redis_c
 
 
 def test_twenty_simultaneous_checks_start_exactly_one_run(
-    retrainer: Retrainer, redis_conn: Redis, ls: FakeLabelStudio, runs: RecordingEnqueue
+    retrainer: Retrainer,
+    redis_conn: Redis,
+    ls: FakeLabelStudio,
+    runs: RecordingEnqueue,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ls.labelled = N + 3
-    ls.latency_s = 0.05  # all twenty are inside check() at the same moment
-    barrier = threading.Barrier(20)
+    # The worst interleaving, every time: all twenty pass the live-run check and only then
+    # does any of them try the lock (``_start`` begins with its SET NX). So the lock alone
+    # must keep it to one run; thread timing cannot hide a lock that lets two through.
+    at_the_lock = threading.Barrier(20, timeout=10)
+    reached: list[int] = []
+    start = retrainer._start
+
+    def start_together(key: str, ls_project_id: int, count: int, *, force: bool) -> str | None:
+        reached.append(1)
+        at_the_lock.wait()  # a check turned away before the lock breaks it: the test fails
+        return start(key, ls_project_id, count, force=force)
+
+    monkeypatch.setattr(retrainer, "_start", start_together)
     results: list[str | None] = []
     errors: list[BaseException] = []
 
     def worker() -> None:
         try:
-            barrier.wait()
             results.append(retrainer.check(LS_ID, project_key=PROJECT_KEY))
         except BaseException as exc:
             errors.append(exc)
@@ -340,6 +354,7 @@ def test_twenty_simultaneous_checks_start_exactly_one_run(
     for t in threads:
         t.join(timeout=30)
     assert not errors, errors
+    assert len(reached) == 20  # nobody was turned away before the lock
     started = [r for r in results if r is not None]
     assert len(results) == 20 and len(started) == 1 and runs.runs == started
     # The losers' follow-up notes are harmless: nothing was labelled after the run started.
