@@ -62,6 +62,14 @@ PROJECT_TITLE = "valve-id demo"
 """Title of the project ``valve-id up`` creates (and finds again)."""
 ML_BACKEND_TITLE = "valve-id"
 """Title of the ML backend connection in the project's settings."""
+PROJECT_DESCRIPTION = (
+    "Synthetic skull X-rays (no patient data). Pick the valve model; valve-id pre-selects "
+    "its guess and the review view lists the most uncertain X-rays first."
+)
+REQUEST_TIMEOUT_S = 120.0
+"""Connecting a backend makes Label Studio call it (health, setup) before it answers."""
+PAGE_SIZE = 100
+"""Tasks per page when listing (Label Studio's own maximum page)."""
 
 
 def backend_description(retrain_every_n_labels: int) -> str:
@@ -78,16 +86,6 @@ def backend_description(retrain_every_n_labels: int) -> str:
         "Leave 'Start model training on annotation submission' off: it would start a run "
         "after every single submission."
     )
-
-
-PROJECT_DESCRIPTION = (
-    "Synthetic skull X-rays (no patient data). Pick the valve model; valve-id pre-selects "
-    "its guess and the review view lists the most uncertain X-rays first."
-)
-REQUEST_TIMEOUT_S = 120.0
-"""Connecting a backend makes Label Studio call it (health, setup) before it answers."""
-PAGE_SIZE = 100
-"""Tasks per page when listing (Label Studio's own maximum page)."""
 
 
 def basic_auth_header(user: str, password: str) -> str:
@@ -407,8 +405,7 @@ def connect_backend(
     old_urls = {str(b.get("url") or "").rstrip("/") for b in existing} - {backend_url}
     if existing:
         ml_id = int(existing[0]["id"])
-        described = str(existing[0].get("description") or "") == description
-        if _connection_differs(existing[0], backend_url, auth) or not described:
+        if _connection_differs(existing[0], backend_url, auth, description):
             # Label Studio re-validates a PATCH with health and setup calls, which need the
             # project and URL in the body (without them: HTTP 500).
             admin.request(
@@ -445,10 +442,14 @@ def connect_backend(
     return ml_id
 
 
-def _connection_differs(found: Mapping[str, Any], url: str, auth: Mapping[str, Any]) -> bool:
+def _connection_differs(
+    found: Mapping[str, Any], url: str, auth: Mapping[str, Any], description: str
+) -> bool:
     """The stored connection is not the wanted one (the password is write-only: its
     presence is all Label Studio tells, and the stack's password never changes)."""
     if str(found.get("url") or "").rstrip("/") != url:
+        return True
+    if str(found.get("description") or "") != description:
         return True
     if found.get("auth_method") != auth["auth_method"]:
         return True
