@@ -2,8 +2,8 @@
 
 Scripts, not timed tests. Each ``bench_<name>.py`` runs its contenders in one run on the same
 inputs, interleaved round by round (a noisy neighbour then slows every contender alike),
-and prints tables of medians and ratios against the targets of issue 6. Run one with
+and prints tables of medians and ratios against the targets in docs/PERFORMANCE.md. Run one with
 ``python -m benchmarks.bench_<name>`` or all with ``python -m benchmarks.run_all``; ``--quick``
-is a seconds-long smoke run whose numbers mean nothing. The README's "Performance" section
+is a seconds-long smoke run whose numbers mean nothing. docs/PERFORMANCE.md
 holds the last measured tables and the machine they came from.
 """

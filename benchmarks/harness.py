@@ -178,7 +178,7 @@ def verdict(value: float, target: float, *, higher_is_better: bool = True) -> st
 
 @dataclass
 class Table:
-    """One result table: printed with rich, and as Markdown for the README."""
+    """One result table: printed with rich, and as Markdown for docs/PERFORMANCE.md."""
 
     title: str
     columns: list[str]

@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.run_all`` (about 20 minutes on a 2-core CPU) or ``--quick`` (a smoke
 run). Each benchmark prints its tables as it finishes; ``--markdown FILE`` collects them all
-(plus the machine) for the README's Performance section. ``--device cuda`` adds the GPU
+(plus the machine) for docs/PERFORMANCE.md. ``--device cuda`` adds the GPU
 training benchmark and the full paper-profile run.
 """
 

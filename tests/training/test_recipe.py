@@ -35,7 +35,7 @@ def test_profiles_and_overrides_are_explicit() -> None:
 
 
 def test_cpu_profile_defaults_are_the_measured_ones() -> None:
-    """The values README "The cpu profile" was measured with; change both together."""
+    """The values docs/TRAINING.md "The cpu profile" was measured with; change both together."""
     cpu = RecipeConfig.from_profile("cpu")
     assert (cpu.arch, cpu.pretrained, cpu.design) == ("efficientnet_lite0", True, "auto")
     assert (cpu.image_size_px, cpu.locator_px, cpu.crop_fraction, cpu.crop_px) == (
