@@ -42,7 +42,6 @@ OpenMP threads wait for each other (a 2-core test box shared with other jobs tra
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -52,7 +51,6 @@ from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,6 +65,7 @@ from training.model import load_fold_models
 from training.preprocess import PreprocessParams, prepare_image
 from training.registry import ModelRegistry
 from training.uncertainty import bald, entropy, margin, max_softmax, normalized_entropy, softmax
+from training.version_config import CONFIG_FILE, VersionConfig, read_version_file
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -437,37 +436,28 @@ def _load_served(
 ) -> _Served:
     """Build the complete state for ``version_id``; :class:`ModelLoadError` if it is unusable."""
     path = registry.version_path(version_id)
-    config = _read_json_object(path / "config.json")
+    config = VersionConfig.read(path)
     try:
-        metrics = _read_json_object(path / "metrics.json")
+        metrics = read_version_file(path / "metrics.json")
     except ModelLoadError:
         metrics = {}  # only used to pick the acquisition; entropy is a fine default
-    try:
-        classes = tuple(str(c) for c in config["classes"])
-        params = PreprocessParams.from_dict(config["preprocess"])
-        temperature = float(config.get("temperature", 1.0))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelLoadError(f"unusable config.json ({exc!r})", source=str(path)) from exc
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ModelLoadError(f"temperature {temperature} is not positive", source=str(path))
     models = load_fold_models(path / "weights", map_location=device)
-    folds = config.get("folds")
-    if isinstance(folds, list) and len(folds) != len(models):
+    if config.folds is not None and len(config.folds) != len(models):
         raise ModelLoadError(
-            f"config.json lists {len(folds)} folds, {len(models)} checkpoints found",
+            f"{CONFIG_FILE} lists {len(config.folds)} folds, {len(models)} checkpoints found",
             source=str(path / "weights"),
         )
     for model in models:
-        if tuple(model.classes or ()) != classes:
+        if tuple(model.classes or ()) != config.classes:
             raise ModelLoadError(
-                f"fold classes {model.classes} differ from config.json's {list(classes)}",
+                f"fold classes {model.classes} differ from {CONFIG_FILE}'s {list(config.classes)}",
                 source=str(path / "weights"),
             )
     served = _Served(
         version=version_id,
-        classes=classes,
-        params=params,
-        temperature=temperature,
+        classes=config.classes,
+        params=config.preprocess,
+        temperature=config.temperature,
         acquisition=resolve_acquisition(acquisition, metrics),
         models=tuple(_for_serving(m, fast_path=fast_path, compile=compile) for m in models),
     )
@@ -517,16 +507,6 @@ def _warm_up(served: _Served, device: torch.device, batch: int, fast_path: bool)
             net_input = to_network_input(dummy, served.params, channels_last=fast_path)
             for model in served.models:
                 model(net_input)
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {path.name} ({exc})", source=str(path)) from exc
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path.name} is not a JSON object", source=str(path))
-    return data
 
 
 # --- per-image steps --------------------------------------------------------------------

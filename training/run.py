@@ -11,7 +11,7 @@ model version when published, so it holds exactly what serving loads::
     run.json          the plan: run id, recipe, classes, preprocessing, data snapshot
     splits.json       train/val item keys per fold (no patient in two folds)
     weights/fold_<k>.pt, oof/fold_<k>.npz, history/fold_<k>.json
-    config.json       what serving reads: classes, preprocessing, temperature, folds, init
+    config.json       what serving reads (:class:`training.version_config.VersionConfig`)
     metrics.json, report.html
 """
 
@@ -33,6 +33,7 @@ from training.dataset import LabelledImage, PreparedImages, prepare_images
 from training.errors import DatasetError
 from training.labels import LabelConfig
 from training.preprocess import PreprocessParams
+from training.version_config import CONFIG_FILE, DataSummary, FoldEntry, VersionConfig
 
 __all__ = [
     "CONFIG_FILE",
@@ -48,11 +49,8 @@ logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 SPLITS_FILE = "splits.json"
-CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
-CONFIG_FORMAT = 1
-"""Version of the ``config.json`` layout serving reads."""
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -275,11 +273,12 @@ def _gradcam_examples(
 
 def finalize_run(
     run_dir: Path, *, cache_dir: Path | None, version: str | None = None
-) -> dict[str, Any]:
+) -> VersionConfig:
     """Gather the folds' OOF predictions, evaluate, write ``config.json`` and the report.
 
-    Returns the version's config. Publishing (the atomic rename into the registry and the
-    promotion gate) is the caller's step, so a failure here leaves the registry untouched.
+    Returns the version's config, as serving will read it. Publishing (the atomic rename into
+    the registry and the promotion gate) is the caller's step, so a failure here leaves the
+    registry untouched.
     """
     from training.evaluation import evaluate_oof, write_metrics
     from training.report import write_report
@@ -317,37 +316,36 @@ def finalize_run(
         run_dir, plan, prepared, y, oof, int(config_recipe.get("gradcam_per_class", 2))
     )
     init = histories[0]["init"]
-    config = {
-        "format": CONFIG_FORMAT,
-        "version": version,
-        "run_id": plan["run_id"],
-        "created": plan["created"],
-        "arch": config_recipe["arch"],
-        "design": config_recipe.get("design", "whole_image"),
-        "classes": plan["classes"],
-        "unused_classes": plan["unused_classes"],
-        "label_config_hash": plan["label_config_hash"],
-        "preprocess": plan["preprocess"],
-        "recipe": config_recipe,
-        "temperature": temperature,
-        "init": init,
-        "folds": [
-            {
-                "fold": h["fold"],
-                "weights": f"weights/fold_{h['fold']}.pt",
-                "n_train": h["n_train"],
-                "n_val": h["n_val"],
-            }
+    config = VersionConfig(
+        version=version,
+        run_id=plan["run_id"],
+        created=plan["created"],
+        arch=config_recipe["arch"],
+        design=config_recipe.get("design", "whole_image"),
+        classes=tuple(plan["classes"]),
+        unused_classes=tuple(plan["unused_classes"]),
+        label_config_hash=plan["label_config_hash"],
+        preprocess=PreprocessParams.from_dict(plan["preprocess"]),
+        recipe=config_recipe,
+        temperature=temperature,
+        init=init,
+        folds=tuple(
+            FoldEntry(
+                fold=h["fold"],
+                weights=f"weights/fold_{h['fold']}.pt",
+                n_train=h["n_train"],
+                n_val=h["n_val"],
+            )
             for h in histories
-        ],
-        "data": {
-            "source": plan["source"],
-            "n_images": len(y),
-            "n_failed": len(plan["failures"]),
-            "snapshot": "run.json",
-        },
-    }
-    write_json(run_dir / CONFIG_FILE, config)
+        ),
+        data=DataSummary(
+            source=plan["source"],
+            n_images=len(y),
+            n_failed=len(plan["failures"]),
+            snapshot=RUN_FILE,
+        ),
+    )
+    write_json(run_dir / CONFIG_FILE, config.to_dict())
     run_info = {
         "version": version or plan["run_id"],
         "created": plan["created"],
@@ -407,7 +405,7 @@ def run_in_process(
     cache_dir: Path | None,
     run_id: str,
     progress: ProgressFn | None = None,
-) -> dict[str, Any]:
+) -> VersionConfig:
     """All stages in this process, in order (what one worker does in sequence)."""
     plan_run(
         run_dir,

@@ -17,8 +17,9 @@ from rich.console import Console
 from rich.table import Table
 
 from backend.settings import Settings
-from training.errors import ModelNotFound, ValveIdError
+from training.errors import ModelLoadError, ModelNotFound, ValveIdError
 from training.registry import ModelRegistry, VersionInfo
+from training.version_config import CONFIG_FILE, VersionConfig, read_version_file
 
 __all__ = ["models_app"]
 
@@ -109,16 +110,24 @@ def show(
             if version is None:
                 raise ModelNotFound(f"no current model version in {registry.root}")
         info = registry.get(version)
-    config = _read_json(info.path / "config.json")
-    metrics = _read_json(info.path / "metrics.json")
+    config = _stored(info.path / CONFIG_FILE)
+    metrics = _stored(info.path / "metrics.json")
     if as_json:
         typer.echo(
             json.dumps({"version": info.to_dict(), "config": config, "metrics": metrics}, indent=2)
         )
         return
     _print_summary(info, metrics)
-    _console.print("[bold]config.json[/bold]")
+    _console.print(f"[bold]{CONFIG_FILE}[/bold]")
     _console.print_json(data=config)
+    try:
+        VersionConfig.read(info.path)
+    except ModelLoadError as exc:  # say so here rather than only in the backend's /health
+        _err_console.print(
+            f"[yellow]warning:[/yellow] the backend cannot serve this version: {exc}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @models_app.command("promote")
@@ -161,9 +170,9 @@ def _print_summary(info: VersionInfo, metrics: dict[str, Any]) -> None:
     _console.print(table)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _stored(path: Path) -> dict[str, Any]:
+    """A version's JSON file as stored, shown as it is; ``{}`` when it cannot be read."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_version_file(path)
+    except ModelLoadError:
         return {}
-    return data if isinstance(data, dict) else {}
