@@ -45,7 +45,13 @@ from redis import Redis
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from backend.labelstudio import LabelStudio, PredictRequest, SetupRequest, WebhookEvent
+from backend.labelstudio import (
+    PredictRequest,
+    SetupRequest,
+    WebhookEvent,
+    image_fetcher,
+    label_studio_client,
+)
 from backend.settings import Settings
 from backend.valve_model import NO_MODEL_VERSION, PredictContext, ValveModel
 from training.errors import (
@@ -58,6 +64,7 @@ from training.errors import (
     RegistryError,
     ValveIdError,
 )
+from training.labelstudio import LabelStudio
 
 __all__ = [
     "DEFAULT_PORT",
@@ -86,9 +93,8 @@ RECENT_RUNS = 20
 """Training runs listed by /jobs (newest first)."""
 WEBHOOK_THREADS = 4
 """Threads that hand webhook events to Redis (each hand-off is a few Redis commands)."""
-_RUN_KEY_PREFIX = "valve-id:run:"
-_ACCEPTANCE_KEY_PREFIX = "valve-id:acceptance:"
-_MAX_METRIC_KEYS = 500
+_MAX_RUN_KEYS = 500
+"""Run records /jobs looks at (a SCAN of a Redis holding many years of runs stays short)."""
 _MONOTONIC_STATS = frozenset({"cache_hits", "cache_misses", "images_inferred", "image_errors"})
 """Predictor statistics that only grow (exported as counters; the rest as gauges)."""
 _KNOWN_ACTIONS = frozenset(
@@ -128,13 +134,13 @@ def create_app(
     """The FastAPI app; parts not given are built from ``settings``.
 
     ``predictor`` (:class:`backend.predictor.Predictor` on ``settings.models``), ``fetcher``
-    (:class:`backend.images.ImageFetcher`, authenticated with ``label_studio``'s token),
-    ``label_studio`` (:class:`backend.labelstudio.LabelStudio`), ``redis`` (from
+    (:class:`training.labelstudio.ImageFetcher`, authenticated with ``label_studio``'s token),
+    ``label_studio`` (:class:`training.labelstudio.LabelStudio`), ``redis`` (from
     ``REDIS_URL``, short timeouts) and ``retrainer`` (:class:`backend.retraining.Retrainer`)
     are the seams: pass fakes in tests, the real parts in production.
     """
     owned: list[Any] = []  # parts built here, closed at shutdown
-    label_studio = label_studio if label_studio is not None else LabelStudio(settings)
+    label_studio = label_studio if label_studio is not None else label_studio_client(settings)
     if predictor is None:
         predictor = _default_predictor(settings)
         owned.append(predictor)
@@ -153,8 +159,7 @@ def create_app(
     model = ValveModel(predictor, fetcher, settings=settings, retrainer=retrainer)
     webhook_pool = ThreadPoolExecutor(WEBHOOK_THREADS, thread_name_prefix="valve-id-webhook")
     registry = CollectorRegistry(auto_describe=True)
-    acceptance = getattr(retrainer, "acceptance", None) or (lambda: _scan_acceptance(redis))
-    registry.register(_StateCollector(model, predictor, acceptance))
+    registry.register(_StateCollector(model, predictor, retrainer.acceptance))
     predict_seconds = Histogram(
         "valve_id_predict_request_seconds",
         "Wall time of one /predict request",
@@ -280,10 +285,6 @@ def create_app(
     return app
 
 
-RECONCILE_KEY = "valve-id:reconcile:scheduled"
-"""Set for one interval by whichever backend process enqueued the periodic reconciliation."""
-
-
 async def _reconcile_periodically(redis: Any, settings: Settings) -> None:
     """Every interval, enqueue one reconciliation job (a dropped webhook never loses a run).
 
@@ -300,14 +301,11 @@ async def _reconcile_periodically(redis: Any, settings: Settings) -> None:
 
 
 def _enqueue_reconcile(redis: Any, interval_s: int) -> None:
-    from rq import Queue
+    from backend.jobs import JobQueue
+    from training import loop_state
 
-    from training.jobs import DEFAULT_QUEUE
-
-    if redis.set(RECONCILE_KEY, "1", nx=True, ex=max(1, interval_s - 1)):
-        Queue(DEFAULT_QUEUE, connection=redis).enqueue(
-            "backend.jobs.reconcile_job", job_timeout=interval_s, result_ttl=interval_s
-        )
+    if redis.set(loop_state.RECONCILE_SCHEDULED, "1", nx=True, ex=max(1, interval_s - 1)):
+        JobQueue(redis).reconcile(interval_s)
 
 
 def app_from_env() -> FastAPI:
@@ -332,7 +330,7 @@ def run(
     else:
         # Settings only a part checks (the fetcher's URLs) fail here, in one line; inside the
         # workers each would die with a traceback and uvicorn would start it again, forever.
-        _default_fetcher(settings, LabelStudio(settings)).close()
+        _default_fetcher(settings, label_studio_client(settings)).close()
         uvicorn.run(
             "backend.app:app_from_env",
             factory=True,
@@ -359,15 +357,14 @@ def _default_predictor(settings: Settings) -> Any:
 
 
 def _default_fetcher(settings: Settings, label_studio: LabelStudio) -> Any:
-    from backend.images import ImageFetcher
-
-    return ImageFetcher(settings, auth_headers=label_studio.auth_headers)
+    return image_fetcher(settings, auth_headers=label_studio.auth_headers)
 
 
 def _default_retrainer(settings: Settings, redis: Redis, label_studio: LabelStudio) -> Any:
+    from backend.jobs import JobQueue
     from backend.retraining import Retrainer
 
-    return Retrainer(settings, redis, label_studio=label_studio)
+    return Retrainer(settings, redis, queue=JobQueue(redis), label_studio=label_studio)
 
 
 def _refresh(predictor: Any) -> None:
@@ -636,24 +633,18 @@ class _StateCollector:
         yield rate
 
 
-def _scan(redis: Redis, pattern: str) -> list[str]:
-    keys = []
-    for raw in redis.scan_iter(match=pattern, count=200):
-        keys.append(raw.decode() if isinstance(raw, bytes) else str(raw))
-        if len(keys) >= _MAX_METRIC_KEYS:
-            break
-    return keys
+def _run_ids(redis: Redis) -> list[str]:
+    """Ids of (at most :data:`_MAX_RUN_KEYS`) run records, in no order."""
+    from training import loop_state
 
-
-def _scan_acceptance(redis: Redis) -> dict[str, dict[str, int]]:
-    """``{version: {"total", "accepted"}}`` from the ``valve-id:acceptance:<version>`` hashes."""
-    stats = {}
-    for key in _scan(redis, _ACCEPTANCE_KEY_PREFIX + "*"):
-        total, kept = (
-            int(v) if v is not None else 0 for v in redis.hmget(key, "total", "accepted")
-        )
-        stats[key[len(_ACCEPTANCE_KEY_PREFIX) :]] = {"total": total, "accepted": kept}
-    return stats
+    run_ids = []
+    for key in redis.scan_iter(match=loop_state.RUN_PATTERN, count=200):
+        run_id = loop_state.run_id_of(key)
+        if run_id is not None:
+            run_ids.append(run_id)
+            if len(run_ids) >= _MAX_RUN_KEYS:
+                break
+    return run_ids
 
 
 def _jobs(redis: Redis) -> dict[str, Any]:
@@ -663,14 +654,7 @@ def _jobs(redis: Redis) -> dict[str, Any]:
     from training.jobs import DEFAULT_QUEUE, TRAINING_QUEUE, run_status
 
     try:
-        run_ids = sorted(
-            (
-                key[len(_RUN_KEY_PREFIX) :]
-                for key in _scan(redis, _RUN_KEY_PREFIX + "*")
-                if ":" not in key[len(_RUN_KEY_PREFIX) :]
-            ),
-            reverse=True,
-        )[:RECENT_RUNS]
+        run_ids = sorted(_run_ids(redis), reverse=True)[:RECENT_RUNS]
         runs = [{"run_id": run_id, **run_status(redis, run_id)} for run_id in run_ids]
         queues = {
             name: Queue(name, connection=redis).count for name in (TRAINING_QUEUE, DEFAULT_QUEUE)

@@ -13,9 +13,8 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -28,6 +27,10 @@ from backend.commands.simulate import simulate_command
 from backend.commands.stack import stack_app
 from backend.settings import Settings, SettingsError, debug_requested, environment_of
 from training.errors import ValveIdError
+
+if TYPE_CHECKING:
+    # typer vendors click; TyperGroup.invoke takes that copy's Context, not click's.
+    from typer._click.core import Context as ClickContext
 
 logger = logging.getLogger("valve_id.cli")
 console = Console(stderr=True)
@@ -70,7 +73,7 @@ class _Commands(TyperGroup):
     """The root command: an expected error of any command becomes one line, not a traceback
     (logged at DEBUG, so ``LOG_LEVEL=DEBUG`` still shows where it came from)."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: ClickContext) -> Any:
         try:
             return super().invoke(ctx)
         except Exception as exc:
@@ -211,9 +214,9 @@ def train(
         typer.echo(json.dumps({"run_id": run.run_id, "jobs": run.job_ids}))
         return
 
+    from backend.labelstudio import configure_training
     from training.dataset import load_items
     from training.labels import load_label_config
-    from training.labelstudio_source import configure
     from training.registry import ModelRegistry, new_version_id
     from training.run import run_in_process
 
@@ -222,9 +225,7 @@ def train(
     staging = registry.staging(run_id)
     try:
         label_config = load_label_config(settings.label_config)
-        configure(
-            settings.label_studio_url, settings.label_studio_api_key, settings.local_files_root
-        )
+        configure_training(settings)
         items = load_items(
             data,
             label_config.classes,
@@ -271,19 +272,20 @@ def worker(
     """
     from redis import Redis
     from rq import Queue, SimpleWorker, Worker
+    from rq.worker import BaseWorker
 
+    from backend.labelstudio import configure_training
     from training.jobs import DEFAULT_QUEUE, on_work_horse_killed
-    from training.labelstudio_source import configure
 
     settings = _settings()
     connection = Redis.from_url(settings.redis_url)
     connection.ping()  # no Redis: say so now, not after importing torch
     # The worker reads settings once; the forked jobs inherit them (training never reads env).
-    configure(settings.label_studio_url, settings.label_studio_api_key, settings.local_files_root)
+    configure_training(settings)
     names = [q.strip() for q in queues.split(",") if q.strip()]
     listened = [Queue(q, connection=connection) for q in names]
     if names == [DEFAULT_QUEUE]:
-        worker_class: type[Worker] = SimpleWorker
+        worker_class: type[BaseWorker] = SimpleWorker
     else:
         import training.recipe  # noqa: F401  (import torch/fastai once; each job's fork inherits it)
         from training.config import choose_profile

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -51,12 +51,10 @@ from PIL import Image
 from backend.settings import Settings, SettingsError
 from training.dataset import MANIFEST_NAME, content_hash
 from training.dicom import DICOM_MAGIC, DICOM_MAGIC_OFFSET, JPEG_MAGIC, PNG_MAGIC
-from training.errors import DatasetError, ImageDecodeError, LabelConfigError
+from training.errors import DatasetError, ImageDecodeError, LabelConfigError, LabelStudioError
 from training.labels import parse_label_config
+from training.labelstudio import LabelStudio
 from training.labelstudio_source import PATIENT_KEY
-
-if TYPE_CHECKING:  # pragma: no cover
-    from label_studio_sdk import LabelStudio
 
 __all__ = [
     "DEFAULT_PROJECT_TITLE",
@@ -315,40 +313,26 @@ def _write_png(target: Path, data: bytes) -> None:
 
 
 @contextmanager
-def _talking_to_label_studio(what: str) -> Iterator[None]:
-    """Turn the SDK's errors into one clear :class:`DatasetError` (after the SDK's retries)."""
-    import httpx
-    from label_studio_sdk.core.api_error import ApiError
-
+def _talking_to_label_studio() -> Iterator[None]:
+    """Label Studio's refusals and silences (after the client's retries, the message naming
+    the call) as the import's :class:`DatasetError`."""
     try:
         yield
-    except ApiError as exc:
-        status = exc.status_code
-        hint = " (check LABEL_STUDIO_API_KEY)" if status in (401, 403) else ""
-        detail = exc.body.get("detail") if isinstance(exc.body, dict) else None
-        raise DatasetError(
-            f"Label Studio refused {what}: HTTP {status}{hint}"
-            + (f": {detail}" if isinstance(detail, str) else "")
-        ) from exc
-    except httpx.TransportError as exc:
-        raise DatasetError(
-            f"Label Studio unreachable while {what} ({type(exc).__name__}); "
-            "is LABEL_STUDIO_URL right and Label Studio running?"
-        ) from exc
+    except LabelStudioError as exc:
+        hint = "; is LABEL_STUDIO_URL right and Label Studio running?"
+        raise DatasetError(f"{exc}{hint if exc.status_code is None else ''}") from exc
 
 
 def _project_image_key(client: LabelStudio, project_id: int) -> str:
-    from label_studio_sdk.core.api_error import ApiError
-
-    with _talking_to_label_studio(f"reading project {project_id}"):
+    with _talking_to_label_studio():
         try:
-            project = client.projects.get(id=project_id)
-        except ApiError as exc:
+            config = client.label_config(project_id)
+        except LabelStudioError as exc:
             if exc.status_code == 404:
                 raise DatasetError(f"Label Studio has no project {project_id}") from exc
             raise
     try:
-        return parse_label_config(project.label_config or "").image_key
+        return parse_label_config(config).image_key
     except LabelConfigError as exc:
         raise DatasetError(f"project {project_id} cannot take X-rays: {exc}") from exc
 
@@ -356,34 +340,30 @@ def _project_image_key(client: LabelStudio, project_id: int) -> str:
 def _create_project(client: LabelStudio, settings: Settings, title: str) -> tuple[int, str]:
     xml = settings.label_config.read_text(encoding="utf-8")
     image_key = parse_label_config(xml).image_key
-    project = client.projects.create(title=title, label_config=xml)
-    if project.id is None:
-        raise DatasetError("Label Studio created the project but returned no id")
-    logger.info("created Label Studio project %s", project.id)
-    return int(project.id), image_key
+    project_id = client.create_project(title, xml)
+    logger.info("created Label Studio project %s", project_id)
+    return project_id, image_key
 
 
 def _ensure_storage(client: LabelStudio, project_id: int, folder: Path) -> None:
     """A local-files storage covering ``folder``, so Label Studio serves its files."""
-    for storage in client.import_storage.local.list(project=project_id):
-        path = Path(storage.path).resolve() if storage.path else None
+    for storage in client.local_storages(project_id):
+        path = Path(storage["path"]).resolve() if storage.get("path") else None
         if path is not None and folder.is_relative_to(path):
             return
-    client.import_storage.local.create(
-        project=project_id,
-        path=str(folder),
+    client.create_local_storage(
+        project_id,
+        str(folder),
         title="valve-id import",
         description="PNGs written by valve-id import. Do not sync: valve-id creates the tasks.",
-        use_blob_urls=True,
     )
     logger.info("created a local-files storage for project %s", project_id)
 
 
 def _existing_uids(client: LabelStudio, project_id: int) -> set[str]:
     uids: set[str] = set()
-    for task in client.tasks.list(project=project_id, fields="task_only"):
-        data = getattr(task, "data", None) or {}
-        uid = data.get(SOURCE_UID_KEY) if isinstance(data, dict) else None
+    for data in client.task_data(project_id):
+        uid = data.get(SOURCE_UID_KEY)
         if isinstance(uid, str):
             uids.add(uid)
     return uids
@@ -396,22 +376,18 @@ def _send(
     report: ImportReport,
 ) -> None:
     """Create one batch of tasks; a refused batch fails its files, an unreachable LS stops."""
-    import httpx
-    from label_studio_sdk.core.api_error import ApiError
-
     if not batch:
         return
     try:
-        client.projects.import_tasks(id=project_id, request=[{"data": d} for _, d in batch])
-    except ApiError as exc:
+        client.import_tasks(project_id, [d for _, d in batch])
+    except LabelStudioError as exc:
+        if exc.status_code is None:
+            raise DatasetError(
+                f"{exc}; {report.created} created so far. Run the same import again to "
+                "finish: images already imported are skipped"
+            ) from exc
         for name, _ in batch:
             report.failed[name] = f"Label Studio refused the task (HTTP {exc.status_code})"
-    except httpx.TransportError as exc:
-        raise DatasetError(
-            f"Label Studio unreachable while creating tasks ({type(exc).__name__}); "
-            f"{report.created} created so far. Run the same import again to finish: "
-            "images already imported are skipped"
-        ) from exc
     else:
         report.created += len(batch)
     batch.clear()
@@ -451,14 +427,13 @@ def import_folder(
     _check_something_to_import(source_dir, files, manifest, key)
 
     if create:
-        with _talking_to_label_studio("creating the project"):
+        with _talking_to_label_studio():
             project_id, image_key = _create_project(client, settings, title)
     else:
         assert project_id is not None
         image_key = _project_image_key(client, project_id)
-    with _talking_to_label_studio(f"setting up the local-files storage of project {project_id}"):
+    with _talking_to_label_studio():
         _ensure_storage(client, project_id, folder)
-    with _talking_to_label_studio(f"listing the tasks of project {project_id}"):
         known = _existing_uids(client, project_id)
 
     report = ImportReport(project_id=project_id)
@@ -472,10 +447,11 @@ def import_folder(
         except OSError as exc:
             report.failed[name] = f"cannot be read: {exc.strerror or type(exc).__name__}"
         else:
-            if task == "ignored":
-                report.ignored += 1
-            elif task == "duplicate":
-                report.skipped_duplicates += 1
+            if isinstance(task, str):
+                if task == "ignored":
+                    report.ignored += 1
+                else:  # "duplicate"
+                    report.skipped_duplicates += 1
             else:
                 data, burned_in = task
                 report.without_patient += PATIENT_KEY not in data

@@ -7,6 +7,10 @@ the image fetcher, the served model — comes from the :class:`WorkerContext`, b
 worker process from :meth:`Settings.from_env`; :func:`use_context` replaces it (the worker's
 start-up, tests, and issue 5's end-to-end suite against a real Label Studio).
 
+:class:`JobQueue` is the one place these jobs are enqueued (by function, so the chain
+webhook → check → run → ``after_run`` → re-score shows in imports); :class:`Retrainer`
+receives it as its queue.
+
 Predicting and writing share one loop (:func:`_predict_and_write`): tasks stream in pages,
 images are fetched in parallel, a bad image is counted and skipped, and memory stays flat
 however large the project. Progress is in ``job.meta`` (``done``/``total``/``failed``).
@@ -22,15 +26,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
-from rq import get_current_job
+from rq import Queue, get_current_job
 
+from backend.labelstudio import choice_result
 from backend.retraining import ANNOTATION_ACTIONS, Retrainer
 from backend.settings import Settings
 from training.errors import ValveIdError
-from training.jobs import enqueue_training, report_progress
+from training.jobs import TrainingRun, enqueue_training, report_progress
+from training.loop_state import DEFAULT_QUEUE
 
 __all__ = [
     "RESCORE_BATCH_TASKS",
+    "JobQueue",
     "WorkerContext",
     "after_run",
     "get_predictor",
@@ -48,6 +55,14 @@ RESCORE_BATCH_TASKS = 64
 """Tasks fetched, predicted and written per step (Label Studio pages hold 100)."""
 FETCH_THREADS = 8
 """Images downloaded in parallel; fetching is I/O-bound and dominates a re-score."""
+EVENT_JOB_TIMEOUT_S = 120
+"""A check is one count request to Label Studio plus a few Redis calls."""
+PREDICT_JOB_TIMEOUT_S = 3600
+"""Pre-annotating a large import (TASKS_CREATED) fetches and predicts every new image."""
+RESCORE_JOB_TIMEOUT_S = 6 * 3600
+"""Re-scoring predicts every unlabelled task: tens of thousands of images on a CPU."""
+JOB_RESULT_TTL_S = 24 * 3600
+"""How long finished backend jobs stay visible (``/jobs``)."""
 
 
 @dataclass
@@ -64,14 +79,14 @@ class WorkerContext:
     enqueue_training: Callable[..., Any] = enqueue_training
     redis: Redis | None = None
     _label_config: Any = field(default=None, repr=False)
+    _retrainer: Retrainer | None = field(default=None, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkerContext:
-        from backend.images import ImageFetcher
-        from backend.labelstudio import LabelStudio
+        from backend.labelstudio import image_fetcher, label_studio_client
 
-        label_studio = LabelStudio(settings)
-        fetcher = ImageFetcher(settings, auth_headers=label_studio.auth_headers)
+        label_studio = label_studio_client(settings)
+        fetcher = image_fetcher(settings, auth_headers=label_studio.auth_headers)
         return cls(settings=settings, label_studio=label_studio, fetcher=fetcher)
 
     @property
@@ -104,12 +119,16 @@ class WorkerContext:
         return self.redis
 
     def retrainer(self) -> Retrainer:
-        return Retrainer(
-            self.settings,
-            self.connection(),
-            label_studio=self.label_studio,
-            enqueue_training=self.enqueue_training,
-        )
+        """The decision on the running job's Redis, built once per connection."""
+        connection = self.connection()
+        if self._retrainer is None or self._retrainer.redis is not connection:
+            self._retrainer = Retrainer(
+                self.settings,
+                connection,
+                queue=JobQueue(connection, enqueue_training=self.enqueue_training),
+                label_studio=self.label_studio,
+            )
+        return self._retrainer
 
     def served_predictor(self) -> Any:
         """The predictor, looking at the registry now (a promotion may be seconds old)."""
@@ -289,6 +308,61 @@ def rescore(
     return stats
 
 
+# --- enqueueing -------------------------------------------------------------------------
+
+
+class JobQueue:
+    """The loop's jobs on the ``valve-id-default`` queue: the RQ side of
+    :class:`backend.retraining.LoopQueue`, plus the periodic reconciliation.
+
+    Each job is enqueued as a function object; RQ stores its import path, so the jobs stay
+    plain functions and a reader finds every enqueue site by following imports.
+    ``enqueue_training`` is the seam tests use to observe runs.
+    """
+
+    def __init__(
+        self, connection: Redis, *, enqueue_training: Callable[..., Any] = enqueue_training
+    ) -> None:
+        self.connection = connection
+        self._enqueue_training = enqueue_training
+
+    def _queue(self) -> Queue:
+        return Queue(DEFAULT_QUEUE, connection=self.connection)
+
+    def handle_event(
+        self, action: str, ls_project_id: int, project_key: str, payload: Mapping[str, Any]
+    ) -> None:
+        timeout = PREDICT_JOB_TIMEOUT_S if action == "TASKS_CREATED" else EVENT_JOB_TIMEOUT_S
+        self._queue().enqueue(
+            handle_event,
+            args=(action, ls_project_id, project_key, payload),
+            job_timeout=timeout,
+            result_ttl=JOB_RESULT_TTL_S,
+            failure_ttl=JOB_RESULT_TTL_S,
+            description=f"valve-id {action} project {ls_project_id}",
+        )
+
+    def start_run(self, **run: Any) -> TrainingRun:
+        """A training run on the training queue whose end enqueues :func:`after_run` here."""
+        return self._enqueue_training(
+            self.connection, on_finish=after_run, on_finish_queue=DEFAULT_QUEUE, **run
+        )
+
+    def rescore_project(self, ls_project_id: int, version: str) -> None:
+        self._queue().enqueue(
+            rescore_project,
+            args=(ls_project_id, version),
+            job_timeout=RESCORE_JOB_TIMEOUT_S,
+            result_ttl=JOB_RESULT_TTL_S,
+            failure_ttl=JOB_RESULT_TTL_S,
+            description=f"valve-id re-score project {ls_project_id} with {version}",
+        )
+
+    def reconcile(self, interval_s: int) -> None:
+        """One :func:`reconcile_job`, which must end (and be forgotten) within an interval."""
+        self._queue().enqueue(reconcile_job, job_timeout=interval_s, result_ttl=interval_s)
+
+
 # --- the shared loop ---------------------------------------------------------------------
 
 
@@ -396,7 +470,7 @@ def _predict_and_write(
                 items.append(
                     {
                         "task": _field(task, "id"),
-                        "result": label_studio.choice_result(label_config, label),
+                        "result": choice_result(label_config, label),
                         "score": float(result.score),
                         "model_version": result.model_version,
                     }

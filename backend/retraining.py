@@ -27,6 +27,9 @@ Acceptance: the class each served version proposed for a task is remembered
 (:meth:`Retrainer.record_prediction`); each annotation is counted once per version it was
 proposed by, and the *latest* choice wins — an ``ANNOTATION_UPDATED`` that changes the answer
 moves the annotation between kept and changed instead of counting it twice.
+
+Work for the workers goes through an injected :class:`LoopQueue` (``backend.jobs.JobQueue`` on
+RQ), so this module names no job; the Redis keys are named in :mod:`training.loop_state`.
 """
 
 from __future__ import annotations
@@ -34,14 +37,15 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from redis import Redis
-from rq import Queue
 
 from backend.labelstudio import project_key_of
-from training.jobs import DEFAULT_QUEUE, enqueue_training, run_status
+from training import loop_state
+from training.jobs import run_status
+from training.loop_state import RunStatus
 
 if TYPE_CHECKING:
     from backend.settings import Settings
@@ -50,6 +54,7 @@ __all__ = [
     "ANNOTATION_ACTIONS",
     "HANDLED_ACTIONS",
     "LabelCounter",
+    "LoopQueue",
     "Retrainer",
     "chosen_label",
 ]
@@ -72,23 +77,11 @@ CHECK_PENDING_TTL_S = 60
 key when it starts; the TTL only matters if the job is lost)."""
 RECONCILE_LOCK_TTL_S = 600
 """At most one reconciliation at a time; the key expires if its process dies."""
-EVENT_JOB_TIMEOUT_S = 120
-"""A check is one count request to Label Studio plus a few Redis calls."""
-PREDICT_JOB_TIMEOUT_S = 3600
-"""Pre-annotating a large import (TASKS_CREATED) fetches and predicts every new image."""
-RESCORE_JOB_TIMEOUT_S = 6 * 3600
-"""Re-scoring predicts every unlabelled task: tens of thousands of images on a CPU."""
-JOB_RESULT_TTL_S = 24 * 3600
-"""How long finished backend jobs stay visible (``/jobs``)."""
 PREDICTION_TTL_S = 180 * 24 * 3600
 """A proposed class is kept this long for acceptance tracking."""
 
-_P = "valve-id:"
-_PROJECTS = _P + "projects"
-_PROJECT_INDEX = _P + "project-keys"  # hash: Label Studio id -> latest project key
-_ACCEPTANCE_VERSIONS = _P + "acceptance-versions"
-_RECONCILE_LOCK = _P + "reconcile:lock"
 _PENDING_PREFIX = "pending:"
+"""A lock's value while its run is being enqueued (``pending:<token>:<unix time>``)."""
 
 # Release a lock only if it still holds our token (compare-and-delete).
 _RELEASE_LUA = """
@@ -106,11 +99,12 @@ return 0
 
 # Book a finished run exactly once: only the caller that still finds the run id in the
 # project hash does the bookkeeping; returns -1 (already done), 0, or 1 (a follow-up is due).
+# ARGV: run id, its status, labelled count at its start, RunStatus.PUBLISHED.
 _FINISH_LUA = """
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 if redis.call('HGET', KEYS[1], 'run_id') ~= ARGV[1] then return -1 end
 redis.call('HSET', KEYS[1], 'run_id', '')
-if ARGV[2] == 'published' then
+if ARGV[2] == ARGV[4] then
   redis.call('HSET', KEYS[1], 'last_snapshot_labels', ARGV[3])
   redis.call('HDEL', KEYS[1], 'failed_labels')
 else
@@ -152,29 +146,29 @@ return {version, accepted}
 
 
 class LabelCounter(Protocol):
-    """The one Label Studio call retraining needs (``backend.labelstudio.LabelStudio``)."""
+    """The one Label Studio call retraining needs (``training.labelstudio.LabelStudio``)."""
 
     def count_labelled_tasks(self, project_id: int) -> int: ...
 
 
-def _project_hash(key: str) -> str:
-    return f"{_P}project:{key}"
+class LoopQueue(Protocol):
+    """The work the decision hands to workers (``backend.jobs.JobQueue`` puts it on RQ).
 
+    Injected rather than named: the decision never spells a job's import path, and tests
+    can see exactly what was handed on.
+    """
 
-def _lock_key(key: str) -> str:
-    return f"{_P}project:{key}:lock"
+    def handle_event(
+        self, action: str, ls_project_id: int, project_key: str, payload: Mapping[str, Any]
+    ) -> None:
+        """A webhook's work (a check, or pre-annotating new tasks), off the web process."""
 
+    def start_run(self, **run: Any) -> Any:
+        """Enqueue a training run (``training.jobs.enqueue_training``'s keyword arguments)
+        whose end calls :meth:`Retrainer.after_run`; returns the run or its id."""
 
-def _check_pending_key(key: str) -> str:
-    return f"{_P}project:{key}:check-pending"
-
-
-def _prediction_key(key: str, task_id: int | str) -> str:
-    return f"{_P}prediction:{key}:{task_id}"
-
-
-def _annotations_key(key: str) -> str:
-    return f"{_P}annotation-acceptance:{key}"
+    def rescore_project(self, ls_project_id: int, version: str) -> None:
+        """Predict the project's unlabelled tasks with a newly promoted ``version``."""
 
 
 def _text(value: bytes | str | None) -> str:
@@ -238,9 +232,10 @@ def _minimal_payload(action: str, body: Mapping[str, Any]) -> dict[str, Any]:
 class Retrainer:
     """Decides when a project trains; every method is safe to call from many processes.
 
-    ``label_studio`` answers :meth:`LabelCounter.count_labelled_tasks`; it is built from
-    ``settings`` on first use, so the web process (which only calls :meth:`on_webhook`)
-    never opens a Label Studio client. ``enqueue_training`` is the seam for tests.
+    ``queue`` takes the work this decides on (checks, runs, re-scoring). ``label_studio``
+    answers :meth:`LabelCounter.count_labelled_tasks`; it is built from ``settings`` on
+    first use, so the web process (which only calls :meth:`on_webhook`) never opens a Label
+    Studio client.
     """
 
     def __init__(
@@ -248,13 +243,13 @@ class Retrainer:
         settings: Settings,
         redis: Redis,
         *,
+        queue: LoopQueue,
         label_studio: LabelCounter | None = None,
-        enqueue_training: Callable[..., Any] = enqueue_training,
     ) -> None:
         self.settings = settings
         self.redis = redis
+        self.queue = queue
         self._label_studio = label_studio
-        self._enqueue_training = enqueue_training
         self._release = redis.register_script(_RELEASE_LUA)
         self._refresh = redis.register_script(_REFRESH_LUA)
         self._finish = redis.register_script(_FINISH_LUA)
@@ -263,9 +258,9 @@ class Retrainer:
     @property
     def label_studio(self) -> LabelCounter:
         if self._label_studio is None:
-            from backend.labelstudio import LabelStudio
+            from backend.labelstudio import label_studio_client
 
-            self._label_studio = LabelStudio(self.settings)
+            self._label_studio = label_studio_client(self.settings)
         return self._label_studio
 
     # --- web process: O(1) ----------------------------------------------------------
@@ -299,18 +294,10 @@ class Retrainer:
                 )
         # One pending check per project: it counts everything labelled before it starts.
         if action in ANNOTATION_ACTIONS and not self.redis.set(
-            _check_pending_key(key), "1", nx=True, ex=CHECK_PENDING_TTL_S
+            loop_state.check_pending(key), "1", nx=True, ex=CHECK_PENDING_TTL_S
         ):
             return "deduplicated"
-        timeout = PREDICT_JOB_TIMEOUT_S if action == "TASKS_CREATED" else EVENT_JOB_TIMEOUT_S
-        Queue(DEFAULT_QUEUE, connection=self.redis).enqueue(
-            "backend.jobs.handle_event",
-            args=(action, ls_id, key, payload),
-            job_timeout=timeout,
-            result_ttl=JOB_RESULT_TTL_S,
-            failure_ttl=JOB_RESULT_TTL_S,
-            description=f"valve-id {action} project {ls_id}",
-        )
+        self.queue.handle_event(action, ls_id, key, payload)
         return "queued"
 
     def register_project(self, ls_project_id: int, project_key: str | None = None) -> str:
@@ -323,17 +310,18 @@ class Retrainer:
             project_key = None
         key = self._resolve_key(ls_project_id, project_key)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.sadd(_PROJECTS, key)
-        pipe.hset(_project_hash(key), "ls_id", str(ls_project_id))
+        pipe.sadd(loop_state.PROJECTS, key)
+        pipe.hset(loop_state.project(key), "ls_id", str(ls_project_id))
         if project_key:
-            pipe.hset(_PROJECT_INDEX, str(ls_project_id), key)
+            pipe.hset(loop_state.PROJECT_INDEX, str(ls_project_id), key)
         pipe.execute()
         return key
 
     def _resolve_key(self, ls_project_id: int, project_key: str | None) -> str:
         if project_key:
             return project_key
-        return _text(self.redis.hget(_PROJECT_INDEX, str(ls_project_id))) or str(ls_project_id)
+        index = self.redis.hget(loop_state.PROJECT_INDEX, str(ls_project_id))
+        return _text(index) or str(ls_project_id)
 
     def project_key(self, ls_project_id: int) -> str:
         """The key a Label Studio project id's state lives under (latest seen)."""
@@ -353,7 +341,7 @@ class Retrainer:
         """:meth:`record_prediction` for many tasks in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for task_id, label, version in items:
-            key = _prediction_key(project_key, task_id)
+            key = loop_state.prediction(project_key, task_id)
             pipe.hset(key, mapping={"label": label, "version": version})
             pipe.expire(key, PREDICTION_TTL_S)
         pipe.execute()
@@ -364,7 +352,7 @@ class Retrainer:
         """Per task, the version whose proposal was last recorded (one round trip)."""
         pipe = self.redis.pipeline(transaction=False)
         for task_id in task_ids:
-            pipe.hget(_prediction_key(project_key, task_id), "version")
+            pipe.hget(loop_state.prediction(project_key, task_id), "version")
         return [_text(v) or None for v in pipe.execute()]
 
     def count_acceptance(
@@ -375,8 +363,16 @@ class Retrainer:
         if task_id is None or annotation_id is None:
             return None
         out = self._accept(
-            keys=[_prediction_key(project_key, task_id), _annotations_key(project_key)],
-            args=[str(annotation_id), label, f"{_P}acceptance:", _ACCEPTANCE_VERSIONS],
+            keys=[
+                loop_state.prediction(project_key, task_id),
+                loop_state.annotation_acceptance(project_key),
+            ],
+            args=[
+                str(annotation_id),
+                label,
+                loop_state.ACCEPTANCE_PREFIX,
+                loop_state.ACCEPTANCE_VERSIONS,
+            ],
         )
         if not out:
             return None
@@ -384,10 +380,10 @@ class Retrainer:
 
     def acceptance(self) -> dict[str, dict[str, int]]:
         """``{version: {"total": n, "accepted": k}}`` for ``/metrics`` and reports."""
-        versions = sorted(_text(v) for v in self.redis.smembers(_ACCEPTANCE_VERSIONS))
+        versions = sorted(_text(v) for v in self.redis.smembers(loop_state.ACCEPTANCE_VERSIONS))
         pipe = self.redis.pipeline(transaction=False)
         for version in versions:
-            pipe.hgetall(f"{_P}acceptance:{version}")
+            pipe.hgetall(loop_state.acceptance(version))
         stats = {}
         for version, raw in zip(versions, pipe.execute(), strict=True):
             row = {_text(k): int(v) for k, v in raw.items()}
@@ -398,16 +394,16 @@ class Retrainer:
 
     def state(self, project_key: str) -> dict[str, str]:
         """The project's hash (see docs/ARCHITECTURE.md)."""
-        raw = self.redis.hgetall(_project_hash(project_key))
+        raw = self.redis.hgetall(loop_state.project(project_key))
         return {_text(k): _text(v) for k, v in raw.items()}
 
     def mark_model_version(self, project_key: str, version: str) -> None:
         """Remember which version the project's ``model_version`` was set to."""
-        self.redis.hset(_project_hash(project_key), "model_version", version)
+        self.redis.hset(loop_state.project(project_key), "model_version", version)
 
     def clear_check_pending(self, project_key: str) -> None:
         """Called when a check job starts: later webhooks must enqueue a fresh check."""
-        self.redis.delete(_check_pending_key(project_key))
+        self.redis.delete(loop_state.check_pending(project_key))
 
     def check(
         self,
@@ -431,7 +427,7 @@ class Retrainer:
 
         if self._active_run(key, state):
             if force or count > int(state.get("run_labels") or -1):
-                self.redis.hset(_project_hash(key), "followup", "1")
+                self.redis.hset(loop_state.project(key), "followup", "1")
                 logger.info("project %s: run in progress, follow-up noted", key)
             return None
 
@@ -446,30 +442,34 @@ class Retrainer:
 
     def _active_run(self, key: str, state: Mapping[str, str]) -> bool:
         """A lock is held, or the recorded run is still queued/running (lock lost)."""
-        if self.redis.exists(_lock_key(key)):
+        if self.redis.exists(loop_state.project_lock(key)):
             return True
         run_id = state.get("run_id")
-        if run_id and run_status(self.redis, run_id).get("status") in {"queued", "running"}:
-            self.redis.set(_lock_key(key), run_id, nx=True, ex=PROJECT_LOCK_TTL_S)
+        if not run_id:
+            return False
+        status = RunStatus.of(run_status(self.redis, run_id))
+        if status is not None and status.active:
+            self.redis.set(loop_state.project_lock(key), run_id, nx=True, ex=PROJECT_LOCK_TTL_S)
             return True
         return False
 
     def _start(self, key: str, ls_project_id: int, count: int, *, force: bool) -> str | None:
         token = f"{_PENDING_PREFIX}{secrets.token_hex(8)}:{int(time.time())}"
-        if not self.redis.set(_lock_key(key), token, nx=True, ex=PROJECT_LOCK_TTL_S):
+        lock = loop_state.project_lock(key)
+        if not self.redis.set(lock, token, nx=True, ex=PROJECT_LOCK_TTL_S):
             # Someone started a run between our look and our lock: ours becomes its follow-up.
-            self.redis.hset(_project_hash(key), "followup", "1")
+            self.redis.hset(loop_state.project(key), "followup", "1")
             return None
         try:
             run = self._enqueue_run(key, ls_project_id, count)
         except BaseException:
-            self._release(keys=[_lock_key(key)], args=[token])
+            self._release(keys=[lock], args=[token])
             raise
         run_id = str(getattr(run, "run_id", run))
         pipe = self.redis.pipeline()
-        pipe.set(_lock_key(key), run_id, xx=True, keepttl=True)
+        pipe.set(lock, run_id, xx=True, keepttl=True)
         pipe.hset(
-            _project_hash(key),
+            loop_state.project(key),
             mapping={"run_id": run_id, "run_labels": str(count), "followup": "0"},
         )
         pipe.execute()
@@ -487,16 +487,13 @@ class Retrainer:
 
         # "auto" travels unresolved: the worker that plans the run decides (its GPU, its files).
         recipe = recipe_request(self.settings.training_profile)
-        return self._enqueue_training(
-            self.redis,
+        return self.queue.start_run(
             data=f"labelstudio:{ls_project_id}",
             label_config_path=str(self.settings.label_config),
             recipe=recipe,
             model_dir=str(self.settings.models),
             cache_dir=str(self.settings.cache),
             tolerance=self.settings.promotion_tolerance,
-            on_finish="backend.jobs.after_run",
-            on_finish_queue=DEFAULT_QUEUE,
             extra={
                 "project": str(ls_project_id),
                 "project_key": key,
@@ -511,9 +508,11 @@ class Retrainer:
         (a duplicate hook, or reconciliation racing the hook) does nothing.
         """
         record = run_status(self.redis, run_id)
-        status = record.get("status")
-        if status not in {"published", "failed"}:
-            logger.warning("after_run(%s): run is %s, not finished; ignored", run_id, status)
+        status = RunStatus.of(record)
+        if status is None or not status.finished:
+            logger.warning(
+                "after_run(%s): run is %s, not finished; ignored", run_id, record.get("status")
+            )
             return None
         if not record.get("project"):
             logger.warning("after_run(%s): run has no project; ignored", run_id)
@@ -528,32 +527,32 @@ class Retrainer:
         key: str,
         ls_id: int,
         run_id: str,
-        status: str,
+        status: RunStatus,
         labels: str,
         record: Mapping[str, str],
     ) -> str | None:
         followup = int(
-            self._finish(keys=[_project_hash(key), _lock_key(key)], args=[run_id, status, labels])
+            self._finish(
+                keys=[loop_state.project(key), loop_state.project_lock(key)],
+                args=[run_id, status, labels, RunStatus.PUBLISHED],
+            )
         )
         if followup < 0:
             return None
         logger.info("project %s: run %s %s (%s labelled)", key, run_id, status, labels)
-        if status == "published" and record.get("promoted") == "1" and record.get("version"):
-            Queue(DEFAULT_QUEUE, connection=self.redis).enqueue(
-                "backend.jobs.rescore_project",
-                args=(ls_id, record["version"]),
-                job_timeout=RESCORE_JOB_TIMEOUT_S,
-                result_ttl=JOB_RESULT_TTL_S,
-                failure_ttl=JOB_RESULT_TTL_S,
-                description=f"valve-id re-score project {ls_id} with {record['version']}",
-            )
+        if (
+            status is RunStatus.PUBLISHED
+            and record.get("promoted") == "1"
+            and record.get("version")
+        ):
+            self.queue.rescore_project(ls_id, record["version"])
         # Labels that arrived during the run: any new one earns exactly one follow-up.
         # Without a follow-up, still look once (covers webhooks dropped during the run).
         try:
             return self.check(ls_id, project_key=key, min_new=1 if followup else None)
         except Exception:
             if followup:  # Label Studio unreachable: keep the promise for reconciliation
-                self.redis.hset(_project_hash(key), "followup", "1")
+                self.redis.hset(loop_state.project(key), "followup", "1")
             raise
 
     # --- periodic repair -------------------------------------------------------------
@@ -566,12 +565,12 @@ class Retrainer:
         Returns at once if another process is reconciling.
         """
         token = secrets.token_hex(8)
-        if not self.redis.set(_RECONCILE_LOCK, token, nx=True, ex=RECONCILE_LOCK_TTL_S):
+        if not self.redis.set(loop_state.RECONCILE_LOCK, token, nx=True, ex=RECONCILE_LOCK_TTL_S):
             logger.debug("reconcile already running elsewhere")
             return []
         started: list[str] = []
         try:
-            for key in sorted(_text(k) for k in self.redis.smembers(_PROJECTS)):
+            for key in sorted(_text(k) for k in self.redis.smembers(loop_state.PROJECTS)):
                 try:
                     run_id = self._reconcile_project(key)
                 except Exception:  # one broken project must not stop the others
@@ -580,7 +579,7 @@ class Retrainer:
                 if run_id:
                     started.append(run_id)
         finally:
-            self._release(keys=[_RECONCILE_LOCK], args=[token])
+            self._release(keys=[loop_state.RECONCILE_LOCK], args=[token])
         return started
 
     def _reconcile_project(self, key: str) -> str | None:
@@ -588,32 +587,32 @@ class Retrainer:
         if not state.get("ls_id"):
             return None
         ls_id = int(state["ls_id"])
-        if _text(self.redis.hget(_PROJECT_INDEX, str(ls_id))) not in {"", key}:
+        if _text(self.redis.hget(loop_state.PROJECT_INDEX, str(ls_id))) not in {"", key}:
             # Label Studio was reinstalled: this id now names another project.
             logger.info("reconcile: project %s superseded; forgotten", key)
-            self.redis.srem(_PROJECTS, key)
+            self.redis.srem(loop_state.PROJECTS, key)
             return None
-        lock = _text(self.redis.get(_lock_key(key)))
+        lock_key = loop_state.project_lock(key)
+        lock = _text(self.redis.get(lock_key))
         run_id = state.get("run_id") or ("" if lock.startswith(_PENDING_PREFIX) else lock)
         if run_id:
-            record = run_status(self.redis, run_id)
-            status = record.get("status")
-            if status in {"queued", "running"}:
-                self._refresh(keys=[_lock_key(key)], args=[run_id, PROJECT_LOCK_TTL_S])
+            status = RunStatus.of(run_status(self.redis, run_id))
+            if status is not None and status.active:
+                self._refresh(keys=[lock_key], args=[run_id, PROJECT_LOCK_TTL_S])
                 return None
-            if status in {"published", "failed"}:
+            if status is not None and status.finished:
                 logger.warning("reconcile: run %s of %s finished unbooked; booking", run_id, key)
                 return self.after_run(run_id)
             # The run record is gone (expired, or Redis lost it): count it as failed.
             logger.warning("reconcile: run %s of %s unknown; releasing", run_id, key)
             labels = state.get("run_labels") or "0"
             if state.get("run_id") == run_id:
-                return self._book(key, ls_id, run_id, "failed", labels, {})
-            self._release(keys=[_lock_key(key)], args=[run_id])
+                return self._book(key, ls_id, run_id, RunStatus.FAILED, labels, {})
+            self._release(keys=[lock_key], args=[run_id])
         elif lock.startswith(_PENDING_PREFIX):
             taken_at = int(lock.rsplit(":", 1)[-1] or 0)
             if time.time() - taken_at < PENDING_LOCK_GRACE_S:
                 return None
             logger.warning("reconcile: stale pending lock of %s released", key)
-            self._release(keys=[_lock_key(key)], args=[lock])
+            self._release(keys=[lock_key], args=[lock])
         return self.check(ls_id, project_key=key)

@@ -6,7 +6,7 @@ tests (and issue 5's end-to-end suite) swap them freely:
 
 * ``predictor`` — the served model version (:class:`backend.predictor.Predictor`): bytes or
   exceptions in, one prediction or error per item out, in order;
-* ``fetcher`` — task image URL → bytes (:class:`backend.images.ImageFetcher`);
+* ``fetcher`` — task image URL → bytes (:class:`training.labelstudio.ImageFetcher`);
 * ``retrainer`` — where webhook events and proposed labels go (:mod:`backend.retraining`);
   it only writes to Redis / enqueues, so nothing here waits for training.
 
@@ -75,7 +75,7 @@ class PredictorLike(Protocol):
 
 
 class FetcherLike(Protocol):
-    """What :class:`ValveModel` needs from :class:`backend.images.ImageFetcher`."""
+    """What :class:`ValveModel` needs from :class:`training.labelstudio.ImageFetcher`."""
 
     def fetch(self, url: str) -> bytes: ...
 

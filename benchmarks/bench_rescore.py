@@ -101,12 +101,6 @@ class StandInLabelStudio:
         self.predictions += len(items)
         return len(items)
 
-    @staticmethod
-    def choice_result(config: Any, label: str) -> list[dict[str, Any]]:
-        from backend.labelstudio import choice_result
-
-        return choice_result(config, label)
-
     def set_model_version(self, project_id: int, version: str) -> None:
         self.model_version = version
 
@@ -137,8 +131,8 @@ def child(args: argparse.Namespace) -> int:
     from redis import Redis
     from rich.progress import Progress
 
-    from backend.images import ImageFetcher
-    from backend.jobs import rescore
+    from backend.jobs import JobQueue, rescore
+    from backend.labelstudio import image_fetcher
     from backend.predictor import Predictor
     from backend.retraining import Retrainer
     from backend.settings import Settings
@@ -153,9 +147,9 @@ def child(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
     )
     redis = Redis.from_url(args.redis_url)
-    retrainer = Retrainer(settings, redis)
+    retrainer = Retrainer(settings, redis, queue=JobQueue(redis))
     retrainer.register_project(args.project_id, f"{args.project_id}.1700000000")
-    fetcher = ImageFetcher(settings)
+    fetcher = image_fetcher(settings)
     predictor = Predictor(settings.models, device="cpu")
     warmup = Path(args.warmup_dir)
     predictor.predict([p.read_bytes() for p in sorted(warmup.glob("*.png"))])

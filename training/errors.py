@@ -73,7 +73,13 @@ class ImageFetchError(ValveIdError):
 
     Kept apart from :class:`ImageDecodeError` so the message says whether to fix the URL or
     access (this) or the file itself (that). Messages name the host, never the file path.
+    ``transient`` says the host did not answer usefully (unreachable, timeout, 5xx, 408, 429),
+    as opposed to a refusal or a missing image: worth trying again later.
     """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        self.transient = transient
+        super().__init__(message)
 
 
 class ModelLoadError(ValveIdError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,10 @@ from typing import Any
 from redis import Redis
 from rq import Callback, Queue, get_current_job
 from rq.exceptions import AbandonedJobError
-from rq.job import Job
+from rq.job import Job, JobStatus
 
+from training import loop_state
+from training.loop_state import DEFAULT_QUEUE, TRAINING_QUEUE, RunStatus
 from training.registry import ModelRegistry, new_version_id
 
 __all__ = [
@@ -44,10 +47,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TRAINING_QUEUE = "valve-id-training"
-"""Queue the training jobs go to; ``valve-id worker`` listens on it."""
-DEFAULT_QUEUE = "valve-id-default"
-"""Queue of short backend jobs (webhooks, re-scoring); ``valve-id worker`` listens on it too."""
 PLAN_TIMEOUT_S = 2 * 3600
 """Decoding and caching a large export can take a while on a slow disk."""
 FOLD_TIMEOUT_S = 6 * 3600
@@ -55,8 +54,9 @@ FOLD_TIMEOUT_S = 6 * 3600
 FINALIZE_TIMEOUT_S = 3600
 RESULT_TTL_S = 7 * 24 * 3600
 """How long finished jobs (and their progress meta) stay visible."""
-_RUN_KEY = "valve-id:run:{run_id}"
 _RUN_TTL_S = 30 * 24 * 3600
+_NOT_STARTED = frozenset({JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED})
+"""RQ statuses of a job that can still be cancelled before it runs."""
 
 
 @dataclass(frozen=True)
@@ -84,14 +84,14 @@ def report_progress(**fields: Any) -> None:
 
 
 def _set_run(connection: Redis, run_id: str, **fields: Any) -> None:
-    key = _RUN_KEY.format(run_id=run_id)
+    key = loop_state.run(run_id)
     connection.hset(key, mapping={k: str(v) for k, v in fields.items()})
     connection.expire(key, _RUN_TTL_S)
 
 
 def run_status(connection: Redis, run_id: str) -> dict[str, str]:
     """The run's record: status, staging, job ids, version, reason."""
-    raw = connection.hgetall(_RUN_KEY.format(run_id=run_id))
+    raw: dict[bytes, bytes] = connection.hgetall(loop_state.run(run_id))  # type: ignore[assignment]
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
@@ -118,7 +118,7 @@ def plan_job(
         _set_run(
             job.connection,
             run_id,
-            status="running",
+            status=RunStatus.RUNNING,
             profile=config.profile,
             profile_reason=config.profile_reason,
         )
@@ -179,7 +179,7 @@ def finalize_job(
         _set_run(
             job.connection,
             run_id,
-            status="published",
+            status=RunStatus.PUBLISHED,
             version=result.version_id,
             promoted=int(result.promoted),
             reason=result.reason,
@@ -204,14 +204,14 @@ def _on_failure(job: Job, connection: Redis, exc_type: type, exc: BaseException,
         detail = "its worker died (no heartbeat since); RQ abandoned the job"
     reason = f"{job.meta.get('stage', 'job')} failed: {exc_type.__name__}: {detail}"
     logger.error("training run %s failed: %s", run_id, reason)
-    _set_run(connection, run_id, status="failed", reason=reason, failed_job=job.id)
+    _set_run(connection, run_id, status=RunStatus.FAILED, reason=reason, failed_job=job.id)
     for other_id in record.get("jobs", "").split(","):
         if other_id and other_id != job.id:
             try:
                 other = Job.fetch(other_id, connection=connection)
             except Exception:  # already expired or deleted: nothing left to stop
                 continue
-            if other.get_status(refresh=True) in {"queued", "deferred", "scheduled"}:
+            if other.get_status(refresh=True) in _NOT_STARTED:
                 other.cancel()
     staging = record.get("staging")
     if staging:
@@ -237,10 +237,11 @@ def on_work_horse_killed(job: Job, retpid: int, ret_val: int, rusage: Any) -> No
 
 
 def _notify_finished(connection: Redis, run_id: str) -> None:
-    """Enqueue the run's ``on_finish`` hook (e.g. the backend's re-scoring), success or not.
+    """Enqueue the run's ``on_finish`` hook (e.g. the backend's booking), success or not.
 
-    The hook is a dotted function path called as ``hook(run_id)``, so this module never
-    imports the code it notifies.
+    The record holds the hook as a dotted function path, called as ``hook(run_id)``: the
+    record outlives the process that enqueued the run, and this module never imports the
+    code it notifies.
     """
     record = run_status(connection, run_id)
     hook = record.get("on_finish")
@@ -249,6 +250,16 @@ def _notify_finished(connection: Redis, run_id: str) -> None:
     Queue(record.get("on_finish_queue") or DEFAULT_QUEUE, connection=connection).enqueue(
         hook, run_id, result_ttl=RESULT_TTL_S, failure_ttl=RESULT_TTL_S
     )
+
+
+def _dotted_path(func: Callable[..., Any] | str | None) -> str:
+    """``module.name`` of a module-level function, as RQ itself stores a job's function."""
+    if func is None or isinstance(func, str):
+        return func or ""
+    path = f"{func.__module__}.{func.__qualname__}"
+    if "<" in path:  # a lambda or a nested function: no worker could import it
+        raise ValueError(f"on_finish must be a module-level function, not {path}")
+    return path
 
 
 def enqueue_training(
@@ -261,14 +272,15 @@ def enqueue_training(
     cache_dir: str | None,
     tolerance: float = 0.02,
     queue_name: str = TRAINING_QUEUE,
-    on_finish: str | None = None,
+    on_finish: Callable[[str], Any] | str | None = None,
     on_finish_queue: str = "",
     extra: dict[str, str] | None = None,
 ) -> TrainingRun:
     """Enqueue a whole run; returns its handle at once (nothing is trained here).
 
-    ``on_finish`` (a dotted function path) is enqueued with the run id when the run ends,
-    published or failed; ``extra`` fields are stored in the run record (e.g. the project).
+    ``on_finish`` (an importable function, or its dotted path) is enqueued with the run id
+    when the run ends, published or failed; ``extra`` fields are stored in the run record
+    (e.g. the project).
     """
     run_id = new_version_id()
     registry = ModelRegistry(model_dir)
@@ -288,11 +300,11 @@ def enqueue_training(
     _set_run(
         connection,
         run_id,
-        status="queued",
+        status=RunStatus.QUEUED,
         staging=staging,
         jobs=",".join(run.job_ids),
         data=data,
-        on_finish=on_finish or "",
+        on_finish=_dotted_path(on_finish),
         on_finish_queue=on_finish_queue,
         **(extra or {}),
     )

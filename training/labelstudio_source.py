@@ -19,53 +19,46 @@ see. Each labelled task becomes a :class:`~training.dataset.LabelledImage`:
 * **key**: the task id. **path**: the image, copied into ``download_dir`` under a hash of
   its URL, so the snapshot does not change while the run prepares it.
 
-Images come only from the configured Label Studio host, with the SDK's auth header (a
-legacy ``Token`` or the ``Bearer`` access token the SDK obtained for a Personal Access
-Token); redirects are not followed, any other host is refused. A local-files URL is read
-straight from ``LOCAL_FILES_DOCUMENT_ROOT`` when that folder is on this host, with the path
-confined to it. Connection errors and 5xx answers are retried with backoff, then the run
-fails with "Label Studio unreachable".
+The export and the images go through :mod:`training.labelstudio`, under the same rules as
+the backend's: images from Label Studio (with its auth header) or an allowed host, local
+files straight from ``LOCAL_FILES_DOCUMENT_ROOT`` when that folder is on this host,
+redirects checked hop by hop; only the size cap differs (:data:`MAX_IMAGE_BYTES`: a DICOM
+can be large). An image URL on a host the rules refuse fails the snapshot (the project
+points somewhere valve-id does not fetch from); an image Label Studio lacks (404, 403, a
+refused path or redirect, too large) leaves that task out with a warning. Connection errors
+and 5xx answers are retried with backoff, then the run fails with "Label Studio unreachable".
 
 The worker process calls :func:`configure` at start-up with the backend settings (training
-code never reads the environment); label-studio-sdk and httpx are imported lazily.
+code never reads the environment); label-studio-sdk is imported lazily.
 No log line or message here carries a URL or patient data: tasks are named by id.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
-import os
 import re
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, unquote, urljoin, urlsplit
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from training.dataset import LabelledImage
-from training.errors import DatasetError
-
-if TYPE_CHECKING:  # pragma: no cover
-    import httpx
-    from label_studio_sdk import LabelStudio
+from training.errors import DatasetError, ImageFetchError, LabelStudioError
+from training.labelstudio import ImageFetcher, LabelStudio, Retry
 
 __all__ = [
     "DEFAULT_IMAGE_KEY",
-    "DOWNLOAD_TIMEOUT_S",
-    "EXPORT_TIMEOUT_S",
     "LABELSTUDIO_PREFIX",
     "MAX_IMAGE_BYTES",
     "PATIENT_KEY",
     "RETRY_DELAYS_S",
     "AnnotatedLabel",
     "LabelStudioSource",
-    "auth_headers",
     "configure",
     "configured_source",
     "is_project_source",
@@ -74,7 +67,6 @@ __all__ = [
     "latest_annotation_choice",
     "latest_choice",
     "load_project_items",
-    "make_sdk_client",
     "parse_project_source",
 ]
 
@@ -88,17 +80,10 @@ PATIENT_KEY = "patient"
 """Task data key of the patient pseudonym written by ``valve-id import``."""
 RETRY_DELAYS_S: tuple[float, ...] = (0.5, 1.0, 2.0)
 """Seconds to wait before each retry of a failed Label Studio request (so 4 attempts)."""
-EXPORT_TIMEOUT_S = 300.0
-"""Seconds Label Studio may take to build a project's export (large projects are slow)."""
-DOWNLOAD_TIMEOUT_S = 60.0
-"""Seconds to connect / between bytes of one image download."""
 MAX_IMAGE_BYTES = 512 * 1024 * 1024
 """Largest image file downloaded, bytes (a radiograph is a few MB to a few tens of MB)."""
 
-_CHUNK_BYTES = 1 << 20
 _EXTENSION = re.compile(r"^\.[a-z0-9]{1,5}$")
-_LOCAL_FILES_PATH = "/data/local-files"
-_RETRY_STATUSES = frozenset({408, 429})
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SHOWN_TASK_IDS = 10
 """How many task ids a warning lists before it says "and N more"."""
@@ -114,6 +99,8 @@ class LabelStudioSource:
     """A legacy token or a Personal Access Token (``LABEL_STUDIO_API_KEY``)."""
     local_files_root: Path | None = None
     """``LOCAL_FILES_DOCUMENT_ROOT`` when it is on this host: local files are read directly."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Image hosts besides Label Studio (``VALVE_ID_ALLOWED_HOSTS``), fetched without the key."""
 
     def __repr__(self) -> str:
         """Never print the key (sources end up in job arguments, logs and tracebacks)."""
@@ -123,10 +110,20 @@ class LabelStudioSource:
 _configured: LabelStudioSource | None = None
 
 
-def configure(url: str, api_key: str, local_files_root: Path | None = None) -> None:
+def configure(
+    url: str,
+    api_key: str,
+    local_files_root: Path | None = None,
+    allowed_hosts: Sequence[str] = (),
+) -> None:
     """Set the Label Studio this process trains from (the worker calls it at start-up)."""
     global _configured
-    _configured = LabelStudioSource(url=url, api_key=api_key, local_files_root=local_files_root)
+    _configured = LabelStudioSource(
+        url=url,
+        api_key=api_key,
+        local_files_root=local_files_root,
+        allowed_hosts=tuple(allowed_hosts),
+    )
 
 
 def configured_source() -> LabelStudioSource | None:
@@ -148,136 +145,6 @@ def parse_project_source(data: str) -> int:
             f"{text!r} is not a Label Studio data source; expected labelstudio:<project id>"
         )
     return int(rest)
-
-
-def make_sdk_client(url: str, api_key: str, *, timeout_s: float = 60.0) -> LabelStudio:
-    """A label-studio-sdk client; it tells a legacy token from a Personal Access Token itself.
-
-    With a PAT (a JWT refresh token) the SDK exchanges it for a short-lived access token at
-    ``/api/token/refresh/`` and renews it when it expires.
-    """
-    if not url:
-        raise DatasetError("no Label Studio URL configured (LABEL_STUDIO_URL)")
-    if not api_key:
-        raise DatasetError("no Label Studio API key configured (LABEL_STUDIO_API_KEY)")
-    from label_studio_sdk import LabelStudio
-    from label_studio_sdk.core.api_error import ApiError
-
-    try:
-        return LabelStudio(base_url=url.rstrip("/"), api_key=api_key, timeout=timeout_s)
-    except ApiError as exc:  # an expired Personal Access Token is refused right here
-        raise DatasetError(
-            f"LABEL_STUDIO_API_KEY cannot be used: {_api_error_detail(exc)}"
-        ) from exc
-
-
-def _api_error_detail(exc: Exception) -> str:
-    body = getattr(exc, "body", None)
-    if isinstance(body, dict) and isinstance(body.get("detail"), str):
-        return body["detail"]
-    status = getattr(exc, "status_code", None)
-    return f"HTTP {status}" if status is not None else type(exc).__name__
-
-
-def auth_headers(client: LabelStudio) -> dict[str, str]:
-    """The ``Authorization`` header the SDK itself sends (``Token …`` or ``Bearer …``).
-
-    label-studio-sdk 2.1.2 has no public accessor for it; its client wrapper builds every
-    request's headers with ``get_headers()``, refreshing a PAT's access token when needed,
-    so this stays right for both token kinds.
-    """
-    wrapper = getattr(client, "_client_wrapper", None)
-    if wrapper is None or not hasattr(wrapper, "get_headers"):
-        raise DatasetError("this label-studio-sdk version does not expose its auth headers")
-    headers = wrapper.get_headers()
-    return {k: v for k, v in headers.items() if k.lower() == "authorization"}
-
-
-# ------------------------------------------------------------------------------ retrying
-
-
-class _Transient(Exception):
-    """A download answered with a status worth retrying (5xx, 408, 429)."""
-
-    def __init__(self, status_code: int) -> None:
-        self.status_code = status_code
-        super().__init__(f"HTTP {status_code}")
-
-
-def _with_retries(
-    action: Callable[[], Any],
-    what: str,
-    delays_s: Sequence[float],
-    sleep: Callable[[float], None],
-) -> Any:
-    """Run ``action``; on a transient failure wait ``delays_s[i]`` and try again."""
-    import httpx
-    from label_studio_sdk.core.api_error import ApiError
-
-    attempts = len(delays_s) + 1
-    for attempt in range(attempts):
-        try:
-            return action()
-        except (httpx.TransportError, _Transient, ApiError) as exc:
-            status = getattr(exc, "status_code", None)
-            if not isinstance(exc, httpx.TransportError) and not _is_transient_status(status):
-                raise DatasetError(
-                    f"Label Studio refused {what}: HTTP {status}"
-                    + (" (check LABEL_STUDIO_API_KEY)" if status in (401, 403) else "")
-                ) from exc
-            if attempt == attempts - 1:
-                raise DatasetError(
-                    f"Label Studio unreachable while {what} ({attempts} attempts): {_describe(exc)}"
-                ) from exc
-            logger.warning(
-                "Label Studio request failed while %s (%s); retrying in %.1f s",
-                what,
-                _describe(exc),
-                delays_s[attempt],
-            )
-            sleep(delays_s[attempt])
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _is_transient_status(status: int | None) -> bool:
-    return status is not None and (status >= 500 or status in _RETRY_STATUSES)
-
-
-def _describe(exc: BaseException) -> str:
-    status = getattr(exc, "status_code", None)
-    if status is not None:
-        return f"HTTP {status}"
-    return type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {exc}"
-
-
-# ------------------------------------------------------------------------------ the export
-
-
-def _export_tasks(
-    client: LabelStudio,
-    project_id: int,
-    delays_s: Sequence[float],
-    sleep: Callable[[float], None],
-) -> list[dict[str, Any]]:
-    """The project's annotated tasks as Label Studio exports them (JSON)."""
-
-    def download() -> bytes:
-        chunks = client.projects.exports.download_sync(
-            id=project_id,
-            export_type="JSON",
-            download_all_tasks=False,
-            request_options={"timeout_in_seconds": EXPORT_TIMEOUT_S, "max_retries": 0},
-        )
-        return b"".join(chunks)
-
-    raw = _with_retries(download, f"exporting project {project_id}", delays_s, sleep)
-    try:
-        tasks = json.loads(raw)
-    except ValueError as exc:
-        raise DatasetError(f"the export of project {project_id} is not JSON") from exc
-    if not isinstance(tasks, list):
-        raise DatasetError(f"the export of project {project_id} is not a list of tasks")
-    return [t for t in tasks if isinstance(t, dict)]
 
 
 def _timestamp(value: object) -> datetime:
@@ -405,11 +272,7 @@ def latest_choice(
 def latest_annotation_choice(
     annotations: Sequence[Mapping[str, Any]], choices_name: str | None = None
 ) -> tuple[int, str] | None:
-    """``(annotation id, class)`` of the annotation :func:`latest_annotation` reads.
-
-    The backend's label counting uses the same rule, so what it counts as labelled is what a
-    training snapshot trains on.
-    """
+    """``(annotation id, class)`` of the annotation :func:`latest_annotation` reads."""
     found = latest_annotation(annotations, choices_name)
     return None if found is None else (found.annotation_id, found.label)
 
@@ -423,53 +286,6 @@ def _listing(task_ids: Sequence[object]) -> str:
 # ------------------------------------------------------------------------------ the images
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    port = parts.port or {"http": 80, "https": 443}.get(scheme)
-    return scheme, (parts.hostname or "").lower(), port
-
-
-def _resolve_url(image_url: str, base_url: str, task_id: object) -> str:
-    """Absolute URL on the Label Studio host; any other host or scheme is refused."""
-    base = base_url.rstrip("/") + "/"
-    absolute = urljoin(base, image_url.lstrip("/")) if image_url.startswith("/") else image_url
-    scheme, host, port = _origin(absolute)
-    if scheme not in ("http", "https"):
-        raise DatasetError(
-            f"task {task_id}: its image is not an http(s) URL on Label Studio "
-            "(valve-id reads uploaded and local-files images only)"
-        )
-    if (scheme, host, port) != _origin(base):
-        raise DatasetError(
-            f"task {task_id}: its image is on host {host!r}, not on the configured Label Studio "
-            f"host {_origin(base)[1]!r}; valve-id fetches images from Label Studio only"
-        )
-    return absolute
-
-
-def _local_file(url: str, base_url: str, root: Path | None) -> Path | None:
-    """The file a ``/data/local-files/?d=…`` URL names under ``root``, if it is there."""
-    if root is None:
-        return None
-    parts = urlsplit(url)
-    base_path = urlsplit(base_url).path.rstrip("/")
-    path = parts.path[len(base_path) :] if parts.path.startswith(base_path) else parts.path
-    if path.rstrip("/") != _LOCAL_FILES_PATH:
-        return None
-    values = parse_qs(parts.query).get("d")
-    if not values:
-        return None
-    relative = PurePosixPath(unquote(values[0]))
-    if relative.is_absolute() or ".." in relative.parts:
-        return None
-    root = root.resolve()
-    candidate = (root / relative).resolve()
-    if not candidate.is_relative_to(root) or candidate == root or not candidate.is_file():
-        return None
-    return candidate
-
-
 def _target_name(url: str) -> str:
     """``<sha256 of the URL>.<ext>``: stable per image, never the original file name."""
     parts = urlsplit(url)
@@ -479,74 +295,8 @@ def _target_name(url: str) -> str:
     return hashlib.sha256(url.encode("utf-8")).hexdigest()[:32] + ext
 
 
-def _atomic_write(target: Path, chunks: Iterator[bytes]) -> None:
-    """Write ``chunks`` to a temporary file beside ``target``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".download-", suffix=".tmp")
-    try:
-        written = 0
-        with os.fdopen(fd, "wb") as fh:
-            for chunk in chunks:
-                written += len(chunk)
-                if written > MAX_IMAGE_BYTES:
-                    raise _TooLarge
-                fh.write(chunk)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-class _TooLarge(Exception):
-    """An image larger than :data:`MAX_IMAGE_BYTES`."""
-
-
-class _Missing(Exception):
-    """Label Studio answered this one image with a client error (404, 403, a redirect ...)."""
-
-    def __init__(self, status: int) -> None:
-        self.status = status
-        super().__init__(f"HTTP {status}")
-
-
-def _copy_local(source: Path, target: Path) -> None:
-    if target.is_file() and target.stat().st_size == source.stat().st_size:
-        return
-    if source.stat().st_size > MAX_IMAGE_BYTES:
-        raise _TooLarge
-
-    def chunks() -> Iterator[bytes]:
-        with source.open("rb") as fh:
-            while chunk := fh.read(_CHUNK_BYTES):
-                yield chunk
-
-    _atomic_write(target, chunks())
-
-
-def _download(http: httpx.Client, url: str, headers: Mapping[str, str], target: Path) -> None:
-    """GET ``url`` into ``target`` (kept when it already has the announced size)."""
-    with http.stream("GET", url, headers=dict(headers)) as response:
-        status = response.status_code
-        if status >= 500 or status in _RETRY_STATUSES:
-            raise _Transient(status)
-        if status != 200:
-            raise _Missing(status)
-        length = response.headers.get("content-length")
-        if length is not None and length.isdigit():
-            if int(length) > MAX_IMAGE_BYTES:
-                raise _TooLarge
-            if target.is_file() and target.stat().st_size == int(length):
-                return
-        _atomic_write(target, response.iter_bytes(_CHUNK_BYTES))
-
-
 def _fetch_image(
-    image_url: object,
-    task_id: object,
-    source: LabelStudioSource,
-    download_dir: Path,
-    fetch: Callable[[str, Path], None],
-    delays_s: Sequence[float],
-    sleep: Callable[[float], None],
+    fetcher: ImageFetcher, image_url: object, task_id: object, download_dir: Path
 ) -> Path | None:
     """Copy one task's image into ``download_dir``; None if Label Studio lacks it."""
     if not isinstance(image_url, str) or not image_url:
@@ -554,24 +304,19 @@ def _fetch_image(
             f"task {task_id} has no image URL under the <Image> tag's data key; "
             "is the label config's image key right?"
         )
-    url = _resolve_url(image_url, source.url, task_id)
+    try:
+        url = fetcher.resolve(image_url)
+    except ImageFetchError as exc:
+        raise DatasetError(f"task {task_id}: {exc}") from None
     target = download_dir / _target_name(url)
     try:
-        local = _local_file(url, source.url, source.local_files_root)
-        if local is not None:
-            _copy_local(local, target)
-        else:
-            _with_retries(
-                lambda: fetch(url, target),
-                f"downloading the image of task {task_id}",
-                delays_s,
-                sleep,
-            )
-    except _Missing as exc:
-        logger.warning("task %s: Label Studio has no image for it (HTTP %s)", task_id, exc.status)
-        return None
-    except _TooLarge:
-        logger.warning("task %s: its image is larger than %d bytes", task_id, MAX_IMAGE_BYTES)
+        fetcher.save(image_url, target)
+    except ImageFetchError as exc:
+        if exc.transient:
+            raise DatasetError(
+                f"Label Studio unreachable while downloading the image of task {task_id}: {exc}"
+            ) from exc
+        logger.warning("task %s: left out, its image could not be fetched: %s", task_id, exc)
         return None
     return target
 
@@ -600,9 +345,10 @@ def load_project_items(
     tag's name) restricts which annotation results count, ``image_key`` is the task data key
     of the image; ``keypoint_name``/``keypoint_label`` (the ``<KeyPointLabels>`` tag and its
     label) which keypoint is the valve centre (None: any keypoint result). ``source``
-    defaults to what :func:`configure` set; ``client`` to an SDK client for it. A task whose
-    image Label Studio does not have (404, 403 ...) is left out with a warning; an
-    unreachable Label Studio (after the retries) fails the snapshot.
+    defaults to what :func:`configure` set; ``client`` to a
+    :class:`~training.labelstudio.LabelStudio` for it, retrying after ``retry_delays_s``.
+    A task whose image Label Studio does not have (404, 403 ...) is left out with a warning;
+    an unreachable Label Studio (after the retries) fails the snapshot.
     """
     source = source or _configured
     if source is None:
@@ -611,9 +357,17 @@ def load_project_items(
             "training.labelstudio_source.configure() with LABEL_STUDIO_URL and "
             "LABEL_STUDIO_API_KEY at start-up"
         )
+    if not source.url:
+        raise DatasetError("no Label Studio URL configured (LABEL_STUDIO_URL)")
+    if not source.api_key:
+        raise DatasetError("no Label Studio API key configured (LABEL_STUDIO_API_KEY)")
+    retry = Retry(tuple(retry_delays_s), sleep)
     if client is None:
-        client = make_sdk_client(source.url, source.api_key)
-    tasks = _export_tasks(client, project_id, retry_delays_s, sleep)
+        client = LabelStudio(source.url, source.api_key, retry=retry)
+    try:
+        tasks = client.export_tasks(project_id)
+    except LabelStudioError as exc:
+        raise DatasetError(str(exc)) from exc
 
     labelled: list[tuple[dict[str, Any], AnnotatedLabel]] = []
     unknown: dict[str, list[object]] = {}
@@ -634,24 +388,27 @@ def load_project_items(
             f"{detail}; known classes: {list(classes)}"
         )
 
-    import httpx
-
+    try:
+        fetcher = ImageFetcher(
+            source.url,
+            local_files_root=source.local_files_root,
+            allowed_hosts=source.allowed_hosts,
+            auth_headers=client.auth_headers,
+            max_bytes=MAX_IMAGE_BYTES,
+            retry=retry,
+        )
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
     download_dir = Path(download_dir)
     download_dir.mkdir(parents=True, exist_ok=True)
     items: list[LabelledImage] = []
     missing: list[object] = []
     no_patient = 0
-    with httpx.Client(timeout=DOWNLOAD_TIMEOUT_S, follow_redirects=False) as http:
-
-        def fetch(url: str, target: Path) -> None:
-            _download(http, url, auth_headers(client), target)
-
+    with fetcher:
         for done, (task, found) in enumerate(labelled, start=1):
             task_id = task.get("id")
             data = task.get("data") or {}
-            path = _fetch_image(
-                data.get(image_key), task_id, source, download_dir, fetch, retry_delays_s, sleep
-            )
+            path = _fetch_image(fetcher, data.get(image_key), task_id, download_dir)
             if path is None:
                 missing.append(task_id)
             else:

@@ -16,9 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from backend.importer import DEFAULT_PROJECT_TITLE, ImportReport, import_folder
+from backend.labelstudio import label_studio_client
 from backend.settings import Settings, SettingsError
 from training.errors import ValveIdError
-from training.labelstudio_source import make_sdk_client
 
 __all__ = ["import_command"]
 
@@ -62,7 +62,7 @@ def import_command(
         raise typer.Exit(2)
     try:
         settings = Settings.from_env()
-        client = make_sdk_client(settings.label_studio_url, settings.label_studio_api_key)
+        client = label_studio_client(settings)
         columns = (
             TextColumn("importing"),
             BarColumn(),

@@ -88,9 +88,9 @@ def simulate_command(
     seed: Annotated[int, typer.Option(help="Base seed (test split, seed sets, training).")] = 0,
 ) -> None:
     """Simulate active learning on a fully labelled set: labels saved per strategy."""
+    from backend.labelstudio import configure_training
     from training.config import RecipeConfig
     from training.labels import load_label_config
-    from training.labelstudio_source import configure
     from training.simulation import SimulationConfig
 
     try:
@@ -159,9 +159,7 @@ def simulate_command(
 
     try:
         label_config = load_label_config(settings.label_config)
-        configure(
-            settings.label_studio_url, settings.label_studio_api_key, settings.local_files_root
-        )
+        configure_training(settings)
         report = simulate(
             sim,
             target,

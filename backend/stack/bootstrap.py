@@ -10,13 +10,14 @@ Each step looks before it writes, so ``valve-id up`` can run any number of times
    each with the true valve centre as a keypoint when the project's config has one;
 4. :func:`connect_backend` — the ML backend with basic auth, and the webhook Label Studio
    creates for it given the same credentials (it has none by default: docs/PROTOCOL.md);
-5. the review view (:meth:`backend.labelstudio.LabelStudio.ensure_review_view`);
+5. the review view (:meth:`training.labelstudio.LabelStudio.ensure_review_view`);
 6. :func:`start_first_training` / :func:`sync_served_version` — nothing served yet: "Start
    training"; a version served that the project does not show yet: a re-scoring job.
 
-The provisioning calls here (projects, annotations, ML backends, webhooks) are plain REST with
-the admin's legacy token: they are what a person would click once, not part of the loop,
-which goes through :class:`backend.labelstudio.LabelStudio`.
+The provisioning calls here (projects, annotations, ML backends, webhooks) are what a person
+would click once, not part of the loop; they go through the same
+:class:`training.labelstudio.LabelStudio` as everything else (its retries, its errors), as
+REST routes the SDK types too narrowly (:meth:`~training.labelstudio.LabelStudio.request`).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from typing import Any
 import httpx
 
 from backend.importer import ImportReport, import_folder, source_uid
-from backend.labelstudio import choice_result, keypoint_result
+from backend.labelstudio import choice_result, keypoint_result, label_studio_client
 from backend.settings import Settings
 from training.errors import DatasetError, LabelConfigError, LabelStudioError
 from training.labels import LabelConfig, parse_label_config
+from training.labelstudio import LabelStudio
 
 __all__ = [
     "ML_BACKEND_TITLE",
@@ -94,42 +96,29 @@ def basic_auth_header(user: str, password: str) -> str:
 
 
 class LabelStudioAdmin:
-    """The provisioning calls, over plain REST with a legacy token (``Authorization: Token``)."""
+    """The provisioning calls, over the shared client with the admin's token."""
 
     def __init__(
         self, url: str, token: str, *, http: httpx.Client | None = None, timeout_s: float = 60.0
     ) -> None:
-        self.url = url.rstrip("/")
-        self._http = http or httpx.Client(timeout=timeout_s, trust_env=False)
-        self._headers = {"Authorization": f"Token {token}"}
+        # trust_env=False: the stack's Label Studio is on this host, never behind a proxy.
+        self.label_studio = LabelStudio(
+            url,
+            token,
+            http=http or httpx.Client(timeout=timeout_s, trust_env=False),
+            timeout_s=timeout_s,
+        )
+        self.url = self.label_studio.url
 
     def __repr__(self) -> str:
         return f"LabelStudioAdmin(url={self.url!r})"
 
     def close(self) -> None:
-        self._http.close()
+        self.label_studio.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """One call; JSON answer (or None when empty); LabelStudioError on failure."""
-        try:
-            answer = self._http.request(method, self.url + path, headers=self._headers, **kwargs)
-        except httpx.HTTPError as exc:
-            raise LabelStudioError(
-                f"cannot reach Label Studio at {self.url} ({method} {path.split('?')[0]}): "
-                f"{type(exc).__name__}"
-            ) from None
-        if answer.status_code >= 400:
-            raise LabelStudioError(
-                f"Label Studio {method} {path.split('?')[0]}: HTTP {answer.status_code}: "
-                + " ".join(answer.text.split())[:300],
-                status_code=answer.status_code,
-            )
-        if not answer.content:
-            return None
-        try:
-            return answer.json()
-        except ValueError:
-            return answer.text
+        return self.label_studio.request(method, path, **kwargs)
 
     # -- projects and tasks -------------------------------------------------------------
 
@@ -233,14 +222,12 @@ def _follow_label_config(admin: LabelStudioAdmin, project_id: int, label_config:
 
 
 def import_demo(
-    project_id: int, demo_dir: Path, settings: Settings, client: Any = None
+    project_id: int, demo_dir: Path, settings: Settings, client: LabelStudio | None = None
 ) -> ImportReport:
     """Import the demo DICOMs with ``valve-id import``'s code; already-imported ones are
-    skipped. ``client`` is a label-studio-sdk client (built from ``settings`` if None)."""
+    skipped. ``client`` is the Label Studio client (built from ``settings`` if None)."""
     if client is None:
-        from training.labelstudio_source import make_sdk_client
-
-        client = make_sdk_client(settings.label_studio_url, settings.label_studio_api_key)
+        client = label_studio_client(settings)
     report = import_folder(
         demo_dir, project_id=project_id, create=False, settings=settings, client=client
     )
@@ -523,17 +510,8 @@ def sync_served_version(
     """
     if served is None or admin.project(project_id).get("model_version") == served:
         return False
-    from rq import Queue
+    from backend.jobs import JobQueue
 
-    from backend.retraining import JOB_RESULT_TTL_S, RESCORE_JOB_TIMEOUT_S
-    from training.jobs import DEFAULT_QUEUE
-
-    Queue(DEFAULT_QUEUE, connection=redis).enqueue(
-        "backend.jobs.rescore_project",
-        args=(project_id, served),
-        job_timeout=RESCORE_JOB_TIMEOUT_S,
-        result_ttl=JOB_RESULT_TTL_S,
-        description=f"valve-id re-score project {project_id} with {served}",
-    )
+    JobQueue(redis).rescore_project(project_id, served)
     logger.info("project %s: re-scoring with %s queued", project_id, served)
     return True

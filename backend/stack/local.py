@@ -92,7 +92,7 @@ DEFAULT_DEMO_IMAGES = 240
 """Synthetic X-rays imported into the demo project (balanced over the four valve models)."""
 DEFAULT_SEED_LABELS = 160
 """Tasks labelled from the demo's true class and valve centre (whole patients, every class).
-Sized by measurement (README, "The cpu profile"): with ~128 training X-rays per fold the
+Sized by measurement (docs/TRAINING.md, "The cpu profile"): with ~128 training X-rays per fold the
 ``cpu`` profile's first version took 14 minutes on 2 CPU cores and was right on 72 of the 79
 unlabelled demo X-rays (0.91)."""
 DEMO_SEED = 0
@@ -373,19 +373,19 @@ def _wait_worker(record: ProcessRecord, redis_url: str, timeout_s: float) -> Non
 
 
 def _runs_active(redis_url: str) -> bool:
-    """A training run is queued or running (``valve-id:run:<id>`` records)."""
+    """A training run is queued or running (its run record says so)."""
     from redis import Redis
 
+    from training import loop_state
     from training.jobs import run_status
+    from training.loop_state import RunStatus
 
     connection = Redis.from_url(redis_url)
     try:
-        for raw in connection.scan_iter(match="valve-id:run:*", count=200):
-            run_id = raw.decode().split(":", 2)[2]
-            if ":" not in run_id and run_status(connection, run_id).get("status") in {
-                "queued",
-                "running",
-            }:
+        for key in connection.scan_iter(match=loop_state.RUN_PATTERN, count=200):
+            run_id = loop_state.run_id_of(key)
+            status = RunStatus.of(run_status(connection, run_id)) if run_id else None
+            if status is not None and status.active:
                 return True
         return False
     finally:
@@ -490,7 +490,7 @@ def up(options: StackOptions, say: Say = logger.info) -> UpReport:
         wait_http(f"{backend_url}/health", record=backend, timeout_s=BACKEND_START_TIMEOUT_S)
         choices["backend_port"] = port
         started.append("backend")
-    workers = [("worker", [])]
+    workers: list[tuple[str, list[str]]] = [("worker", [])]
     if options.default_worker:
         workers.append(("worker-default", ["--queues", "valve-id-default"]))
     for name, extra in workers:
@@ -536,7 +536,7 @@ def _bootstrap(
 ) -> UpReport:
     from redis import Redis
 
-    from backend.labelstudio import LabelStudio
+    from backend.labelstudio import label_studio_client
     from backend.settings import Settings
     from training.labels import load_label_config
     from training.registry import ModelRegistry
@@ -557,7 +557,7 @@ def _bootstrap(
         truth = bootstrap.demo_images(paths.demo, values["VALVE_ID_PSEUDONYM_KEY"])
         config = load_label_config(settings.label_config)
         seeded = bootstrap.seed_annotations(admin, project_id, truth, config, options.seed_labels)
-        labelled = LabelStudio(settings).count_labelled_tasks(project_id)
+        labelled = label_studio_client(settings).count_labelled_tasks(project_id)
         if seeded:
             say(bootstrap.seed_line(seeded, labelled, options.seed_labels))
         ml_id = bootstrap.connect_backend(
@@ -567,7 +567,7 @@ def _bootstrap(
             basic_auth=(values["BASIC_AUTH_USER"], values["BASIC_AUTH_PASS"]),
             description=bootstrap.backend_description(settings.retrain_every_n_labels),
         )
-        view_id = LabelStudio(settings).ensure_review_view(project_id)
+        view_id = label_studio_client(settings).ensure_review_view(project_id)
         served = ModelRegistry(settings.models).current()
         redis = Redis.from_url(settings.redis_url)
         try:

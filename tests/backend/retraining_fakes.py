@@ -107,16 +107,6 @@ class FakeLabelStudio:
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": "Token test"}
 
-    def choice_result(self, label_config: Any, label: str) -> list[dict[str, Any]]:
-        return [
-            {
-                "from_name": label_config.choices_name,
-                "to_name": label_config.image_name,
-                "type": "choices",
-                "value": {"choices": [label]},
-            }
-        ]
-
     def names(self) -> list[str]:
         return [name for name, _ in self.calls]
 

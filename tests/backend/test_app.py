@@ -39,7 +39,8 @@ from torch import nn
 from torchvision.models import ResNet18_Weights
 
 from backend.app import MAX_BODY_BYTES, MAX_TASKS_PER_PREDICT, create_app
-from backend.labelstudio import LabelStudio
+from backend.jobs import JobQueue
+from backend.labelstudio import label_studio_client
 from backend.predictor import Prediction, PredictionError, Predictor
 from backend.retraining import Retrainer
 from backend.settings import Settings
@@ -187,7 +188,7 @@ def make_client(
         s,
         predictor=predictor or FakePredictor(),
         fetcher=fetcher or FakeFetcher(),
-        label_studio=LabelStudio(s),
+        label_studio=label_studio_client(s),
         redis=redis,
         retrainer=retrainer or FakeRetrainer(),
     )
@@ -450,7 +451,7 @@ def test_predict_never_blocks_the_event_loop(tmp_path: Path) -> None:
         s,
         predictor=FakePredictor(),
         fetcher=FakeFetcher({"/a.png": b"IMG:Codman Hakim"}, delay_s=SLOW_FETCH_S),
-        label_studio=LabelStudio(s),
+        label_studio=label_studio_client(s),
         retrainer=FakeRetrainer(),
     )
 
@@ -606,7 +607,7 @@ def test_webhook_is_fast_with_a_real_retrainer_on_a_real_redis(
     tmp_path: Path, redis_conn: Redis, redis_url: str
 ) -> None:
     s = settings_for(tmp_path, redis_url=redis_url)
-    retrainer = Retrainer(s, redis_conn)
+    retrainer = Retrainer(s, redis_conn, queue=JobQueue(redis_conn))
     client = make_client(tmp_path, retrainer=retrainer, redis=redis_conn, redis_url=redis_url)
     with client:
         times = timed_webhooks(client)
@@ -621,7 +622,8 @@ def test_webhook_is_fast_with_a_real_retrainer_on_a_real_redis(
 def test_webhook_is_fast_and_200_when_redis_is_unreachable(tmp_path: Path) -> None:
     s = settings_for(tmp_path)  # REDIS_URL points at a closed port
     dead = Redis.from_url(s.redis_url, socket_timeout=0.2, socket_connect_timeout=0.2)
-    with make_client(tmp_path, retrainer=Retrainer(s, dead), redis=dead) as client:
+    retrainer = Retrainer(s, dead, queue=JobQueue(dead))
+    with make_client(tmp_path, retrainer=retrainer, redis=dead) as client:
         times = timed_webhooks(client)
         answer = client.post(
             "/webhook", json=recorded("webhook_START_TRAINING.json")["request"]["body"]
@@ -658,7 +660,7 @@ def test_metrics_parse_as_prometheus_text(
     tmp_path: Path, redis_conn: Redis, redis_url: str
 ) -> None:
     s = settings_for(tmp_path, redis_url=redis_url)
-    retrainer = Retrainer(s, redis_conn)
+    retrainer = Retrainer(s, redis_conn, queue=JobQueue(redis_conn))
     fetcher = FakeFetcher({"/a.png": b"IMG:Codman Hakim", "/c.png": b"corrupt"})
     tasks = [
         {"id": 1, "data": {"image": "/a.png"}},
@@ -701,7 +703,8 @@ def test_metrics_parse_as_prometheus_text(
 def test_metrics_still_answer_when_redis_is_down(tmp_path: Path) -> None:
     s = settings_for(tmp_path)
     dead = Redis.from_url(s.redis_url, socket_timeout=0.2, socket_connect_timeout=0.2)
-    with make_client(tmp_path, retrainer=Retrainer(s, dead), redis=dead) as client:
+    retrainer = Retrainer(s, dead, queue=JobQueue(dead))
+    with make_client(tmp_path, retrainer=retrainer, redis=dead) as client:
         response = client.get("/metrics")
     assert response.status_code == 200
     assert ("valve_id_model_loaded", ()) in metric_samples(response.text)

@@ -72,7 +72,8 @@ def parts(settings: Settings, redis_conn: Redis) -> Iterator[dict[str, Any]]:
             enqueue_training=runs,
         )
     )
-    retrainer = Retrainer(settings, redis_conn, label_studio=ls, enqueue_training=runs)
+    queue = jobs.JobQueue(redis_conn, enqueue_training=runs)
+    retrainer = Retrainer(settings, redis_conn, queue=queue, label_studio=ls)
     retrainer.register_project(LS_ID, PROJECT_KEY)  # what /setup does
     yield {"ls": ls, "fetcher": fetcher, "predictor": predictor, "runs": runs, "rt": retrainer}
     jobs.use_context(None)

@@ -22,7 +22,8 @@ from backend.stack.bootstrap import DemoImage, LabelStudioAdmin, seed_result
 from training.dataset import prepare_images
 from training.dicom import load_image, read_dicom_header
 from training.labels import load_label_config, parse_label_config
-from training.labelstudio_source import LabelStudioSource, load_project_items, make_sdk_client
+from training.labelstudio import LabelStudio
+from training.labelstudio_source import LabelStudioSource, load_project_items
 from training.preprocess import PreprocessParams
 from training.synthetic import generate_dataset
 
@@ -70,7 +71,7 @@ def imported_project(server: StandInLabelStudio, demo: Path, config_xml: str) ->
         label_config=DEFAULT_LABEL_CONFIG,
     )
     report = bootstrap.import_demo(
-        pid, demo, settings, client=make_sdk_client(server.url, server.api_key)
+        pid, demo, settings, client=LabelStudio(server.url, server.api_key)
     )
     assert report.created == 8
     return pid

@@ -36,7 +36,7 @@ from backend.importer import (
 )
 from backend.settings import DEFAULT_LABEL_CONFIG, Settings, SettingsError
 from training.dicom import load_image
-from training.labelstudio_source import make_sdk_client
+from training.labelstudio import NO_RETRY, LabelStudio
 from training.synthetic import generate_dataset
 
 KEY = "test-pseudonym-key-0123456789abcdef"
@@ -77,7 +77,7 @@ def run_import(server: StandInLabelStudio, source: Path, **kwargs) -> ImportRepo
     kwargs.setdefault("project_id", None)
     kwargs.setdefault("create", False)
     return import_folder(
-        source, settings=settings, client=make_sdk_client(server.url, server.api_key), **kwargs
+        source, settings=settings, client=LabelStudio(server.url, server.api_key), **kwargs
     )
 
 
@@ -366,11 +366,9 @@ def test_unknown_project_is_a_clear_error(standin, dicom_set):
 
 
 def test_a_refused_or_unreachable_label_studio_is_a_clear_error(standin, dicom_set):
-    from label_studio_sdk import LabelStudio
-
     from training.errors import DatasetError
 
-    wrong = LabelStudio(base_url=standin.url, api_key="wrong-key", max_retries=0)
+    wrong = LabelStudio(standin.url, "wrong-key", retry=NO_RETRY)
     with pytest.raises(DatasetError, match="refused.*401.*LABEL_STUDIO_API_KEY"):
         import_folder(
             dicom_set, project_id=None, create=True, settings=settings_for(standin), client=wrong
@@ -378,7 +376,7 @@ def test_a_refused_or_unreachable_label_studio_is_a_clear_error(standin, dicom_s
     gone = StandInLabelStudio().start()
     url = gone.url
     gone.stop()
-    nobody = LabelStudio(base_url=url, api_key="k" * 40, max_retries=0)
+    nobody = LabelStudio(url, "k" * 40, retry=NO_RETRY)
     with pytest.raises(DatasetError, match="unreachable"):
         import_folder(
             dicom_set, project_id=1, create=False, settings=settings_for(standin), client=nobody

@@ -61,7 +61,8 @@ def retrainer(
 ) -> Iterator[Retrainer]:
     # The jobs a worker runs build their Retrainer from the same parts.
     jobs.use_context(jobs.WorkerContext(settings=settings, label_studio=ls, enqueue_training=runs))
-    yield Retrainer(settings, redis_conn, label_studio=ls, enqueue_training=runs)
+    queue = jobs.JobQueue(redis_conn, enqueue_training=runs)
+    yield Retrainer(settings, redis_conn, queue=queue, label_studio=ls)
     jobs.use_context(None)
 
 

@@ -407,10 +407,10 @@ def _assert_sorted_by(loop: Loop, version: str) -> list[dict[str, Any]]:
 
 
 def test_03_review_view_lists_unlabelled_tasks_most_uncertain_first(loop: Loop) -> None:
-    from backend.labelstudio import LabelStudio
+    from backend.labelstudio import label_studio_client
 
     project_id, v1 = loop.facts["project_id"], loop.facts["v1"]
-    loop.facts["view_id"] = LabelStudio(loop.settings).ensure_review_view(project_id)
+    loop.facts["view_id"] = label_studio_client(loop.settings).ensure_review_view(project_id)
     # The bootstrap's hand-over: a served version the project does not show yet is announced
     # by a re-scoring job (here it finds every task predicted and only sets model_version).
     assert bootstrap.sync_served_version(loop.admin, project_id, served=v1, redis=loop.redis)

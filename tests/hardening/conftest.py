@@ -4,8 +4,8 @@ The server is ``valve-id serve`` in a subprocess (uvicorn, the real :func:`creat
 real :class:`~backend.predictor.Predictor`), configured only through the environment, with
 basic auth on, distinctive secrets and ``LOG_LEVEL=DEBUG`` (everything it logs goes to a file
 the secrets test greps). It fetches images through the real
-:class:`~backend.images.ImageFetcher`: from ``LOCAL_FILES_DOCUMENT_ROOT`` on disk, or over
-HTTP from the Label Studio stand-in.
+:class:`~training.labelstudio.ImageFetcher`: from ``LOCAL_FILES_DOCUMENT_ROOT`` on disk, or
+over HTTP from the Label Studio stand-in.
 """
 
 from __future__ import annotations

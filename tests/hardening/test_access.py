@@ -12,7 +12,7 @@ per key (``tests/backend/test_importer.py::
 test_pseudonyms_are_stable_per_key_and_differ_across_keys`` and
 ``::test_another_key_gives_other_pseudonyms``), PNG metadata of rasters
 (``::test_png_and_jpeg_with_a_manifest``), the fetcher never logging the key
-(``tests/backend/test_images.py::test_the_key_is_never_logged_or_put_in_messages``).
+(``tests/training/test_labelstudio_images.py::test_the_key_is_never_logged_or_put_in_messages``).
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from rq.job import Job
 import backend.app
 from backend.app import create_app
 from backend.importer import import_folder, pseudonymize, source_uid
-from backend.labelstudio import LabelStudio
+from backend.labelstudio import label_studio_client
 from backend.settings import DEFAULT_LABEL_CONFIG, Settings
 from training.errors import LabelStudioError
-from training.labelstudio_source import make_sdk_client
+from training.labelstudio import LabelStudio, Retry
 from training.registry import ModelRegistry
 from training.synthetic import VALVE_CLASSES, generate_dataset
 
@@ -251,7 +251,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
                 project_id=None,
                 create=True,
                 settings=settings,
-                client=make_sdk_client(standin.url, LS_API_KEY),
+                client=LabelStudio(standin.url, LS_API_KEY),
             )
         finally:
             logging.getLogger().removeHandler(collected)
@@ -402,8 +402,10 @@ def test_secrets_never_appear_in_logs_responses_reports_or_redis(
         return httpx.Response(500, json={"detail": f"bad {request.headers.get('authorization')}"})
 
     settings = Settings(label_studio_url="http://ls.test", label_studio_api_key=LS_API_KEY)
-    echoing = LabelStudio(
-        settings, http=httpx.Client(transport=httpx.MockTransport(echo)), attempts=2, backoff_s=0
+    echoing = label_studio_client(
+        settings,
+        http=httpx.Client(transport=httpx.MockTransport(echo)),
+        retry=Retry.exponential(2, 0),
     )
     with pytest.raises(LabelStudioError) as failed:
         echoing.count_labelled_tasks(1)

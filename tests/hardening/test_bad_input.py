@@ -4,7 +4,8 @@ server alive, memory bounded.
 Every request goes to ``valve-id serve`` in a subprocess (see ``conftest.py``) over a real
 socket, and every image through the real fetcher and decoder. The decoders' own error
 messages are unit-tested in ``tests/training/test_dicom.py`` and the fetcher's rules in
-``tests/backend/test_images.py``; here they must hold end to end, for a whole batch at once.
+``tests/training/test_labelstudio_images.py``; here they must hold end to end, for a whole
+batch at once.
 """
 
 from __future__ import annotations

@@ -122,7 +122,8 @@ def test_with_redis_killed_predict_answers_webhooks_stay_fast_and_reconciliation
     )
     ls = FakeLabelStudio(labelled=N - 2)  # Label Studio's labelled count
     runs = RecordingEnqueue()
-    retrainer = Retrainer(settings, redis, label_studio=ls, enqueue_training=runs)
+    queue = jobs.JobQueue(redis, enqueue_training=runs)
+    retrainer = Retrainer(settings, redis, queue=queue, label_studio=ls)
     jobs.use_context(jobs.WorkerContext(settings=settings, label_studio=ls, enqueue_training=runs))
     predictor = Predictor(served_registry.root, device="cpu")
     app = create_app(settings, predictor=predictor, redis=redis, retrainer=retrainer)
@@ -256,7 +257,8 @@ def test_a_worker_killed_mid_fold_fails_the_run_frees_the_project_and_the_next_r
     before = _registry_state(registry)
     ls = FakeLabelStudio(labelled=N)
     runs = ManifestRuns(small_dataset)
-    retrainer = Retrainer(settings, redis_conn, label_studio=ls, enqueue_training=runs)
+    queue = jobs.JobQueue(redis_conn, enqueue_training=runs)
+    retrainer = Retrainer(settings, redis_conn, queue=queue, label_studio=ls)
     runs.recipe = {**SMALL_RECIPE, "epochs_from_scratch": 500}  # far longer than the test
     first = retrainer.check(LS_ID, project_key=PROJECT_KEY)
     assert first is not None and _lock(redis_conn) == first

@@ -27,11 +27,12 @@ from redis import Redis
 from retraining_fakes import FakeLabelStudio
 
 from backend.app import create_app
-from backend.images import ImageFetcher
-from backend.labelstudio import LabelStudio
+from backend.jobs import JobQueue
+from backend.labelstudio import image_fetcher, label_studio_client
 from backend.predictor import Predictor
 from backend.retraining import HANDLED_ACTIONS, Retrainer
 from backend.settings import Settings
+from training.labelstudio import NO_RETRY
 from training.registry import ModelRegistry
 
 from .hardening_support import LABEL_CONFIG_XML, PROJECT, free_port, local_url
@@ -62,14 +63,16 @@ def client(
     )
     redis = Redis.from_url(redis_url, socket_timeout=1.0)
     predictor = Predictor(served_registry.root, device="cpu")
-    label_studio = LabelStudio(settings_, attempts=1)
+    label_studio = label_studio_client(settings_, retry=NO_RETRY)
     app = create_app(
         settings_,
         predictor=predictor,
-        fetcher=ImageFetcher(settings_),
+        fetcher=image_fetcher(settings_),
         label_studio=label_studio,
         redis=redis,
-        retrainer=Retrainer(settings_, redis, label_studio=FakeLabelStudio(labelled=3)),
+        retrainer=Retrainer(
+            settings_, redis, queue=JobQueue(redis), label_studio=FakeLabelStudio(labelled=3)
+        ),
     )
     with TestClient(app, raise_server_exceptions=False) as test_client:
         yield test_client

@@ -21,16 +21,15 @@ from training import labelstudio_source
 from training.dataset import LabelledImage, load_items
 from training.dicom import load_image
 from training.errors import DatasetError
+from training.labelstudio import LabelStudio
 from training.labelstudio_source import (
     LabelStudioSource,
-    auth_headers,
     configure,
     keypoint_centre,
     latest_annotation,
     latest_annotation_choice,
     latest_choice,
     load_project_items,
-    make_sdk_client,
     parse_project_source,
 )
 
@@ -359,10 +358,10 @@ def test_personal_access_token_gets_a_bearer_access_token(tmp_path):
             scheme, _, token = r.headers["Authorization"].partition(" ")
             assert scheme == "Bearer" and token in server.access_tokens
         assert server.count("POST", "/api/token/refresh/") >= 1
-        client = make_sdk_client(server.url, server.pat)
-        assert auth_headers(client)["Authorization"].startswith("Bearer ")
-    legacy = make_sdk_client("http://127.0.0.1:9", "f" * 40)
-    assert auth_headers(legacy) == {"Authorization": "Token " + "f" * 40}
+        client = LabelStudio(server.url, server.pat)
+        assert client.auth_headers()["Authorization"].startswith("Bearer ")
+    legacy = LabelStudio("http://127.0.0.1:9", "f" * 40)
+    assert legacy.auth_headers() == {"Authorization": "Token " + "f" * 40}
 
 
 def test_second_snapshot_keeps_files_of_the_same_size(standin, tmp_path):

@@ -1,27 +1,30 @@
-"""Fetching a task's image bytes — from Label Studio, an allow-listed host or local files only.
+"""Fetching a task's image: from Label Studio, an allow-listed host or local files only.
 
-A task's ``data.image`` is written by whoever imported the task, so the URL is untrusted: the
-backend must not become a proxy that fetches arbitrary URLs with the Label Studio API key
-(server-side request forgery). The rules:
+A task's image URL is written by whoever imported the task, so it is untrusted: neither the
+backend nor a training worker may become a proxy that fetches arbitrary URLs with the Label
+Studio API key (server-side request forgery). Both fetch through :class:`ImageFetcher`, under
+these rules:
 
 * **Relative URLs** (``/data/upload/...``, ``/data/local-files/?d=...``) are Label Studio's and
-  are resolved against ``LABEL_STUDIO_URL`` (its path prefix included, for Label Studio behind
-  a sub-path). Label Studio's auth header goes along.
-* **Absolute http(s) URLs** are fetched only when their host:port (and scheme) is Label
-  Studio's — then with its auth header — or when the host is in ``VALVE_ID_ALLOWED_HOSTS``
-  (``host`` = any port, ``host:port`` = that port) — then *without* it: the API key is for
-  Label Studio alone. Everything else (other hosts, ``file:``/``ftp:``/``s3:``, credentials in
-  the URL such as ``http://127.0.0.1@evil``) is refused before any connection is made. The URL
-  is parsed once, by httpx, and that same parsed object is what gets requested, so the check
-  and the request cannot read the URL differently.
+  are resolved against its URL (its path prefix included, for Label Studio behind a
+  sub-path). Label Studio's auth header goes along.
+* **Absolute http(s) URLs** are fetched only when their scheme, host and port are Label
+  Studio's (then with its auth header) or the host is allow-listed (``host`` = any port,
+  ``host:port`` = that port; then *without* it: the key is for Label Studio alone).
+  Everything else (other hosts, ``file:``/``ftp:``/``s3:``, credentials in the URL such as
+  ``http://127.0.0.1@evil``) is refused before any connection is made. The URL is parsed
+  once, by httpx, and that parsed object is what gets requested, so the check and the
+  request cannot read it differently.
 * **Local files** (``/data/local-files/?d=<path>`` on Label Studio or an allowed host): with
-  ``LOCAL_FILES_DOCUMENT_ROOT`` set and the file present under it, it is read from disk with no
-  HTTP at all. As in Label Studio, ``d`` is relative to that root; absolute paths, ``..`` and
+  the local-files root set and the file present under it, it is read from disk with no HTTP
+  at all. As in Label Studio, ``d`` is relative to that root; absolute paths, ``..`` and
   symlinks leading out of the root are refused. A file missing here is asked of Label Studio.
-* **Responses**: only HTTP 200 is an image; redirects are followed by hand, each hop checked
-  against the same rules (Label Studio's cloud-storage links redirect to a presigned URL,
-  whose host must then be allowed); bodies are capped at ``max_bytes`` while streaming;
-  connect/read timeouts are 5 s / 30 s.
+* **Responses**: only HTTP 200 is an image; redirects are followed by hand, at most
+  :data:`MAX_REDIRECTS`, each hop checked against the same rules (a cloud-storage link
+  redirects to a presigned URL, whose host must then be allowed); bodies are capped at
+  ``max_bytes`` while streaming (the caller's choice: a ``/predict`` and a training snapshot
+  need different sizes); connect/read timeouts are 5 s / 30 s. Transient failures are
+  retried per :class:`~training.labelstudio.retry.Retry` (none by default).
 
 Error messages name hosts and HTTP statuses, never paths (file names may carry patient names)
 and never headers (they carry the token).
@@ -29,16 +32,19 @@ and never headers (they carry the token).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 import httpx
 
-from backend.settings import Settings, SettingsError
 from training.errors import ImageFetchError
+from training.labelstudio.retry import NO_RETRY, Retry, is_transient_status
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -56,7 +62,8 @@ CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 30.0
 """Seconds to wait for each chunk of the answer (a 50 MB DICOM over a slow link)."""
 DEFAULT_MAX_BYTES = 64 * 2**20
-"""Largest image accepted, bytes (64 MiB: far above a skull radiograph, far below harm)."""
+"""Largest image accepted unless the caller says otherwise, bytes (64 MiB: far above a skull
+radiograph, far below harm)."""
 MAX_REDIRECTS = 3
 """Redirect hops followed (each one checked); cloud-storage links need one."""
 LOCAL_FILES_PATH = "/data/local-files/"
@@ -64,6 +71,9 @@ LOCAL_FILES_PATH = "/data/local-files/"
 
 _TIMEOUT = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_CHUNK_BYTES = 1 << 20
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -83,32 +93,40 @@ class _Target:
 class ImageFetcher:
     """Fetches image bytes for task URLs under the rules in the module docstring.
 
-    ``http`` may be injected (tests pass an ``httpx.Client`` over a ``MockTransport``);
-    ``auth_headers`` returns Label Studio's current auth header (``Token ...`` or
-    ``Bearer <access>``) and is called per request, so a refreshed access token is used.
-    Thread-safe as far as ``httpx.Client`` is (it is).
+    ``label_studio_url`` is Label Studio's base URL, ``allowed_hosts`` the extra image hosts
+    (``host`` or ``host:port``), ``local_files_root`` Label Studio's
+    ``LOCAL_FILES_DOCUMENT_ROOT`` when it is on this machine. A URL or host entry that cannot
+    be used is a ``ValueError`` naming ``LABEL_STUDIO_URL`` / ``VALVE_ID_ALLOWED_HOSTS``.
+    ``auth_headers`` returns Label Studio's current auth header (``Token ...`` or ``Bearer
+    <access>``) and is called per request, so a refreshed access token is used. ``http`` may
+    be injected (tests pass an ``httpx.Client`` over a ``MockTransport``). Thread-safe as far
+    as ``httpx.Client`` is (it is).
     """
 
     def __init__(
         self,
-        settings: Settings,
+        label_studio_url: str,
         *,
-        http: httpx.Client | None = None,
+        local_files_root: Path | None = None,
+        allowed_hosts: Sequence[str] = (),
         auth_headers: Callable[[], Mapping[str, str]] | None = None,
+        http: httpx.Client | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        retry: Retry = NO_RETRY,
     ) -> None:
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
-        self._ls_url = _parse_label_studio_url(settings.label_studio_url)
+        self._ls_url = _parse_label_studio_url(label_studio_url)
         self._ls_origin = _origin(self._ls_url)
         self._ls_prefix = self._ls_url.path.rstrip("/")
-        self._allowed = tuple(_parse_allowed_host(entry) for entry in settings.allowed_hosts)
-        root = settings.local_files_root
+        self._allowed = tuple(_parse_allowed_host(entry) for entry in allowed_hosts)
+        root = local_files_root
         self._root = Path(root).expanduser().resolve() if root is not None else None
         self._owns_http = http is None
         self._http = http or httpx.Client(timeout=_TIMEOUT, follow_redirects=False)
         self._auth_headers = auth_headers
-        self._max_bytes = max_bytes
+        self.max_bytes = max_bytes
+        self._retry = retry
 
     def close(self) -> None:
         """Close the HTTP client if this fetcher created it."""
@@ -121,13 +139,45 @@ class ImageFetcher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def resolve(self, url: object) -> str:
+        """The absolute URL a task's image URL stands for, if the host rules allow it;
+        :class:`ImageFetchError` saying why not (nothing is contacted either way)."""
+        return str(self._check(url).url)
+
     def fetch(self, url: str) -> bytes:
         """The bytes behind a task's image URL; :class:`ImageFetchError` saying why not."""
         target = self._check(url)
-        local = self._read_local(target)
-        if local is not None:
-            return local
-        return self._download(target)
+        path = self._local_path(target)
+        if path is not None:
+            return _read_capped_file(path, self.max_bytes)
+        return self._get(target, lambda response: _read_capped(response, self.max_bytes))
+
+    def save(self, url: str, destination: Path) -> None:
+        """Copy the image into ``destination`` (written beside it, then renamed into place).
+
+        A ``destination`` that already has the image's size (the local file's, or the
+        answer's ``Content-Length``) is kept as it is: a second snapshot of the same project
+        reads nothing twice. :class:`ImageFetchError` saying why not.
+        """
+        target = self._check(url)
+        path = self._local_path(target)
+        if path is not None:
+            with _open_nofollow(path) as fh:
+                if _same_size(destination, os.fstat(fh.fileno()).st_size):
+                    return
+                _write_capped(destination, iter(lambda: fh.read(_CHUNK_BYTES), b""), self.max_bytes)
+            return
+
+        def store(response: httpx.Response) -> None:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit():
+                if int(declared) > self.max_bytes:
+                    raise ImageFetchError(_too_large(self.max_bytes))
+                if _same_size(destination, int(declared)):
+                    return
+            _write_capped(destination, response.iter_bytes(), self.max_bytes)
+
+        self._get(target, store)
 
     # --- the URL rules ------------------------------------------------------------------
 
@@ -182,8 +232,8 @@ class ImageFetcher:
 
     # --- local files ------------------------------------------------------------------
 
-    def _read_local(self, target: _Target) -> bytes | None:
-        """The file behind a local-files URL read from disk, or ``None`` to ask over HTTP."""
+    def _local_path(self, target: _Target) -> Path | None:
+        """The file behind a local-files URL on this disk, or ``None`` to ask over HTTP."""
         if self._root is None or target.ls_path not in (LOCAL_FILES_PATH, LOCAL_FILES_PATH[:-1]):
             return None
         relative = target.url.params.get("d")
@@ -197,11 +247,28 @@ class ImageFetcher:
         if not present:
             logger.debug("local file not under this host's root; asking %s", target.host)
             return None
-        return _read_capped_file(path, self._max_bytes)
+        return path
 
     # --- HTTP -------------------------------------------------------------------------
 
-    def _download(self, target: _Target) -> bytes:
+    def _get(self, target: _Target, consume: Callable[[httpx.Response], T]) -> T:
+        """GET ``target`` (redirects checked hop by hop), ``consume`` its 200 answer; retried
+        per the fetcher's :class:`Retry` while the failure is transient."""
+
+        def gave_up(exc: Exception, tries: int) -> Exception:
+            if tries == 1 or not isinstance(exc, ImageFetchError):
+                return exc
+            return ImageFetchError(f"{exc} ({tries} attempts)", transient=exc.transient)
+
+        return self._retry.call(
+            lambda: self._get_once(target, consume),
+            what=f"fetching an image from {target.host}",
+            catch=(ImageFetchError,),
+            transient=lambda exc: getattr(exc, "transient", False),
+            error=gave_up,
+        )
+
+    def _get_once(self, target: _Target, consume: Callable[[httpx.Response], T]) -> T:
         for _hop in range(MAX_REDIRECTS + 1):
             try:
                 with self._http.stream(
@@ -215,15 +282,18 @@ class ImageFetcher:
                         target = self._check(response.headers["location"], base=target.url)
                         continue
                     _check_status(response, target)
-                    body = _read_capped(response, self._max_bytes)
+                    result = consume(response)
             except httpx.TimeoutException:
-                raise ImageFetchError(f"{target.host} did not send the image in time") from None
+                raise ImageFetchError(
+                    f"{target.host} did not send the image in time", transient=True
+                ) from None
             except httpx.HTTPError as exc:
                 raise ImageFetchError(
-                    f"cannot fetch the image from {target.host} ({type(exc).__name__})"
+                    f"cannot fetch the image from {target.host} ({type(exc).__name__})",
+                    transient=True,
                 ) from None
-            logger.debug("fetched %d bytes from %s", len(body), target.host)
-            return body
+            logger.debug("fetched an image from %s", target.host)
+            return result
         raise ImageFetchError(f"more than {MAX_REDIRECTS} redirects fetching the image")
 
     def _headers_for(self, target: _Target) -> dict[str, str]:
@@ -247,7 +317,7 @@ def _parse_label_studio_url(url: str) -> httpx.URL:
     except httpx.InvalidURL:
         parsed = httpx.URL()
     if parsed.scheme not in _DEFAULT_PORTS or not parsed.host:
-        raise SettingsError(f"LABEL_STUDIO_URL={url!r} must be an http(s) URL with a host")
+        raise ValueError(f"LABEL_STUDIO_URL={url!r} must be an http(s) URL with a host")
     return parsed
 
 
@@ -259,7 +329,7 @@ def _parse_allowed_host(entry: str) -> tuple[str, int | None]:
     except httpx.InvalidURL:
         parsed = httpx.URL()
     if not parsed.host or parsed.userinfo:
-        raise SettingsError(f"VALVE_ID_ALLOWED_HOSTS entry {entry!r} is not host or host:port")
+        raise ValueError(f"VALVE_ID_ALLOWED_HOSTS entry {entry!r} is not host or host:port")
     return _normal_host(parsed.host), parsed.port
 
 
@@ -293,13 +363,18 @@ def _confine(root: Path, relative: str) -> Path:
     return resolved
 
 
-def _read_capped_file(path: Path, max_bytes: int) -> bytes:
-    # O_NOFOLLOW: the last component cannot have been swapped for a symlink since _confine.
+def _open_nofollow(path: Path) -> io.BufferedReader:
+    """``path`` opened for reading; O_NOFOLLOW: the last component cannot have been swapped
+    for a symlink since :func:`_confine` checked it."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError as exc:
         raise ImageFetchError(f"cannot read the local file ({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as fh:
+    return os.fdopen(fd, "rb")
+
+
+def _read_capped_file(path: Path, max_bytes: int) -> bytes:
+    with _open_nofollow(path) as fh:
         data = fh.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise ImageFetchError(_too_large(max_bytes))
@@ -320,7 +395,9 @@ def _check_status(response: httpx.Response, target: _Target) -> None:
         if target.is_label_studio and (target.ls_path or "").startswith(LOCAL_FILES_PATH[:-1]):
             hint = "; local files need a Local Storage in Label Studio covering their folder"
         raise ImageFetchError(f"{who} has no such image (HTTP 404){hint}")
-    raise ImageFetchError(f"{who} answered HTTP {code} instead of the image")
+    raise ImageFetchError(
+        f"{who} answered HTTP {code} instead of the image", transient=is_transient_status(code)
+    )
 
 
 def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
@@ -336,6 +413,28 @@ def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
             raise ImageFetchError(_too_large(max_bytes))
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _same_size(path: Path, size: int) -> bool:
+    return path.is_file() and path.stat().st_size == size
+
+
+def _write_capped(destination: Path, chunks: Iterable[bytes], max_bytes: int) -> None:
+    """``chunks`` into a temporary file beside ``destination``, renamed into place once
+    complete: a reader never sees half an image, a failure leaves none behind."""
+    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=".download-", suffix=".tmp")
+    try:
+        written = 0
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in chunks:
+                written += len(chunk)
+                if written > max_bytes:
+                    raise ImageFetchError(_too_large(max_bytes))
+                fh.write(chunk)
+        os.replace(tmp, destination)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _too_large(max_bytes: int) -> str:

@@ -1,9 +1,10 @@
-"""Fetching task images: Label Studio host, allow-list and local files only.
+"""Fetching task images (training/labelstudio/images.py): Label Studio host, allow-list and
+local files only, for the backend and training alike.
 
 Label Studio does not run in unit tests: an ``httpx.MockTransport`` stands in for its HTTP
 server (and for other hosts), answering the few routes used and recording every request, so
 a test can prove that a refused URL never reached any server. The end-to-end suite against
-a real Label Studio (issue 5) passes a real client through the same ``http`` seam.
+a real Label Studio passes a real client through the same ``http`` seam.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from backend.images import ImageFetcher
-from backend.settings import Settings, SettingsError
 from training.errors import ImageFetchError, ValveIdError
+from training.labelstudio import ImageFetcher, Retry
 
 LS_URL = "http://ls.test:8080"
 TOKEN = "Token 0123456789abcdef0123456789abcdef01234567"
@@ -47,11 +48,14 @@ def server() -> FakeServer:
     return FakeServer()
 
 
-def _fetcher(server: FakeServer, max_bytes: int = 1024, **settings: object) -> ImageFetcher:
-    config = Settings(label_studio_url=LS_URL, **settings)  # type: ignore[arg-type]
+def _fetcher(server: FakeServer, max_bytes: int = 1024, **options: Any) -> ImageFetcher:
     client = httpx.Client(transport=httpx.MockTransport(server))
     return ImageFetcher(
-        config, http=client, auth_headers=lambda: {"Authorization": TOKEN}, max_bytes=max_bytes
+        LS_URL,
+        http=client,
+        auth_headers=lambda: {"Authorization": TOKEN},
+        max_bytes=max_bytes,
+        **options,
     )
 
 
@@ -71,9 +75,10 @@ def test_a_relative_url_is_fetched_from_label_studio_with_its_auth_header(
 
 def test_label_studio_under_a_path_prefix(server: FakeServer) -> None:
     server.route("https://example.org/ls/data/upload/1/a.png", httpx.Response(200, content=PNG))
-    config = Settings(label_studio_url="https://example.org/ls/")
     client = httpx.Client(transport=httpx.MockTransport(server))
-    fetcher = ImageFetcher(config, http=client, auth_headers=lambda: {"Authorization": TOKEN})
+    fetcher = ImageFetcher(
+        "https://example.org/ls/", http=client, auth_headers=lambda: {"Authorization": TOKEN}
+    )
     assert fetcher.fetch("/data/upload/1/a.png") == PNG
     assert fetcher.fetch("https://example.org/ls/data/upload/1/a.png") == PNG
     assert all(r.headers["authorization"] == TOKEN for r in server.requests)
@@ -315,15 +320,39 @@ def test_local_files_url_needs_a_path(server: FakeServer, root: Path) -> None:
         _fetcher(server, local_files_root=root).fetch("/data/local-files/")
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [
-        {"label_studio_url": "ftp://ls.test"},
-        {"label_studio_url": "not a url"},
-        {"label_studio_url": LS_URL, "allowed_hosts": ("bad host:x",)},
-        {"label_studio_url": LS_URL, "allowed_hosts": ("user@host",)},
-    ],
-)
-def test_bad_settings_fail_at_start_with_the_variable_name(settings: dict) -> None:
-    with pytest.raises(SettingsError, match="LABEL_STUDIO_URL|VALVE_ID_ALLOWED_HOSTS"):
-        ImageFetcher(Settings(**settings))
+# --- retries and saving (a training snapshot) --------------------------------------------
+
+
+def test_transient_failures_are_retried_when_asked(server: FakeServer) -> None:
+    answers = [httpx.Response(503), httpx.Response(200, content=PNG)]
+    server.route(f"{LS_URL}/data/upload/1/x.png", lambda _req: answers.pop(0))
+    slept: list[float] = []
+    fetcher = _fetcher(server, retry=Retry((0.1,), slept.append))
+    assert fetcher.fetch("/data/upload/1/x.png") == PNG
+    assert slept == [0.1]
+    with pytest.raises(ImageFetchError, match="HTTP 404") as info:  # an answer: not retried
+        fetcher.fetch("/data/upload/1/missing.png")
+    assert not info.value.transient and slept == [0.1]
+    server.route(f"{LS_URL}/data/upload/1/down.png", httpx.Response(502))
+    with pytest.raises(ImageFetchError, match=r"HTTP 502.*\(2 attempts\)") as info:
+        fetcher.fetch("/data/upload/1/down.png")
+    assert info.value.transient
+
+
+def test_save_writes_the_file_whole_and_keeps_one_of_the_same_size(
+    server: FakeServer, root: Path, tmp_path: Path
+) -> None:
+    server.route(f"{LS_URL}/data/upload/1/x.png", httpx.Response(200, content=PNG))
+    fetcher = _fetcher(server, local_files_root=root)
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "copy.png"
+    fetcher.save("/data/upload/1/x.png", target)
+    assert target.read_bytes() == PNG
+    fetcher.save("/data/upload/1/x.png", target)  # same Content-Length: not rewritten
+    fetcher.save("/data/local-files/?d=scans/a%20b.png", out / "local.png")
+    assert (out / "local.png").read_bytes() == PNG
+    big = _fetcher(server, max_bytes=8)
+    with pytest.raises(ImageFetchError, match="larger than"):
+        big.save("/data/upload/1/x.png", out / "big.png")
+    assert sorted(p.name for p in out.iterdir()) == ["copy.png", "local.png"]  # no temp left
