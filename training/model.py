@@ -35,7 +35,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import urlparse
 
 import torch
@@ -44,6 +44,9 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, ResNet34_Weights, WeightsEnum
 
 from training.errors import ModelLoadError
+
+if TYPE_CHECKING:  # two_stage imports this module
+    from training.two_stage import LocateClassifyNet
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -94,9 +97,14 @@ _FOLD_FILE_RE = re.compile(r"^fold_(\d+)\.pt$")
 class WeightsSource(Protocol):
     """An offline source of one backbone's ImageNet weights."""
 
-    mean: tuple[float, float, float]
-    """Per-channel input mean the weights were trained with (after scaling to [0, 1])."""
-    std: tuple[float, float, float]
+    # Read-only properties, so frozen dataclasses satisfy the protocol.
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        """Per-channel input mean the weights were trained with (after scaling to [0, 1])."""
+        ...
+
+    @property
+    def std(self) -> tuple[float, float, float]: ...
 
     def locate(self) -> Path:
         """The weights file, whether or not it exists."""
@@ -303,7 +311,14 @@ def _resnet18() -> nn.Module:
 
 def _lite0_body(trunk: nn.Module) -> list[nn.Module]:
     # Stages flattened so the discriminative-LR split can fall between them.
-    return [trunk.conv_stem, trunk.bn1, *trunk.blocks, trunk.conv_head, trunk.bn2]
+    part = trunk.get_submodule
+    return [
+        part("conv_stem"),
+        part("bn1"),
+        *part("blocks").children(),
+        part("conv_head"),
+        part("bn2"),
+    ]
 
 
 @register_arch(
@@ -543,7 +558,7 @@ def _load_trunk(trunk: nn.Module, path: Path, read: Callable[[], Any]) -> None:
 
 
 def save_checkpoint(
-    model: ValveNet,
+    model: ValveNet | LocateClassifyNet,
     path: str | os.PathLike[str],
     *,
     classes: Sequence[str],
@@ -587,7 +602,7 @@ def save_checkpoint(
 
 def load_checkpoint(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
-) -> ValveNet:
+) -> ValveNet | LocateClassifyNet:
     """Rebuild the model saved by :func:`save_checkpoint`, in eval mode, ``classes`` set.
 
     Uses ``torch.load(weights_only=True)``: a checkpoint file cannot run code.
@@ -615,7 +630,9 @@ def load_checkpoint(
     return model.to(map_location).eval()
 
 
-def _empty_model(checkpoint: dict[str, Any], arch: str, num_classes: int) -> nn.Module:
+def _empty_model(
+    checkpoint: dict[str, Any], arch: str, num_classes: int
+) -> ValveNet | LocateClassifyNet:
     """The untrained network a checkpoint's weights fit: a ValveNet, or the design it names."""
     design = checkpoint.get("design")
     if design is None:
@@ -630,7 +647,7 @@ def _empty_model(checkpoint: dict[str, Any], arch: str, num_classes: int) -> nn.
 
 def load_fold_models(
     weights_dir: str | os.PathLike[str], map_location: str | torch.device = "cpu"
-) -> list[ValveNet]:
+) -> list[ValveNet | LocateClassifyNet]:
     """All ``fold_<k>.pt`` checkpoints in ``weights_dir``, ordered by ``k``.
 
     The folds must agree on architecture and classes, since their outputs get averaged.

@@ -452,7 +452,9 @@ class ModelRegistry:
     def _info(self, path: Path, current: str | None) -> VersionInfo:
         metrics = _read_json_object(path / "metrics.json")
         promotion = _read_json_object(path / _PROMOTION_FILE)
-        mean = metrics.get("mean") if isinstance(metrics.get("mean"), dict) else {}
+        mean = metrics.get("mean")
+        if not isinstance(mean, dict):
+            mean = {}
         decision = promotion.get("decision")
         return VersionInfo(
             version_id=path.name,
@@ -494,8 +496,8 @@ def _validate_version_dir(path: Path) -> dict[str, Any]:
         parsed[name] = data
     config, metrics = parsed["config.json"], parsed["metrics.json"]
     mean = metrics.get("mean")
-    f1 = mean.get("f1_macro") if isinstance(mean, dict) else None
-    if _number_or_none(f1) is None or not 0.0 <= f1 <= 1.0:
+    f1 = _number_or_none(mean.get("f1_macro")) if isinstance(mean, dict) else None
+    if f1 is None or not 0.0 <= f1 <= 1.0:
         raise RegistryError(f"{path.name}: metrics.json needs mean.f1_macro as a number in [0, 1]")
     classes = metrics.get("classes")
     if (

@@ -526,7 +526,7 @@ def _uncertainty_hist_png(oof: Mapping[str, Any]) -> bytes:
     wrong = probs.argmax(axis=1) != y
     fig = Figure(figsize=(6.0, 3.2), dpi=PLOT_DPI)
     ax = fig.add_subplot()
-    bins = np.linspace(0.0, 1.0, 21)
+    bins = np.linspace(0.0, 1.0, 21).tolist()  # matplotlib's stubs take a sequence, not an array
     ax.hist(
         u[~wrong],
         bins=bins,

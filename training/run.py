@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +34,10 @@ from training.errors import DatasetError
 from training.labels import LabelConfig
 from training.preprocess import PreprocessParams
 from training.version_config import CONFIG_FILE, DataSummary, FoldEntry, VersionConfig
+
+if TYPE_CHECKING:  # fastai and the two-stage network load only where a fold trains
+    from training.recipe import FoldResult
+    from training.two_stage import TwoStageFoldResult
 
 __all__ = [
     "CONFIG_FILE",
@@ -208,6 +212,7 @@ def train_fold_stage(
     train_idx, val_idx = _fold_indices(run_dir, plan, fold)
     extra: dict[str, np.ndarray] = {}
     fold_args = (train_idx, val_idx, len(plan["classes"]), config)
+    result: FoldResult | TwoStageFoldResult
     if config.design == "locate_classify":
         from training.two_stage import train_two_stage_fold
 
@@ -222,7 +227,8 @@ def train_fold_stage(
     save_checkpoint(result.model, run_dir / "weights" / f"fold_{fold}.pt", classes=plan["classes"])
     oof = run_dir / "oof" / f"fold_{fold}.npz"
     oof.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(oof, val_idx=val_idx, logits=result.val_logits, **extra)
+    arrays: dict[str, Any] = {"val_idx": val_idx, "logits": result.val_logits, **extra}
+    np.savez(oof, **arrays)
     summary = {
         "fold": fold,
         "n_train": len(train_idx),

@@ -13,7 +13,7 @@ __all__ = ["make_splits"]
 
 
 def make_splits(
-    labels: Sequence[int], groups: Sequence[str], n_folds: int, seed: int
+    labels: Sequence[int] | np.ndarray, groups: Sequence[str], n_folds: int, seed: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified, patient-grouped folds: ``[(train_idx, val_idx), ...]``.
 

@@ -25,6 +25,7 @@ Free of torch and fastai: the serving path imports it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -65,8 +66,7 @@ class FoldEntry:
     n_val: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fold": self.fold, "weights": self.weights, "n_train": self.n_train,
-                "n_val": self.n_val}  # fmt: skip
+        return dataclasses.asdict(self)  # the fields, in the order config.json lists them
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FoldEntry:
@@ -88,8 +88,7 @@ class DataSummary:
     snapshot: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "n_images": self.n_images, "n_failed": self.n_failed,
-                "snapshot": self.snapshot}  # fmt: skip
+        return dataclasses.asdict(self)  # the fields, in the order config.json lists them
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DataSummary:

@@ -162,7 +162,9 @@ def _print_summary(info: VersionInfo, metrics: dict[str, Any]) -> None:
     table.add_row("created (UTC)", info.created.isoformat() if info.created else "—")
     table.add_row("path", str(info.path))
     table.add_row("classes", ", ".join(info.classes) or "—")
-    mean = metrics.get("mean") if isinstance(metrics.get("mean"), dict) else {}
+    mean = metrics.get("mean")
+    if not isinstance(mean, dict):
+        mean = {}
     for name, value in sorted(mean.items()):
         if isinstance(value, int | float) and not isinstance(value, bool):
             table.add_row(f"out-of-fold {name}", f"{value:.4f}")

@@ -27,6 +27,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 
@@ -183,7 +184,7 @@ def ensure_venv(venv: Path, *, python: str | None = None, log_path: Path | None 
 
 def _run(
     argv: list[str],
-    log: object,
+    log: BinaryIO,
     what: str,
     *,
     env: Mapping[str, str] | None = None,
@@ -192,7 +193,7 @@ def _run(
     try:
         result = subprocess.run(
             argv,
-            stdout=log,  # type: ignore[arg-type]
+            stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=dict(env) if env is not None else None,

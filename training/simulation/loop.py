@@ -47,6 +47,7 @@ from torch import nn
 
 from training.dataset import LabelledImage, PreparedImages, load_items, prepare_images
 from training.errors import DatasetError
+from training.model import ValveNet
 from training.simulation.config import SimulationConfig
 from training.simulation.strategies import get_strategy
 from training.two_stage import DESIGN as LOCATE_CLASSIFY
@@ -239,7 +240,7 @@ class _ScoringNet(nn.Module):
     dropout layers are switched on only for the MC passes, over body features computed once.
     """
 
-    def __init__(self, model: nn.Module, mc_passes: int) -> None:
+    def __init__(self, model: ValveNet | LocateClassifyNet, mc_passes: int) -> None:
         super().__init__()
         self.model, self.mc_passes = model, mc_passes
         self.classifier = model.classifier if isinstance(model, LocateClassifyNet) else model
@@ -278,8 +279,8 @@ def _fit_and_score(
     labels, as an annotator places the keypoint with the class).
     """
     from training.inference import predict_logits
-    from training.recipe import pick_device, train_fold  # fastai: only when training
-    from training.two_stage import train_two_stage_fold
+    from training.recipe import FoldResult, pick_device, train_fold  # fastai: only when training
+    from training.two_stage import TwoStageFoldResult, train_two_stage_fold
 
     device = pick_device()
     recipe = config.recipe.with_overrides(seed=seed)
@@ -290,7 +291,9 @@ def _fit_and_score(
     mc_passes = config.mc_passes if config.members == 1 else 0
     member_logits, features, mc_logits, init = [], None, None, None
     for member in range(config.members):
+        result: FoldResult | TwoStageFoldResult
         if recipe.design == LOCATE_CLASSIFY:
+            assert data.centres is not None  # __post_init__ fills it
             result = train_two_stage_fold(
                 data.arrays,
                 data.labels,
@@ -318,13 +321,16 @@ def _fit_and_score(
             mixed_precision=recipe.mixed_precision,
             channels_last=recipe.channels_last,
         )
-        d = net.classifier.head[-1].in_features
+        last = net.classifier.head[-1]
+        assert isinstance(last, nn.Linear)  # make_head ends with the classes' Linear
+        d = last.in_features
         member_logits.append(out[:, :k])
         if features is None:
             features = out[:, k : k + d]
             if mc_passes:
                 mc_logits = out[:, k + d :].reshape(len(out), mc_passes, k).transpose(1, 0, 2)
     logits = np.stack(member_logits)
+    member_probs: np.ndarray | None
     if config.members >= 2:
         member_probs = softmax(logits)
         probs = member_probs.mean(axis=0)

@@ -121,7 +121,7 @@ class _Head:
         return hx, hy
 
     def contains(self, x: float, y: float, scale: float = 1.0) -> bool:
-        hx, hy = self.local(np.float32(x), np.float32(y))
+        hx, hy = self.local(np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.float32))
         return float((hx / (self.a * scale)) ** 2 + (hy / (self.b * scale)) ** 2) <= 1.0
 
 
@@ -187,7 +187,7 @@ def _head_attenuation(
         bone *= 1.0 - 0.4 * suture * (hy < 0.3 * b)
 
     inside = ((hx / a) ** 2 + (hy / b) ** 2) < 1.0
-    base = np.zeros(grid, dtype=np.float32)
+    base: np.ndarray = np.zeros(grid, dtype=np.float32)
     if lateral:
         # Anterior cranial fossa floor, then the dense petrous bone behind the sella.
         base += 0.8 * _ridge(hx, hy, (0.6 * a, 0.33 * b), (0.05 * a, 0.45 * b), 0.05 * b)
