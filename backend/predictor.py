@@ -60,7 +60,7 @@ from torch import nn
 from backend.ranking import resolve_acquisition, score, validate_acquisition
 from training.dicom import load_image
 from training.errors import ModelLoadError, ValveIdError
-from training.inference import autocast_for, iter_batches, to_network_input
+from training.inference import autocast_dtype, autocast_for, iter_batches, to_network_input
 from training.model import load_fold_models
 from training.preprocess import PreprocessParams, prepare_image
 from training.registry import ModelRegistry
@@ -489,7 +489,7 @@ def _keep_weights_in_autocast_dtype(model: nn.Module) -> None:
     BatchNorm keeps fp32 parameters, as it does under autocast.
     """
     first = next(model.parameters(), None)
-    dtype = _AUTOCAST_DTYPES.get(first.device.type) if first is not None else None
+    dtype = autocast_dtype(first.device) if first is not None else None
     if dtype is None:
         return
     for layer in model.modules():
@@ -556,10 +556,6 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-_AUTOCAST_DTYPES = {"cuda": torch.float16, "cpu": torch.bfloat16}
-"""What :func:`training.inference.autocast_for` computes convolutions and matmuls in."""
-
-
 def _precision_name(device: torch.device) -> str | None:
-    dtype = _AUTOCAST_DTYPES.get(device.type)
+    dtype = autocast_dtype(device)
     return str(dtype).removeprefix("torch.") if dtype is not None else None

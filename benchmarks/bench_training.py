@@ -5,9 +5,10 @@ accumulation, alternated round by round:
 
 * **recipe**: :func:`training.recipe.train_fold` itself — the fastai ``Learner``, its
   loaders over the prepared images, the augmentation + normalisation callback, gradient
-  accumulation, bf16 autocast on the CPU (fp16 AMP + channels_last on CUDA), metrics. Its
-  epoch-end progress callback is the clock: epoch 1 is warm-up, the later ones are timed
-  (each includes validating one small batch, as every real epoch does).
+  accumulation, bf16 autocast on a CPU with native bf16, else fp32 (fp16 AMP +
+  channels_last on CUDA), metrics. Its epoch-end progress callback is the clock: epoch 1
+  is warm-up, the later ones are timed (each includes validating one small batch, as every
+  real epoch does).
 * **model only**: a plain torch loop over pre-made, normalised input tensors already on the
   device — forward, weighted cross-entropy, backward, Adam every 64 images — i.e. what the
   hardware does when nothing else is in the way.
@@ -124,7 +125,7 @@ def model_only_rate(options: TrainingOptions, images: np.ndarray, labels: np.nda
     import torch
 
     from training.config import RecipeConfig
-    from training.inference import to_network_input
+    from training.inference import autocast_for, to_network_input
     from training.model import ValveNet
     from training.preprocess import PreprocessParams
     from training.recipe import class_weights
@@ -142,14 +143,13 @@ def model_only_rate(options: TrainingOptions, images: np.ndarray, labels: np.nda
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
     use_cuda = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_cuda else None
-    dtype = torch.float16 if use_cuda else torch.bfloat16
     accumulate = max(1, config.effective_batch_size // bs)
     step = 0
 
     def one_batch(start: int) -> None:
         nonlocal step
         xb, yb = x[start : start + bs], y[start : start + bs]
-        with torch.autocast(device.type, dtype=dtype):
+        with autocast_for(device):  # the recipe's precision on this device
             loss = loss_fn(model(xb).float(), yb)
         if scaler is not None:
             scaler.scale(loss).backward()

@@ -28,6 +28,7 @@ EXPECTED_TITLES = {
     "rescore": ["Re-scoring:", "Re-scoring: does it scale?"],
     "training": ["Training throughput on CPU"],
     "memory": ["Backend RSS (MiB)"],
+    "precision": ["bf16 autocast vs fp32 on this CPU"],
     "paper_profile": ["Paper profile on"],
     "learning": ["Learning curves (macro-F1 on the held-out split)"],
 }

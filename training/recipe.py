@@ -38,7 +38,7 @@ from fastai.vision.augment import aug_transforms
 from fasttransform import Pipeline
 
 from training.config import PROFILES, RecipeConfig
-from training.inference import predict_logits, to_network_input
+from training.inference import autocast_dtype, predict_logits, to_network_input
 from training.model import InitInfo, ValveNet, build_model, layer_groups
 from training.preprocess import PreprocessParams
 
@@ -126,13 +126,15 @@ class _AugmentAndNormalize(Callback):
 
 
 class _CpuBf16(Callback):
-    """bf16 autocast for CPU training (fastai's MixedPrecision is CUDA-only)."""
+    """bf16 autocast for CPU training (fastai's MixedPrecision is CUDA-only); added only on a
+    CPU with native bf16 (:func:`training.inference.autocast_dtype`)."""
 
     order = 10
 
     def before_batch(self) -> None:
-        self._ctx = torch.autocast("cpu", dtype=torch.bfloat16)
-        self._ctx.__enter__()
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16)
+        self._ctx: torch.autocast | None = ctx
+        ctx.__enter__()
 
     def after_pred(self) -> None:
         self.learn.pred = self.pred.float()
@@ -262,7 +264,7 @@ def train_fold(
         splitter=lambda m: [params(g) for g in layer_groups(m)],
         cbs=cbs,
     )
-    if config.mixed_precision:
+    if config.mixed_precision and autocast_dtype(device) is not None:
         if device.type == "cuda":
             learn.to_fp16()
         elif device.type == "cpu":

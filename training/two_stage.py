@@ -2,10 +2,10 @@
 
 A shunt valve covers ~1 % of a skull radiograph. Squished whole to 384 px it is ~40 px wide,
 and a classifier must learn both where to look and what it sees from a few hundred labels —
-too much for a CPU budget (measured: docs/TRAINING.md, "The cpu profile"). Split in two, each part is
-easy: the locator answers "where is the bright valve" (a class-agnostic question, learned
-from the valve centres annotators place as a keypoint), and the classifier sees the valve at
-native resolution, filling its input.
+too much for a CPU budget (measured: docs/TRAINING.md, "The cpu profile"). Split in two, each
+part is easy: the locator answers "where is the bright valve" (a class-agnostic question,
+learned from the valve centres annotators place as a keypoint), and the classifier sees the
+valve at native resolution, filling its input.
 
 :class:`LocateClassifyNet` is one ``nn.Module`` from the prepared image to class logits,
 so checkpoints, the fold ensemble, out-of-fold evaluation and serving treat it exactly like
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.inference import autocast_for
 from training.model import InitInfo, ValveNet, build_model, get_arch
 
 __all__ = [
@@ -239,11 +240,7 @@ def train_two_stage_fold(
     model.locator_body = nn.Sequential(*list(locator_base.body)[: params.locator_depth])
     model = model.to(device)
     weights = class_weights(labels[train_idx], num_classes)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
-        if config.mixed_precision
-        else torch.autocast(device.type, enabled=False)
-    )
+    autocast = autocast_for(device, config.mixed_precision)
     all_images = torch.from_numpy(np.ascontiguousarray(images))
     known = ~np.isnan(centres).any(axis=1)
     history: list[dict[str, Any]] = []
@@ -276,12 +273,12 @@ def train_two_stage_fold(
         order = torch.randperm(len(feats))
         total = 0.0
         for start in range(0, len(order), LOCATOR_BATCH):
-            pick = order[start : start + LOCATOR_BATCH]
-            loss = F.l1_loss(soft_argmax(head(feats[pick])), target[pick])
+            rows = order[start : start + LOCATOR_BATCH]
+            loss = F.l1_loss(soft_argmax(head(feats[rows])), target[rows])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(pick)
+            total += loss.item() * len(rows)
         if epoch + 1 == config.locator_epochs:
             history.append({"fold": fold, "stage": "locate", "train_l1": total / len(feats)})
     head.eval()

@@ -115,6 +115,15 @@ def registry(tmp_path: Path) -> ModelRegistry:
 
 
 @pytest.fixture
+def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Take the bf16 fast path as a CPU with AVX512-BF16/AMX would, on any CPU (emulated
+    bf16 is slow but computes the same), so its tests run on every machine."""
+    import training.inference
+
+    monkeypatch.setattr(training.inference, "cpu_has_native_bf16", lambda: True)
+
+
+@pytest.fixture
 def forward_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Batch sizes of every forward pass of every fold model the predictor loads."""
     calls: list[int] = []
@@ -457,7 +466,7 @@ def test_an_unknown_acquisition_is_refused_at_start(registry: ModelRegistry) -> 
         Predictor(registry.root, acquisition="random")
 
 
-def test_info_describes_the_served_version(registry: ModelRegistry) -> None:
+def test_info_describes_the_served_version(registry: ModelRegistry, native_bf16: None) -> None:
     _publish(registry, "v1", n_folds=3)
     with _predictor(registry) as predictor:
         info = predictor.info()
@@ -472,6 +481,24 @@ def test_info_describes_the_served_version(registry: ModelRegistry) -> None:
         "mixed_precision": "bfloat16",
         "compiled": False,
     }
+
+
+def test_a_cpu_without_native_bf16_serves_fp32(
+    registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Emulated bf16 is many times slower than fp32 (an AVX2-only CPU: 33× per forward), so
+    the fast path there keeps channels_last and fp32 weights and computes in fp32."""
+    import training.inference
+
+    monkeypatch.setattr(training.inference, "cpu_has_native_bf16", lambda: False)
+    _publish(registry, "v1", n_folds=2)
+    with _predictor(registry) as predictor:
+        assert predictor.info()["mixed_precision"] is None
+        assert predictor.info()["fast_path"] is True
+    from backend.predictor import _for_serving
+
+    served = _for_serving(ValveNet(len(CLASSES), arch="resnet18"), fast_path=True, compile=False)
+    assert all(p.dtype == torch.float32 for p in served.parameters())
 
 
 def test_concurrent_requests_during_a_swap_each_see_one_whole_version(
@@ -530,7 +557,7 @@ def test_concurrent_requests_during_a_swap_each_see_one_whole_version(
 def test_serving_modules_do_not_import_fastai() -> None:
     code = (
         "import sys\n"
-        "import backend.predictor, backend.images, backend.ranking\n"
+        "import backend.predictor, backend.labelstudio, training.labelstudio, backend.ranking\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'fastai', 'fastcore'})\n"
         "assert not heavy, heavy\n"
         "print('ok')\n"
@@ -706,7 +733,9 @@ def _assert_agrees_with_fp32(registry: ModelRegistry, what: str, **fast_options:
 
 
 @pytest.mark.slow
-def test_fast_path_agrees_with_fp32_on_a_trained_model(trained_registry: ModelRegistry) -> None:
+def test_fast_path_agrees_with_fp32_on_a_trained_model(
+    trained_registry: ModelRegistry, native_bf16: None
+) -> None:
     """channels_last + bf16 autocast vs eager fp32: the same top-1 except at near-ties.
 
     What the predictor serves (temperature-scaled ensemble mean) is compared, on images the
@@ -718,7 +747,7 @@ def test_fast_path_agrees_with_fp32_on_a_trained_model(trained_registry: ModelRe
 
 @pytest.mark.slow
 def test_compiled_path_agrees_with_fp32_on_a_trained_model(
-    trained_registry: ModelRegistry,
+    trained_registry: ModelRegistry, native_bf16: None
 ) -> None:
     """``compile=True`` (inductor, freezing) on top of the fast path: the same criterion.
 
@@ -730,7 +759,7 @@ def test_compiled_path_agrees_with_fp32_on_a_trained_model(
     )
 
 
-def test_fast_path_stores_weights_in_bf16_with_bit_identical_answers() -> None:
+def test_fast_path_stores_weights_in_bf16_with_bit_identical_answers(native_bf16: None) -> None:
     """Weights cast once at load give exactly what autocast's per-forward casts gave."""
     import copy
 
@@ -756,7 +785,9 @@ def test_fast_path_stores_weights_in_bf16_with_bit_identical_answers() -> None:
 # --- the locate-then-classify design --------------------------------------------------------
 
 
-def test_a_locate_then_classify_version_is_served_like_any_other(registry: ModelRegistry) -> None:
+def test_a_locate_then_classify_version_is_served_like_any_other(
+    registry: ModelRegistry, native_bf16: None
+) -> None:
     """The cpu profile's two-stage network loads from its checkpoints alone and answers with
     the same ensemble rule; the fast path (channels_last, bf16) agrees with fp32."""
     from training.two_stage import LocateClassifyNet, TwoStageParams
