@@ -28,11 +28,12 @@ from typing import Any
 from redis import Redis
 from rq import Queue, get_current_job
 
-from backend.labelstudio import choice_result
+from backend.prelabel import FetcherLike, PredictorLike, prelabel, task_id
 from backend.retraining import ANNOTATION_ACTIONS, Retrainer
 from backend.settings import Settings
 from training.errors import ValveIdError
 from training.jobs import TrainingRun, enqueue_training, report_progress
+from training.labels import LabelConfig
 from training.loop_state import DEFAULT_QUEUE
 
 __all__ = [
@@ -256,10 +257,10 @@ def rescore(
     version: str,
     *,
     label_studio: Any,
-    predictor: Any,
-    fetcher: Any,
+    predictor: PredictorLike,
+    fetcher: FetcherLike,
     retrainer: Retrainer,
-    label_config: Any,
+    label_config: LabelConfig,
     progress: Callable[..., None] | None = None,
     batch_size: int = RESCORE_BATCH_TASKS,
 ) -> dict[str, Any]:
@@ -366,50 +367,10 @@ class JobQueue:
 # --- the shared loop ---------------------------------------------------------------------
 
 
-def _field(task: Any, name: str) -> Any:
-    return task.get(name) if isinstance(task, Mapping) else getattr(task, name, None)
-
-
-def _image_url(task: Any, image_key: str) -> str | None:
-    data = _field(task, "data") or {}
-    url = data.get(image_key) if isinstance(data, Mapping) else None
-    return url if isinstance(url, str) and url else None
-
-
-def _is_prediction(result: Any) -> bool:
-    """A :class:`backend.predictor.Prediction`, not a PredictionError or None (no model)."""
-    return result is not None and hasattr(result, "label") and hasattr(result, "model_version")
-
-
-def _project_label(result: Any, config: Any) -> str | None:
-    """The predicted class if the project has it, else the project's most probable class
-    (the score stays the model's own uncertainty); None if they share no class."""
-    classes = tuple(getattr(config, "classes", ()) or ())
-    if not classes or result.label in classes:
-        return str(result.label)
-    probs = getattr(result, "probs", None) or {}
-    known = [c for c in classes if c in probs]
-    return max(known, key=lambda c: probs[c]) if known else None
-
-
 def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     it = iter(items)
     while batch := list(itertools.islice(it, size)):
         yield batch
-
-
-def _fetch_all(pool: ThreadPoolExecutor, fetcher: Any, urls: list[str | None]) -> list[Any]:
-    """Bytes, or the exception that fetching raised, per URL (order kept)."""
-
-    def one(url: str | None) -> Any:
-        if url is None:
-            return ValueError("task has no image URL")
-        try:
-            return fetcher.fetch(url)
-        except Exception as exc:  # handed to the predictor as this task's error
-            return exc
-
-    return list(pool.map(one, urls))
 
 
 def _predict_and_write(
@@ -418,10 +379,10 @@ def _predict_and_write(
     tasks: Iterable[Any],
     *,
     label_studio: Any,
-    predictor: Any,
-    fetcher: Any,
+    predictor: PredictorLike,
+    fetcher: FetcherLike,
     retrainer: Retrainer,
-    label_config: Any,
+    label_config: LabelConfig,
     total: int | None,
     progress: Callable[..., None] | None,
     rescoring: str | None,
@@ -436,7 +397,6 @@ def _predict_and_write(
     """
     stats: dict[str, Any] = {"done": 0, "total": total, "failed": 0, "written": 0, "skipped": 0}
     version_set = False
-    image_key = getattr(label_config, "image_key", None) or "image"
 
     def report() -> None:
         if progress is not None:
@@ -447,35 +407,36 @@ def _predict_and_write(
         for batch in _batches(tasks, batch_size):
             todo = batch
             if rescoring is not None:
-                have = retrainer.predicted_versions(project_key, [_field(t, "id") for t in batch])
+                have = retrainer.predicted_versions(project_key, [task_id(t) for t in batch])
                 todo = [t for t, v in zip(batch, have, strict=True) if v != rescoring]
                 stats["skipped"] += len(batch) - len(todo)
                 stats["done"] += len(batch) - len(todo)
             if not todo:
                 report()
                 continue
-            images = _fetch_all(pool, fetcher, [_image_url(t, image_key) for t in todo])
             items, recorded = [], []
-            for task, result in zip(todo, predictor.predict(images), strict=True):
-                label = _project_label(result, label_config) if _is_prediction(result) else None
-                if label is None:
+            for answer in prelabel(
+                todo, config=label_config, predictor=predictor, fetcher=fetcher, pool=pool
+            ):
+                if not answer.ok or answer.label is None:
                     stats["failed"] += 1
-                    logger.info("task %s: no prediction (%s)", _field(task, "id"), _reason(result))
+                    logger.info("task %s: no prediction (%s)", answer.task_id, answer.reason)
                     continue
-                if rescoring is not None and result.model_version != rescoring:
-                    stats["stopped"] = f"served version changed to {result.model_version}"
+                version = answer.model_version or predictor.version or ""
+                if rescoring is not None and version != rescoring:
+                    stats["stopped"] = f"served version changed to {version}"
                     logger.info("project %s: %s; re-score stops", project_key, stats["stopped"])
                     report()
                     return stats
                 items.append(
                     {
-                        "task": _field(task, "id"),
-                        "result": choice_result(label_config, label),
-                        "score": float(result.score),
-                        "model_version": result.model_version,
+                        "task": answer.task_id,
+                        "result": answer.result,
+                        "score": answer.score,
+                        "model_version": version,
                     }
                 )
-                recorded.append((_field(task, "id"), label, result.model_version))
+                recorded.append((answer.task_id, answer.label, version))
             if items:
                 label_studio.create_predictions(ls_project_id, items)
                 retrainer.record_predictions(project_key, recorded)
@@ -500,15 +461,6 @@ def _predict_and_write(
         stats["total"] = stats["done"]
         report()
     return stats
-
-
-def _reason(result: Any) -> str:
-    """A short, patient-free reason for a missing prediction."""
-    if result is None:
-        return "no model version served"
-    if _is_prediction(result):
-        return f"class {result.label!r} is not in the project's config"
-    return str(getattr(result, "reason", None) or type(result).__name__)[:200]
 
 
 def _publish_version(

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from backend.prediction import Prediction, PredictionError
 from backend.ranking import resolve_acquisition, score, validate_acquisition
 from training.dicom import load_image
 from training.errors import ModelLoadError, ValveIdError
@@ -84,31 +85,6 @@ DEFAULT_CACHE_SIZE = 10_000
 """Cached predictions (entries of about 1 kB): a few projects' worth of tasks."""
 REFRESH_INTERVAL_S = 1.0
 """Seconds between two looks at the registry's ``current`` pointer (a tiny file read)."""
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One image's answer from the served version. Shared through the cache: read-only."""
-
-    label: str
-    """The class with the highest ensemble probability."""
-    probs: dict[str, float]
-    """Ensemble mean of the temperature-scaled softmax, per class."""
-    score: float
-    """Ranking score in [0, 1]: ascending = most uncertain first (:mod:`backend.ranking`)."""
-    uncertainty: dict[str, float]
-    """entropy (nats), normalized_entropy, margin, max_softmax, bald (nats; 0 for one model)."""
-    model_version: str
-    content_hash: str
-    """sha256 of the image file bytes."""
-
-
-@dataclass(frozen=True)
-class PredictionError:
-    """Why one input got no prediction (the rest of the batch is unaffected)."""
-
-    reason: str
-    content_hash: str | None = None
 
 
 @dataclass(frozen=True)

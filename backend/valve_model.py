@@ -2,13 +2,17 @@
 
 The shape people know from Label Studio ML backends, without the frozen ``label-studio-ml``
 package: :mod:`backend.app` turns HTTP into these three calls. The parts are injected, so
-tests (and issue 5's end-to-end suite) swap them freely:
+tests (and the end-to-end suite) swap them freely:
 
 * ``predictor`` — the served model version (:class:`backend.predictor.Predictor`): bytes or
   exceptions in, one prediction or error per item out, in order;
 * ``fetcher`` — task image URL → bytes (:class:`training.labelstudio.ImageFetcher`);
 * ``retrainer`` — where webhook events and proposed labels go (:mod:`backend.retraining`);
   it only writes to Redis / enqueues, so nothing here waits for training.
+
+Fetching, predicting and mapping onto the project's classes is :func:`backend.prelabel.prelabel`,
+the path the pre-labelling and re-scoring jobs share; this class adds the label config per
+project, chunking, outcome counts and the prediction records.
 
 Nothing here calls Label Studio back while Label Studio waits for our answer: review views,
 ``model_version`` and re-scoring are jobs (:mod:`backend.jobs`).
@@ -17,7 +21,6 @@ Nothing here calls Label Studio back while Label Studio waits for our answer: re
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,8 +33,8 @@ from backend.labelstudio import (
     SetupRequest,
     Task,
     TaskResult,
-    choice_result,
 )
+from backend.prelabel import FetcherLike, prelabel
 from backend.settings import Settings
 from training.labels import LabelConfig, load_label_config, parse_label_config
 
@@ -72,12 +75,6 @@ class PredictorLike(Protocol):
     def info(self) -> Mapping[str, Any]: ...
 
     def stats(self) -> Mapping[str, Any]: ...
-
-
-class FetcherLike(Protocol):
-    """What :class:`ValveModel` needs from :class:`training.labelstudio.ImageFetcher`."""
-
-    def fetch(self, url: str) -> bytes: ...
 
 
 class RetrainerHooks(Protocol):
@@ -185,44 +182,32 @@ class ValveModel:
                 self.warn_if_no_model()
             return PredictResponse(results=results, model_version=NO_MODEL_VERSION)
 
-        served = self._served_classes()
         proposed: list[tuple[int, str, str]] = []
         for start in range(0, len(tasks), FETCH_CHUNK_TASKS):
-            chunk = list(enumerate(tasks[start : start + FETCH_CHUNK_TASKS], start))
-            with_url = []
-            for index, task in chunk:
-                url = task.data.get(config.image_key)
-                if isinstance(url, str) and url.strip():
-                    with_url.append((index, task, url))
-                else:
-                    self._count("no_image")
-                    logger.info(
-                        "task %s: no prediction (no image URL in data.%s)",
-                        task.id,
-                        config.image_key,
+            chunk = tasks[start : start + FETCH_CHUNK_TASKS]
+            answers = prelabel(
+                chunk,
+                config=config,
+                predictor=self.predictor,
+                fetcher=self.fetcher,
+                pool=self._pool,
+            )
+            for index, answer in enumerate(answers, start):
+                self._count(answer.outcome)
+                if answer.ok and answer.label is not None:
+                    results[index] = TaskResult(
+                        result=answer.result,
+                        score=answer.score,
+                        model_version=answer.model_version or version,
                     )
-            images = list(self._pool.map(self._fetch, [(t.id, u) for _, t, u in with_url]))
-            predictions = self.predictor.predict(images) if images else []
-            if len(predictions) != len(images):
-                raise RuntimeError(
-                    f"predictor answered {len(predictions)} items for {len(images)} images"
-                )
-            for (index, task, _), image, prediction in zip(
-                with_url, images, predictions, strict=True
-            ):
-                outcome = self._fill(results, index, config, served, prediction, version)
-                if isinstance(image, BaseException) and outcome != "ok":
-                    outcome = "fetch_error"
-                self._count(outcome)
-                if outcome == "ok":
-                    answer = results[index]
-                    label = answer.result[0]["value"]["choices"][0]
-                    proposed.append((task.id, label, answer.model_version or version))
+                    proposed.append((answer.task_id, answer.label, answer.model_version or version))
                 else:
-                    # The reason names hosts, statuses and formats, never paths or patients.
-                    reason = getattr(prediction, "reason", None)
-                    detail = f"{outcome}: {reason}" if reason else outcome
-                    logger.info("task %s: no prediction (%s)", task.id, detail)
+                    logger.info(
+                        "task %s: no prediction (%s: %s)",
+                        answer.task_id,
+                        answer.outcome,
+                        answer.reason,
+                    )
 
         served_version = next(
             (r.model_version for r in reversed(results) if r.model_version), version
@@ -315,42 +300,6 @@ class ValveModel:
             return None
         return tuple(str(c) for c in classes) if classes else None
 
-    def _fetch(self, item: tuple[int, str]) -> bytes | BaseException:
-        task_id, url = item
-        try:
-            return self.fetcher.fetch(url)
-        except Exception as exc:  # each task fails alone; the rest of the batch goes on
-            logger.info("task %s: image not fetched (%s)", task_id, type(exc).__name__)
-            return exc
-
-    def _fill(
-        self,
-        results: list[TaskResult],
-        index: int,
-        config: LabelConfig,
-        served: tuple[str, ...] | None,
-        prediction: Any,
-        version: str,
-    ) -> str:
-        """Put one prediction into ``results[index]``; returns the outcome name."""
-        if not hasattr(prediction, "label"):
-            return "predict_error"
-        try:
-            score = float(prediction.score)
-        except (TypeError, ValueError):
-            return "predict_error"
-        if not math.isfinite(score):
-            return "predict_error"
-        label = _label_in_config(prediction, config, served)
-        if label is None:
-            return "unknown_class"
-        results[index] = TaskResult(
-            result=choice_result(config, label),
-            score=score,
-            model_version=str(getattr(prediction, "model_version", None) or version),
-        )
-        return "ok"
-
     def _count(self, outcome: str, n: int = 1) -> None:
         with self._lock:
             self._outcomes[outcome] += n
@@ -360,25 +309,3 @@ class ValveModel:
             fn(*args)
         except Exception as exc:  # bookkeeping must never cost the annotator an answer
             logger.warning("retrainer %s failed: %s", name, type(exc).__name__)
-
-
-def _label_in_config(
-    prediction: Any, config: LabelConfig, served: tuple[str, ...] | None
-) -> str | None:
-    """The predicted class if the project has it, else the most probable class it has."""
-    label = str(prediction.label)
-    if label in config.classes:
-        return label
-    probs = _class_probs(getattr(prediction, "probs", None), served)
-    candidates = {c: p for c, p in probs.items() if c in config.classes}
-    return max(candidates, key=candidates.__getitem__) if candidates else None
-
-
-def _class_probs(probs: Any, served: tuple[str, ...] | None) -> dict[str, float]:
-    """``probs`` as ``{class: probability}``: a mapping already, or a vector in served order."""
-    if isinstance(probs, Mapping):
-        return {str(k): float(v) for k, v in probs.items()}
-    if probs is None or served is None:
-        return {}
-    values = [float(v) for v in probs]
-    return dict(zip(served, values, strict=False)) if len(values) == len(served) else {}

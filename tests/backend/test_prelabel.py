@@ -1,0 +1,114 @@
+"""The one pre-annotation path: each task's outcome, in order, one failure per task."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from backend.labelstudio import Task
+from backend.prediction import Prediction, PredictionError
+from backend.prelabel import label_in_config, prelabel
+from training.labels import load_label_config
+
+CONFIG = load_label_config(Path(__file__).parents[2] / "label_config.xml")
+HAKIM, CERTAS = "Codman Hakim", "Codman Certas Plus"
+
+
+def _prediction(label: str, probs: dict[str, float], score: float = 0.6) -> Prediction:
+    return Prediction(label, probs, score, {}, "v7", "hash")
+
+
+class Predictor:
+    """Answers by image bytes: b"ok" → Hakim, b"alien" → a class no project has, else error."""
+
+    version = "v7"
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def predict(
+        self, images: Sequence[bytes | BaseException]
+    ) -> list[Prediction | PredictionError | None]:
+        self.calls.append(len(images))
+        out: list[Prediction | PredictionError | None] = []
+        for image in images:
+            if isinstance(image, BaseException):
+                out.append(PredictionError(f"fetch failed: {image}"))
+            elif image == b"ok":
+                out.append(_prediction(HAKIM, {HAKIM: 0.6, CERTAS: 0.4}))
+            elif image == b"alien":
+                out.append(_prediction("Shunt X", {"Shunt X": 0.5, CERTAS: 0.3, HAKIM: 0.2}))
+            elif image == b"nan":
+                out.append(_prediction(HAKIM, {HAKIM: 1.0}, score=float("nan")))
+            else:
+                out.append(PredictionError("not an image"))
+        return out
+
+
+class Fetcher:
+    def fetch(self, url: str) -> bytes:
+        if url.startswith("refused"):
+            raise ValueError("host refused")
+        return url.removeprefix("img:").encode()
+
+
+def test_each_task_gets_its_own_outcome_in_order() -> None:
+    tasks = [
+        Task(id=1, data={"image": "img:ok"}),
+        {"id": 2, "data": {}},
+        {"id": 3, "data": {"image": "refused://x"}},
+        {"id": 4, "data": {"image": "img:garbage"}},
+        {"id": 5, "data": {"image": "img:alien"}},
+        {"id": 6, "data": {"image": "img:nan"}},
+    ]
+    predictor = Predictor()
+    with ThreadPoolExecutor(2) as pool:
+        answers = prelabel(tasks, config=CONFIG, predictor=predictor, fetcher=Fetcher(), pool=pool)
+    assert [a.task_id for a in answers] == [1, 2, 3, 4, 5, 6]
+    assert [a.outcome for a in answers] == [
+        "ok", "no_image", "fetch_error", "predict_error", "ok", "predict_error",
+    ]  # fmt: skip
+    assert predictor.calls == [5]  # one call for the fetched ones; no URL, no image
+    first, _, refused, garbage, alien, _ = answers
+    assert (first.label, first.score, first.model_version) == (HAKIM, 0.6, "v7")
+    assert first.result[0]["value"]["choices"] == [HAKIM]
+    assert "host refused" in refused.reason and "not an image" in garbage.reason
+    assert alien.label == CERTAS  # the most probable class the project has
+    assert all(not a.result for a in answers if not a.ok)
+
+
+def test_no_model_and_no_shared_class_are_outcomes_not_errors() -> None:
+    class Unserved(Predictor):
+        version = None
+
+        def predict(self, images: Sequence[bytes | BaseException]) -> list[None]:  # type: ignore[override]
+            return [None] * len(images)
+
+    with ThreadPoolExecutor(1) as pool:
+        (answer,) = prelabel(
+            [{"id": 9, "data": {"image": "img:ok"}}],
+            config=CONFIG,
+            predictor=Unserved(),
+            fetcher=Fetcher(),
+            pool=pool,
+        )
+    assert answer.outcome == "no_model"
+    assert label_in_config(_prediction("Shunt X", {"Shunt X": 1.0}), CONFIG) is None
+
+
+def test_a_predictor_answering_the_wrong_count_is_a_bug_not_a_result() -> None:
+    class Short(Predictor):
+        def predict(self, images: Sequence[bytes | BaseException]) -> list[None]:  # type: ignore[override]
+            return []
+
+    with ThreadPoolExecutor(1) as pool, pytest.raises(RuntimeError, match="0 items for 1"):
+        prelabel(
+            [{"id": 1, "data": {"image": "img:ok"}}],
+            config=CONFIG,
+            predictor=Short(),
+            fetcher=Fetcher(),
+            pool=pool,
+        )
