@@ -149,7 +149,7 @@ class Settings:
             raise SettingsError("VALVE_ID_PREDICT_BATCH must be at least 1")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
-        from training.config import AUTO_PROFILE, PROFILES
+        from training.fitting.config import AUTO_PROFILE, PROFILES
 
         if self.training_profile not in {*PROFILES, AUTO_PROFILE}:
             choices = ", ".join(sorted({*PROFILES, AUTO_PROFILE}))
@@ -157,7 +157,7 @@ class Settings:
                 f"VALVE_ID_TRAINING_PROFILE={self.training_profile!r} is not a profile; "
                 f"use one of {choices}"
             )
-        from backend.ranking import validate_acquisition
+        from backend.service.ranking import validate_acquisition
 
         validate_acquisition(self.acquisition)
 

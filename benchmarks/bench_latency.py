@@ -11,7 +11,7 @@ version at the same ensemble size, random weights, in the same rounds: Efficient
 locate-then-classify (768² prepared, 384² locator, 160² crop) and the whole-image Lite0 at
 384². Each is called through ``/predict`` (the served bf16 fast path), through the model
 alone (eager bf16, its own reference), and through an in-process
-:class:`backend.predictor.Predictor` in bf16 and eager fp32 (``fast_path=False``).
+:class:`backend.service.predictor.Predictor` in bf16 and eager fp32 (``fast_path=False``).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def _model_only(model: Any, image: Any, forwards: int) -> Any:
 def run(options: LatencyOptions, workdir: Path) -> list[Table]:
     import httpx
 
-    from training.model import load_checkpoint
+    from training.shared.model import load_checkpoint
 
     served = options.served[0].folds
     reference_kind = VersionKind(arch=options.arch, size_px=options.size_px)
@@ -287,7 +287,7 @@ def backbone_table(
         "Random weights, new image bytes every call. /predict: the backend's served fast path "
         f"(channels_last, bf16). Model only: {folds} eager bf16 forwards of batch 1 on a "
         "pre-made tensor of that version's input (locate→classify: both networks). Predictor: "
-        "backend.predictor.Predictor in this process with one task (decode, preprocess, "
+        "backend.service.predictor.Predictor in this process with one task (decode, preprocess, "
         "ensemble; no HTTP or Redis), bf16 fast path or fp32 (fast_path=False, which a backend "
         "cannot serve)."
     )

@@ -4,10 +4,10 @@ How much does each design learn from 40, 80, 160 or 320 labelled radiographs whe
 gets the same CPU time (issue 12, item 5)? Contenders:
 
 * ``locate_classify``: the ``cpu`` profile's locate-then-classify design
-  (:func:`training.two_stage.train_two_stage_fold`: frozen Lite0 locator + soft-argmax head
+  (:func:`training.fitting.two_stage.train_two_stage_fold`: frozen Lite0 locator + soft-argmax head
   at 384 px, Lite0 classifier on a 25 % crop at 160 px, prepared images at 768 px);
 * ``whole384`` / ``whole512``: the ``cpu`` profile's whole-image fallback (Lite0 from ImageNet
-  weights, :func:`training.recipe.train_fold`) at 384 and 512 px;
+  weights, :func:`training.fitting.recipe.train_fold`) at 384 and 512 px;
 * ``lite0_scratch``: the same whole-image Lite0 at 384 px from random weights;
 * ``resnet34_scratch``: the paper's recipe (ResNet-34) from random weights at 384 px, batch 16
   (no gradient accumulation: accumulated to 64, 40 labels would give one optimiser step every
@@ -41,7 +41,7 @@ scores it once, with crops at the *predicted* centres, as serving does. The whol
 recipe (fastai) validates after every epoch, which on 96 test images would eat much of a
 small training set's budget, so it validates on :data:`FASTAI_VAL_IMAGES` test images per
 epoch and the test split is scored once at the end with
-:func:`training.inference.predict_logits`, the function ``train_fold`` scores its own
+:func:`training.shared.inference.predict_logits`, the function ``train_fold`` scores its own
 validation images with.
 
 Results: a Markdown table (mean ± SD over seeds of macro-F1, accuracy, per-class recall,
@@ -97,14 +97,15 @@ RESULTS_FORMAT = 1
 
 @dataclass(frozen=True)
 class Contender:
-    """A recipe to train: a profile of :class:`training.config.RecipeConfig` plus overrides."""
+    """A recipe to train: a profile of :class:`training.fitting.config.RecipeConfig` plus
+    overrides."""
 
     key: str
     profile: str
     overrides: tuple[tuple[str, Any], ...] = ()
 
     def config(self, seed: int, extra: Mapping[str, Any]) -> Any:
-        from training.config import RecipeConfig
+        from training.fitting.config import RecipeConfig
 
         values = {**dict(self.overrides), **extra, "seed": seed}
         return RecipeConfig.from_profile(self.profile, **values)
@@ -222,7 +223,7 @@ class _Data:
     """The pool and the test split, prepared once per image size."""
 
     def __init__(self, root: Path, options: LearningOptions) -> None:
-        from training.dataset import load_manifest
+        from training.shared.dataset import load_manifest
         from training.synthetic import VALVE_CLASSES
 
         _generate(root / "pool", options.pool_size, POOL_SEED, options.size_range_px)
@@ -238,8 +239,8 @@ class _Data:
 
     def at(self, size_px: int) -> tuple[_Split, _Split]:
         if size_px not in self._prepared:
-            from training.dataset import prepare_images
-            from training.preprocess import PreprocessParams
+            from training.shared.dataset import prepare_images
+            from training.shared.preprocess import PreprocessParams
 
             started = time.perf_counter()
             splits = []
@@ -295,7 +296,7 @@ def _train(
     score: bool,
 ) -> _Trained:
     """Train ``config`` on the first ``n_train`` images; with ``score``, logits of the rest."""
-    from training.inference import predict_logits
+    from training.shared.inference import predict_logits
 
     config = _clear_of_four_steps(config, n_train)
     train_idx = np.arange(n_train)
@@ -310,7 +311,7 @@ def _train(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn on 2-image validation sets, torch.jit notes
         if config.design == "locate_classify":
-            from training.two_stage import train_two_stage_fold
+            from training.fitting.two_stage import train_two_stage_fold
 
             val_idx = test_idx if score else test_idx[:FASTAI_VAL_IMAGES]
             result = train_two_stage_fold(
@@ -326,7 +327,7 @@ def _train(
             )
             logits = result.val_logits if score else None
         else:
-            from training.recipe import train_fold
+            from training.fitting.recipe import train_fold
 
             result = train_fold(
                 images,
@@ -517,7 +518,7 @@ def _load_previous(options: LearningOptions) -> list[dict[str, Any]]:
 def run(options: LearningOptions, workdir: Path) -> list[Table]:
     import torch
 
-    from training.recipe import pick_device
+    from training.fitting.recipe import pick_device
 
     unknown = set(options.contenders) - set(CONTENDERS)
     if unknown:

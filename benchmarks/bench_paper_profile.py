@@ -2,7 +2,7 @@
 
 The paper trained ~2 h on a Titan V; issue 6's goal is ≤ 10 minutes on one H100. This runs
 the real stages in one process — plan (decode and cache every image once), the five folds
-(:func:`training.run.train_fold_stage`: the fastai recipe at 512², batch 32 accumulated to
+(:func:`training.fitting.run.train_fold_stage`: the fastai recipe at 512², batch 32 accumulated to
 64, fp16 AMP, channels_last) and finalise (out-of-fold evaluation, report) — on a synthetic
 data set of the paper's size and class mix, and reports each stage's wall time.
 
@@ -64,12 +64,12 @@ def run(options: PaperProfileOptions, workdir: Path) -> list[Table]:
     import torch
 
     from benchmarks.fixtures import LABEL_CONFIG_PATH
-    from training.config import RecipeConfig
-    from training.dataset import load_manifest
-    from training.labels import load_label_config
-    from training.model import pretrained_weights_path
-    from training.registry import ModelRegistry
-    from training.run import finalize_run, plan_run, train_fold_stage
+    from training.fitting.config import RecipeConfig
+    from training.fitting.run import finalize_run, plan_run, train_fold_stage
+    from training.shared.dataset import load_manifest
+    from training.shared.labels import load_label_config
+    from training.shared.model import pretrained_weights_path
+    from training.shared.registry import ModelRegistry
     from training.synthetic import BALANCED_CLASS_MIX, generate_dataset
 
     if not torch.cuda.is_available() and not options.allow_cpu:

@@ -4,7 +4,7 @@ The ``cpu`` profile's network (EfficientNet-Lite0, channels_last) at its whole-i
 one training step (forward, cross-entropy, backward, Adam) and one forward pass of a batch,
 each in bf16 autocast and in fp32, alternated round by round. On a CPU with AVX512-BF16 or
 AMX bf16 pays; without them oneDNN emulates it and it costs many times fp32.
-:func:`training.inference.autocast_dtype` (what training and serving use) picks fp32 there;
+:func:`training.shared.inference.autocast_dtype` (what training and serving use) picks fp32 there;
 the table says what it picked on this machine and what the other choice would have cost.
 """
 
@@ -32,8 +32,8 @@ QUICK = PrecisionOptions(size_px=64, batch=2, rounds=1)
 def run(options: PrecisionOptions) -> list[Table]:
     import torch
 
-    from training.inference import autocast_dtype
-    from training.model import ValveNet
+    from training.shared.inference import autocast_dtype
+    from training.shared.model import ValveNet
 
     torch.manual_seed(0)
     device = torch.device("cpu")
@@ -74,7 +74,7 @@ def run(options: PrecisionOptions) -> list[Table]:
         table.add_row(name, f"{bf16:.2f}", f"{fp32:.2f}", f"{bf16 / fp32:.2f}×", picked)
     table.notes.append(
         "valve-id uses bf16 only where the CPU computes it natively (AVX512-BF16 or AMX): "
-        "training.inference.autocast_dtype."
+        "training.shared.inference.autocast_dtype."
     )
     return [table]
 

@@ -20,7 +20,7 @@ A second table puts the ``cpu`` profile's networks (issue 12, item 6) beside the
 version at equal ensemble size, in the same rounds: EfficientNet-Lite0 locate-then-classify
 (prepared at 768², locator at 384², classifier on a 160² crop) and the whole-image Lite0 at
 384², random weights (speed does not depend on them). Each is timed through ``/predict``
-(the served bf16 fast path) and through an in-process :class:`backend.predictor.Predictor`
+(the served bf16 fast path) and through an in-process :class:`backend.service.predictor.Predictor`
 in bf16 and in eager fp32 (``fast_path=False``; a backend always serves the fast path), with
 img/s ratios against ResNet-34 and the backends' RSS.
 
@@ -186,8 +186,8 @@ def model_only_pass(model: Any, batch: Any) -> None:
 
 
 def prepared_images(pngs: list[bytes], size_px: int) -> np.ndarray:
-    from training.dicom import load_image
-    from training.preprocess import PreprocessParams, prepare_image
+    from training.shared.dicom import load_image
+    from training.shared.preprocess import PreprocessParams, prepare_image
 
     params = PreprocessParams(size_px=size_px)
     return np.stack([prepare_image(load_image(png, name="bench"), params) for png in pngs])
@@ -228,13 +228,13 @@ def _evaluation_pngs(n: int, rng: np.random.Generator) -> list[bytes]:
 class _TrainedVersion:
     name: str
     recipe: Any
-    """A :class:`training.config.RecipeConfig`, or None for the ResNet-18 default."""
+    """A :class:`training.fitting.config.RecipeConfig`, or None for the ResNet-18 default."""
     compiled: bool
     """Also compare the compiled fast path."""
 
 
 def _trained_versions(options: PredictOptions, with_compiled: bool) -> list[_TrainedVersion]:
-    from training.config import RecipeConfig
+    from training.fitting.config import RecipeConfig
 
     versions = [_TrainedVersion("ResNet-18 from scratch, 64²", None, with_compiled)]
     if options.agreement_lite0:
@@ -260,7 +260,7 @@ def _trained_versions(options: PredictOptions, with_compiled: bool) -> list[_Tra
 
 def agreement_table(options: PredictOptions, workdir: Path, *, with_compiled: bool) -> Table:
     """Top-1 agreement and |Δp| of the served fast path(s) vs eager fp32, trained models."""
-    from backend.predictor import Prediction, Predictor
+    from backend.service.predictor import Prediction, Predictor
 
     images = _evaluation_pngs(options.agreement_eval_images, np.random.default_rng(1))
 
@@ -339,7 +339,7 @@ def run(options: PredictOptions, workdir: Path) -> list[Table]:
     """Set everything up, run the interleaved rounds, return the tables."""
     import httpx
 
-    from training.model import load_checkpoint
+    from training.shared.model import load_checkpoint
 
     n = options.n_images
     reference_kind = VersionKind(arch=options.arch, size_px=options.size_px)
@@ -537,7 +537,7 @@ def backbone_table(
     table.notes.append(
         "Random weights (speed does not depend on them), same images and rounds for all. "
         "/predict: the backend's served fast path (channels_last, bf16 weights and autocast), "
-        "one request of all tasks, new bytes every round. Predictor: backend.predictor."
+        "one request of all tasks, new bytes every round. Predictor: backend.service.predictor."
         "Predictor in this process (decode, preprocess, ensemble; no HTTP or Redis), bf16 = "
         "the same fast path, fp32 = fast_path=False (a backend cannot serve it)."
     )

@@ -1,8 +1,8 @@
-"""Re-scoring at scale: 1k / 5k / 10k unlabelled tasks through ``backend.jobs.rescore``.
+"""Re-scoring at scale: 1k / 5k / 10k unlabelled tasks through ``backend.loop.jobs.rescore``.
 
 What a promotion triggers: every unlabelled task of a project is fetched, predicted with the
 new version and written back, so the review queue re-sorts. This runs the real job body
-(:func:`backend.jobs.rescore`: paging, the image fetcher reading Label Studio local files,
+(:func:`backend.loop.jobs.rescore`: paging, the image fetcher reading Label Studio local files,
 the predictor, the Redis bookkeeping of a real Redis, the prediction rows) against an
 in-process Label Studio stand-in. Why a stand-in: a real Label Studio sharing a 2-core
 machine would be the bottleneck of 10k prediction writes (its database and request
@@ -131,12 +131,12 @@ def child(args: argparse.Namespace) -> int:
     from redis import Redis
     from rich.progress import Progress
 
-    from backend.jobs import JobQueue, rescore
-    from backend.labelstudio import image_fetcher
-    from backend.predictor import Predictor
-    from backend.retraining import Retrainer
+    from backend.loop.jobs import JobQueue, rescore
+    from backend.loop.retraining import Retrainer
+    from backend.service.labelstudio import image_fetcher
+    from backend.service.predictor import Predictor
     from backend.settings import Settings
-    from training.labels import load_label_config
+    from training.shared.labels import load_label_config
 
     files_root, images_dir = Path(args.files_root), Path(args.images_dir)
     settings = Settings(

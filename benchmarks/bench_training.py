@@ -3,7 +3,7 @@
 Contenders, same network (ResNet-34), image size (512²), batch, precision and gradient
 accumulation, alternated round by round:
 
-* **recipe**: :func:`training.recipe.train_fold` itself — the fastai ``Learner``, its
+* **recipe**: :func:`training.fitting.recipe.train_fold` itself — the fastai ``Learner``, its
   loaders over the prepared images, the augmentation + normalisation callback, gradient
   accumulation, bf16 autocast on a CPU with native bf16, else fp32 (fp16 AMP +
   channels_last on CUDA), metrics. Its epoch-end progress callback is the clock: epoch 1
@@ -65,7 +65,7 @@ def _batch_size(options: TrainingOptions) -> int:
 def _data(options: TrainingOptions) -> tuple[np.ndarray, np.ndarray]:
     """Prepared float16 synthetic radiographs (as the run's cache holds them) and labels."""
     from benchmarks.fixtures import XrayImages
-    from training.preprocess import PreprocessParams, prepare_image
+    from training.shared.preprocess import PreprocessParams, prepare_image
 
     n = options.train_images + VAL_IMAGES
     xrays = XrayImages(n, seed=0)
@@ -86,8 +86,8 @@ def recipe_rate(options: TrainingOptions, images: np.ndarray, labels: np.ndarray
     """Images/s of the recipe's epochs after the first."""
     import torch
 
-    from training.config import RecipeConfig
-    from training.recipe import train_fold
+    from training.fitting.config import RecipeConfig
+    from training.fitting.recipe import train_fold
 
     device = torch.device(options.device)
     config = RecipeConfig.from_profile(
@@ -124,11 +124,11 @@ def model_only_rate(options: TrainingOptions, images: np.ndarray, labels: np.nda
     """Images/s of a plain torch training loop on pre-made device tensors."""
     import torch
 
-    from training.config import RecipeConfig
-    from training.inference import autocast_for, to_network_input
-    from training.model import ValveNet
-    from training.preprocess import PreprocessParams
-    from training.recipe import class_weights
+    from training.fitting.config import RecipeConfig
+    from training.fitting.recipe import class_weights
+    from training.shared.inference import autocast_for, to_network_input
+    from training.shared.model import ValveNet
+    from training.shared.preprocess import PreprocessParams
 
     device = torch.device(options.device)
     config = RecipeConfig.from_profile("paper", image_size_px=options.size_px)

@@ -72,7 +72,7 @@ REDIS_START_TIMEOUT_S = 10.0
 
 def class_names() -> tuple[str, ...]:
     """The classes of the shipped label config (the vocabulary's one source)."""
-    from training.labels import load_label_config
+    from training.shared.labels import load_label_config
 
     return tuple(load_label_config(LABEL_CONFIG_PATH).classes)
 
@@ -146,7 +146,7 @@ def local_task(task_id: int, path: Path, files_root: Path) -> dict[str, Any]:
 # --- model versions -----------------------------------------------------------------------
 
 LOCATE_CLASSIFY = "locate_classify"
-"""``design`` of the ``cpu`` profile's two-stage network (:mod:`training.two_stage`)."""
+"""``design`` of the ``cpu`` profile's two-stage network (:mod:`training.fitting.two_stage`)."""
 _ARCH_NAMES = {"resnet34": "ResNet-34", "resnet18": "ResNet-18", "efficientnet_lite0": "Lite0"}
 
 
@@ -154,10 +154,11 @@ _ARCH_NAMES = {"resnet34": "ResNet-34", "resnet18": "ResNet-18", "efficientnet_l
 class VersionKind:
     """Which network a published version holds, at which input size.
 
-    ``design="locate_classify"`` is :class:`training.two_stage.LocateClassifyNet` (the ``cpu``
-    profile's design: images prepared at ``size_px``, the locator sees ``locator_px``, the
-    classifier a ``crop_fraction`` crop resampled to ``crop_px``); otherwise a whole-image
-    :class:`training.model.ValveNet`. Normalisation is what ``arch``'s ImageNet weights expect
+    ``design="locate_classify"`` is :class:`training.shared.locate_classify.LocateClassifyNet`
+    (the ``cpu`` profile's design: images prepared at ``size_px``, the locator sees
+    ``locator_px``, the classifier a ``crop_fraction`` crop resampled to ``crop_px``); otherwise
+    a whole-image :class:`training.shared.model.ValveNet`. Normalisation is what ``arch``'s
+    ImageNet weights expect
     (Lite0: mean = std = 0.5), as training writes it.
     """
 
@@ -179,19 +180,19 @@ class VersionKind:
         return f"{arch} at {self.size_px}²"
 
     def preprocess(self) -> Any:
-        from training.model import get_arch
-        from training.preprocess import PreprocessParams
+        from training.shared.model import get_arch
+        from training.shared.preprocess import PreprocessParams
 
         weights = get_arch(self.arch).weights
         return PreprocessParams(size_px=self.size_px, mean=weights.mean, std=weights.std)
 
     def random_model(self, num_classes: int) -> Any:
         """A random-init network of this kind (the speed of a trained one)."""
-        from training.model import ValveNet
+        from training.shared.model import ValveNet
 
         if self.design != LOCATE_CLASSIFY:
             return ValveNet(num_classes, arch=self.arch)
-        from training.two_stage import LocateClassifyNet, TwoStageParams
+        from training.shared.locate_classify import LocateClassifyNet, TwoStageParams
 
         params = TwoStageParams(
             backbone=self.arch,
@@ -224,8 +225,8 @@ def publish_random_version(
     """
     import torch
 
-    from training.model import save_checkpoint
-    from training.registry import ModelRegistry
+    from training.shared.model import save_checkpoint
+    from training.shared.registry import ModelRegistry
 
     if kind is None:
         if size_px is None:
@@ -348,15 +349,15 @@ def train_quadrant_version(
 ) -> str:
     """Train on quadrant images through the real run stages and publish; the version id.
 
-    ``recipe`` (a :class:`training.config.RecipeConfig`; its epochs, folds and Grad-CAM are
+    ``recipe`` (a :class:`training.fitting.config.RecipeConfig`; its epochs, folds and Grad-CAM are
     set here) defaults to a ResNet-18 from scratch at 64², about a minute at the defaults of
     bench_predict.
     """
-    from training.config import RecipeConfig
-    from training.dataset import load_manifest
-    from training.labels import load_label_config
-    from training.registry import ModelRegistry
-    from training.run import run_in_process
+    from training.fitting.config import RecipeConfig
+    from training.fitting.run import run_in_process
+    from training.shared.dataset import load_manifest
+    from training.shared.labels import load_label_config
+    from training.shared.registry import ModelRegistry
 
     if recipe is None:
         recipe = RecipeConfig.from_profile("quick", arch="resnet18", pretrained=False)
@@ -411,12 +412,12 @@ def network_batch(
 ) -> Any:
     """Prepared ``(N, H, W)`` images → the normalised network input, made once.
 
-    ``params`` (:class:`training.preprocess.PreprocessParams`) default to ImageNet's
+    ``params`` (:class:`training.shared.preprocess.PreprocessParams`) default to ImageNet's
     normalisation at ``size_px``."""
     import torch
 
-    from training.inference import to_network_input
-    from training.preprocess import PreprocessParams
+    from training.shared.inference import to_network_input
+    from training.shared.preprocess import PreprocessParams
 
     return to_network_input(
         torch.from_numpy(np.ascontiguousarray(prepared)),
@@ -434,9 +435,9 @@ autocast) and eager fp32 (``Predictor(fast_path=False)``; a backend always serve
 def in_process_predictors(
     model_dirs: dict[Any, Path], *, batch_size: int = 16
 ) -> Iterator[dict[tuple[Any, str], Any]]:
-    """A :class:`backend.predictor.Predictor` per (key, precision) of :data:`PRECISIONS`,
+    """A :class:`backend.service.predictor.Predictor` per (key, precision) of :data:`PRECISIONS`,
     each serving its registry's current version in this process (no HTTP, no Redis)."""
-    from backend.predictor import Predictor
+    from backend.service.predictor import Predictor
 
     with contextlib.ExitStack() as stack:
         predictors = {}
@@ -450,7 +451,7 @@ def in_process_predictors(
 
 def predict_all(predictor: Any, images: Sequence[bytes]) -> None:
     """``predictor.predict(images)``, checked: every image got a prediction."""
-    from backend.predictor import Prediction
+    from backend.service.predictor import Prediction
 
     results = predictor.predict(list(images))
     bad = [r for r in results if not isinstance(r, Prediction)]
@@ -530,7 +531,7 @@ class Backend:
 
 def _valve_id_command() -> list[str]:
     script = Path(sys.executable).with_name("valve-id")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "backend.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "backend.tools.cli"]
 
 
 @contextlib.contextmanager

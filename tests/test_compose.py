@@ -315,7 +315,7 @@ def _cli_params(command: list[str]) -> tuple[str, dict[str, Any]]:
     """Parse ``valve-id SUB ...`` with the real CLI (unknown options raise); no run."""
     import typer
 
-    from backend.cli import app
+    from backend.tools.cli import app
 
     assert command[0] == "valve-id", command
     group = typer.main.get_command(app)
@@ -331,7 +331,7 @@ def test_cli_parse_rejects_an_unknown_option() -> None:
 
 
 def test_commands_are_the_local_stacks_valve_id_commands(resolved: dict[str, Any]) -> None:
-    from training.jobs import DEFAULT_QUEUE
+    from training.shared.loop_state import DEFAULT_QUEUE
 
     services = _services(resolved)
     sub, params = _cli_params(services[BACKEND]["command"])

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import typer
 
-from backend.cli import app
 from backend.settings import Settings
-from backend.stack.local import StackPaths
+from backend.tools.cli import app
+from backend.tools.stack.local import StackPaths
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

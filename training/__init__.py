@@ -1,6 +1,9 @@
-"""valve-id training side: decoding, preprocessing, datasets, the paper's recipe, jobs.
+"""valve-id's training side, in rooms by reason of change (docs/ARCHITECTURE.md):
 
-Never imports :mod:`backend`. Heavy modules (the recipe, fastai) are imported only where used.
+``shared/`` (what serving needs: decoding, preprocessing, the network, the registry; no
+fastai), ``labelstudio/`` (the one Label Studio client and image-fetch policy), ``fitting/``
+(the recipes, evaluation, the report, the run as RQ jobs), ``synthetic/`` and ``simulation/``.
+Never imports :mod:`backend`.
 """
 
 __version__ = "0.1.0"

@@ -20,7 +20,7 @@ from typing import Any
 from redis import Redis
 from rq import SimpleWorker
 
-from training.jobs import TrainingRun, enqueue_training
+from training.fitting.jobs import TrainingRun, enqueue_training
 
 PAYLOADS = Path(__file__).parent / "payloads"
 LABEL_CONFIG_XML = (Path(__file__).parents[2] / "label_config.xml").read_text()
@@ -130,7 +130,7 @@ class FakeFetcher:
 
 
 class FakePredictor:
-    """A served "model" with :class:`backend.predictor.Predictor`'s surface: the class is a
+    """A served "model" with :class:`backend.service.predictor.Predictor`'s surface: the class is a
     function of the image bytes, ``corrupt`` bytes fail to decode, and with no version
     served every answer is None. It answers with the real Prediction/PredictionError types.
     """
@@ -151,7 +151,7 @@ class FakePredictor:
         return self.CLASSES[sum(image) % len(self.CLASSES)]
 
     def predict(self, images: list[bytes | BaseException]) -> list[Any]:
-        from backend.predictor import Prediction, PredictionError
+        from backend.service.predictor import Prediction, PredictionError
 
         self.batches.append(len(images))
         if self.version is None:
@@ -172,7 +172,7 @@ class FakePredictor:
 
 
 class RecordingEnqueue:
-    """The real :func:`training.jobs.enqueue_training` (jobs land on the training queue and
+    """The real :func:`training.fitting.jobs.enqueue_training` (jobs land on the training queue and
     are not executed), with the run ids it returned kept in order."""
 
     def __init__(self) -> None:
@@ -191,7 +191,7 @@ class RecordingEnqueue:
 def finish_run(
     redis: Redis, run_id: str, status: str = "published", *, promoted: bool = True
 ) -> None:
-    """Write the run record's outcome the way ``training.jobs`` does when a run ends."""
+    """Write the run record's outcome the way ``training.fitting.jobs`` does when a run ends."""
     fields = {"status": status}
     if status == "published":
         fields.update(version=run_id, promoted=str(int(promoted)), reason="test")

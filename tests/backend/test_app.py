@@ -1,11 +1,11 @@
-"""The HTTP app (backend/app.py) and its model class (backend/valve_model.py).
+"""The HTTP app (backend/service/app.py) and its model class (backend/service/valve_model.py).
 
 Label Studio itself cannot run in a unit test (issue 5 adds the end-to-end suite), so the
 requests it really sent (``payloads/``, recorded from Label Studio 1.23.2) are replayed
 against the app. Parts are injected through ``create_app(...)``: most tests use small fakes
 for the predictor, the image fetcher and the retrainer (the mechanics here do not depend on
-a network); the last tests serve a real :class:`backend.predictor.Predictor` on a published
-version, and the webhook tests hand events to a real :class:`backend.retraining.Retrainer`
+a network); the last tests serve a real :class:`backend.service.predictor.Predictor` on a published
+version, and the webhook tests hand events to a real :class:`backend.loop.retraining.Retrainer`
 on a real Redis.
 """
 
@@ -38,17 +38,17 @@ from rq import Queue
 from torch import nn
 from torchvision.models import ResNet18_Weights
 
-from backend.app import MAX_BODY_BYTES, MAX_TASKS_PER_PREDICT, create_app
-from backend.jobs import JobQueue
-from backend.labelstudio import label_studio_client
-from backend.predictor import Prediction, PredictionError, Predictor
-from backend.retraining import Retrainer
+from backend.loop.jobs import JobQueue
+from backend.loop.retraining import Retrainer
+from backend.service.app import MAX_BODY_BYTES, MAX_TASKS_PER_PREDICT, create_app
+from backend.service.labelstudio import label_studio_client
+from backend.service.predictor import Prediction, PredictionError, Predictor
 from backend.settings import Settings
-from training.errors import ImageFetchError, LabelStudioError
-from training.jobs import DEFAULT_QUEUE, TRAINING_QUEUE
-from training.model import ValveNet, available_archs, register_arch, save_checkpoint
-from training.preprocess import PreprocessParams
-from training.registry import ModelRegistry
+from training.shared.errors import ImageFetchError, LabelStudioError
+from training.shared.loop_state import DEFAULT_QUEUE, TRAINING_QUEUE
+from training.shared.model import ValveNet, available_archs, register_arch, save_checkpoint
+from training.shared.preprocess import PreprocessParams
+from training.shared.registry import ModelRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
 PAYLOADS = Path(__file__).parent / "payloads"
@@ -348,7 +348,7 @@ def _notices(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "backend.valve_model"
+        if r.name == "backend.service.valve_model"
         and r.levelno == logging.WARNING
         and text in r.getMessage()
     ]
@@ -756,8 +756,9 @@ def test_run_serves_the_app_with_uvicorn(tmp_path: Path) -> None:
     """``run`` (what ``valve-id serve`` calls) starts a server that answers /health."""
     port = closed_port()
     code = (
-        "from pathlib import Path; from backend.app import run; from backend.settings import "
-        f"Settings; run(Settings(state_dir=Path({str(tmp_path)!r}), "
+        "from pathlib import Path; from backend.service.app import run; "
+        "from backend.settings import Settings; "
+        f"run(Settings(state_dir=Path({str(tmp_path)!r}), "
         f"redis_url='redis://127.0.0.1:{closed_port()}/0'), host='127.0.0.1', port={port})"
     )
     server = subprocess.Popen(
@@ -780,7 +781,7 @@ def test_run_serves_the_app_with_uvicorn(tmp_path: Path) -> None:
 
 
 def test_the_app_never_imports_fastai() -> None:
-    code = "import sys, backend.app; sys.exit('fastai' in sys.modules)"
+    code = "import sys, backend.service.app; sys.exit('fastai' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 

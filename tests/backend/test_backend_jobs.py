@@ -27,11 +27,12 @@ from retraining_fakes import (
 from rq import Queue
 from rq.job import Job
 
-from backend import jobs
-from backend.retraining import Retrainer
+from backend.loop import jobs
+from backend.loop.retraining import Retrainer
 from backend.settings import Settings
-from training.jobs import DEFAULT_QUEUE, run_status
-from training.labels import load_label_config
+from training.shared import loop_state
+from training.shared.labels import load_label_config
+from training.shared.loop_state import DEFAULT_QUEUE, run_status
 
 N = 5
 LS_ID = 1
@@ -273,7 +274,7 @@ def test_webhooks_to_training_to_rescoring_through_the_queues(
     record = run_status(redis_conn, run_id)
     Queue(record["on_finish_queue"], connection=redis_conn).enqueue(record["on_finish"], run_id)
     hook, *_ = drain(redis_conn)  # the hook, then the re-score it enqueued
-    assert hook.func_name == "backend.jobs.after_run"
+    assert hook.func_name == "backend.loop.jobs.after_run"
     assert {w["task"] for w in ls.written()} == set(range(500, 505))
     assert {w["model_version"] for w in ls.written()} == {run_id}
     assert ("set_model_version", (LS_ID, run_id)) in ls.calls
@@ -285,6 +286,19 @@ def test_reconcile_job_runs_the_reconciliation(parts: dict[str, Any], redis_conn
     Queue(DEFAULT_QUEUE, connection=redis_conn).enqueue(jobs.reconcile_job)
     (job,) = drain(redis_conn)
     assert job.return_value() == parts["runs"].runs and len(parts["runs"].runs) == 1
+
+
+def test_one_of_several_backends_schedules_each_interval_s_reconciliation(
+    redis_conn: Redis,
+) -> None:
+    # Every backend process runs the schedule; the SET NX key lets one enqueue per interval.
+    backends = [jobs.JobQueue(redis_conn) for _ in range(3)]
+    assert [b.schedule_reconcile(60) for b in backends] == [True, False, False]
+    queued = Queue(DEFAULT_QUEUE, connection=redis_conn).jobs
+    assert [job.func_name for job in queued] == ["backend.loop.jobs.reconcile_job"]
+    redis_conn.delete(loop_state.RECONCILE_SCHEDULED)  # the interval has passed
+    assert backends[1].schedule_reconcile(60) is True
+    assert Queue(DEFAULT_QUEUE, connection=redis_conn).count == 2
 
 
 def test_worker_predictor_is_built_once_per_registry(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The demo bootstrap's seed labels (backend/stack/bootstrap.py): true class and valve centre.
+"""The demo bootstrap's seed labels (backend/tools/stack/bootstrap.py): true class and valve centre.
 
 Runs the real steps against the stand-in Label Studio (:mod:`labelstudio_standin`): the
 synthetic demo is imported with ``valve-id import``'s code, seeded, and read back the way a
@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 from labelstudio_standin import StandInLabelStudio
 
-from backend.importer import source_uid
 from backend.settings import DEFAULT_LABEL_CONFIG, Settings
-from backend.stack import bootstrap
-from backend.stack.bootstrap import DemoImage, LabelStudioAdmin, seed_result
-from training.dataset import prepare_images
-from training.dicom import load_image, read_dicom_header
-from training.labels import load_label_config, parse_label_config
+from backend.tools.importer import source_uid
+from backend.tools.stack import bootstrap
+from backend.tools.stack.bootstrap import DemoImage, LabelStudioAdmin, seed_result
 from training.labelstudio import LabelStudio
-from training.labelstudio_source import LabelStudioSource, load_project_items
-from training.preprocess import PreprocessParams
+from training.labelstudio.export import LabelStudioSource, load_project_items
+from training.shared.dataset import prepare_images
+from training.shared.dicom import load_image, read_dicom_header
+from training.shared.labels import load_label_config, parse_label_config
+from training.shared.preprocess import PreprocessParams
 from training.synthetic import generate_dataset
 
 KEY = "test-pseudonym-key-0123456789abcdef"

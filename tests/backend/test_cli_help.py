@@ -8,8 +8,8 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from backend.cli import app
 from backend.settings import Settings
+from backend.tools.cli import app
 
 NEEDED = {
     "serve": {"LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "REDIS_URL", "BASIC_AUTH_PASS"},

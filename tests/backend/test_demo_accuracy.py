@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from backend.stack.demo_accuracy import demo_accuracy
+from backend.tools.stack.demo_accuracy import demo_accuracy
 
 
 def _task(uid: str, *, labelled: bool = False, **predicted: str) -> dict:

@@ -25,18 +25,18 @@ from PIL import Image, PngImagePlugin
 from typer import Typer
 from typer.testing import CliRunner
 
-from backend import importer
-from backend.commands.importer import import_command
-from backend.importer import (
+from backend.settings import DEFAULT_LABEL_CONFIG, Settings, SettingsError
+from backend.tools import importer
+from backend.tools.commands.importer import import_command
+from backend.tools.importer import (
     DEFAULT_PROJECT_TITLE,
     ImportReport,
     import_folder,
     pseudonymize,
     source_uid,
 )
-from backend.settings import DEFAULT_LABEL_CONFIG, Settings, SettingsError
-from training.dicom import load_image
 from training.labelstudio import NO_RETRY, LabelStudio
+from training.shared.dicom import load_image
 from training.synthetic import generate_dataset
 
 KEY = "test-pseudonym-key-0123456789abcdef"
@@ -359,14 +359,14 @@ def test_create_makes_the_project_and_a_storage_that_serves_the_images(standin, 
 
 
 def test_unknown_project_is_a_clear_error(standin, dicom_set):
-    from training.errors import DatasetError
+    from training.shared.errors import DatasetError
 
     with pytest.raises(DatasetError, match="no project 42"):
         run_import(standin, dicom_set, project_id=42)
 
 
 def test_a_refused_or_unreachable_label_studio_is_a_clear_error(standin, dicom_set):
-    from training.errors import DatasetError
+    from training.shared.errors import DatasetError
 
     wrong = LabelStudio(standin.url, "wrong-key", retry=NO_RETRY)
     with pytest.raises(DatasetError, match="refused.*401.*LABEL_STUDIO_API_KEY"):

@@ -1,4 +1,4 @@
-"""Label Studio payloads and our answers (backend/labelstudio.py).
+"""Label Studio payloads and our answers (backend/service/labelstudio.py).
 
 The payload models are checked against every request Label Studio 1.23.2 really sent
 (``payloads/``, recorded with long fields trimmed). The calls we make are tested with the
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from backend.labelstudio import (
+from backend.service.labelstudio import (
     PredictRequest,
     PredictResponse,
     SetupRequest,
@@ -28,9 +28,9 @@ from backend.labelstudio import (
     project_key_of,
 )
 from backend.settings import Settings, SettingsError
-from training.errors import LabelConfigError
-from training.labels import load_label_config, parse_label_config
-from training.labelstudio_source import keypoint_centre
+from training.labelstudio.export import keypoint_centre
+from training.shared.errors import LabelConfigError
+from training.shared.labels import load_label_config, parse_label_config
 
 PAYLOADS = Path(__file__).parent / "payloads"
 LS_URL = "http://ls.test:8080"

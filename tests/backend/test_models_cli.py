@@ -1,4 +1,4 @@
-"""Tests for ``valve-id models ...`` (backend.commands.models), run in-process."""
+"""Tests for ``valve-id models ...`` (backend.tools.commands.models), run in-process."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from backend.commands.models import models_app
 from backend.settings import Settings
-from training.registry import ModelRegistry
+from backend.tools.commands.models import models_app
+from training.shared.registry import ModelRegistry
 
 CLASSES = ["codman_hakim", "certas_plus", "sophy_sm8", "progav_2"]
 

@@ -26,22 +26,22 @@ from PIL import Image, ImageDraw
 from torch import nn
 from torchvision.models import ResNet18_Weights
 
-from backend import predictor as predictor_module
-from backend.predictor import Prediction, PredictionError, Predictor
-from backend.ranking import rank_tasks
+from backend.service import predictor as predictor_module
+from backend.service.predictor import Prediction, PredictionError, Predictor
+from backend.service.ranking import rank_tasks
 from backend.settings import SettingsError
-from training.dicom import load_image
-from training.errors import ImageFetchError
-from training.model import (
+from training.shared.dicom import load_image
+from training.shared.errors import ImageFetchError
+from training.shared.model import (
     ValveNet,
     available_archs,
     load_checkpoint,
     register_arch,
     save_checkpoint,
 )
-from training.preprocess import PreprocessParams, prepare_image
-from training.registry import ModelRegistry
-from training.uncertainty import margin, normalized_entropy, softmax
+from training.shared.preprocess import PreprocessParams, prepare_image
+from training.shared.registry import ModelRegistry
+from training.shared.uncertainty import margin, normalized_entropy, softmax
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["Codman Hakim", "Codman Certas Plus", "Sophysa Sophy SM8", "proGAV 2.0"]
@@ -118,9 +118,9 @@ def registry(tmp_path: Path) -> ModelRegistry:
 def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     """Take the bf16 fast path as a CPU with AVX512-BF16/AMX would, on any CPU (emulated
     bf16 is slow but computes the same), so its tests run on every machine."""
-    import training.inference
+    import training.shared.inference
 
-    monkeypatch.setattr(training.inference, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(training.shared.inference, "cpu_has_native_bf16", lambda: True)
 
 
 @pytest.fixture
@@ -488,14 +488,14 @@ def test_a_cpu_without_native_bf16_serves_fp32(
 ) -> None:
     """Emulated bf16 is many times slower than fp32 (an AVX2-only CPU: 33× per forward), so
     the fast path there keeps channels_last and fp32 weights and computes in fp32."""
-    import training.inference
+    import training.shared.inference
 
-    monkeypatch.setattr(training.inference, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(training.shared.inference, "cpu_has_native_bf16", lambda: False)
     _publish(registry, "v1", n_folds=2)
     with _predictor(registry) as predictor:
         assert predictor.info()["mixed_precision"] is None
         assert predictor.info()["fast_path"] is True
-    from backend.predictor import _for_serving
+    from backend.service.predictor import _for_serving
 
     served = _for_serving(ValveNet(len(CLASSES), arch="resnet18"), fast_path=True, compile=False)
     assert all(p.dtype == torch.float32 for p in served.parameters())
@@ -557,7 +557,8 @@ def test_concurrent_requests_during_a_swap_each_see_one_whole_version(
 def test_serving_modules_do_not_import_fastai() -> None:
     code = (
         "import sys\n"
-        "import backend.predictor, backend.labelstudio, training.labelstudio, backend.ranking\n"
+        "import backend.service.predictor, backend.service.labelstudio, backend.service.ranking\n"
+        "import training.labelstudio\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'fastai', 'fastcore'})\n"
         "assert not heavy, heavy\n"
         "print('ok')\n"
@@ -632,10 +633,10 @@ def _one_torch_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def trained_registry(tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
     """A ResNet-18 trained from scratch (2 folds, quick profile) on quadrant images."""
-    from training.config import RecipeConfig
-    from training.dataset import load_manifest
-    from training.labels import load_label_config
-    from training.run import run_in_process
+    from training.fitting.config import RecipeConfig
+    from training.fitting.run import run_in_process
+    from training.shared.dataset import load_manifest
+    from training.shared.labels import load_label_config
 
     data = tmp_path_factory.mktemp("quadrants")
     (data / "images").mkdir()
@@ -763,7 +764,7 @@ def test_fast_path_stores_weights_in_bf16_with_bit_identical_answers(native_bf16
     """Weights cast once at load give exactly what autocast's per-forward casts gave."""
     import copy
 
-    from backend.predictor import _for_serving
+    from backend.service.predictor import _for_serving
 
     torch.manual_seed(0)
     model = ValveNet(len(CLASSES), arch="resnet18").eval().requires_grad_(False)
@@ -790,7 +791,7 @@ def test_a_locate_then_classify_version_is_served_like_any_other(
 ) -> None:
     """The cpu profile's two-stage network loads from its checkpoints alone and answers with
     the same ensemble rule; the fast path (channels_last, bf16) agrees with fp32."""
-    from training.two_stage import LocateClassifyNet, TwoStageParams
+    from training.shared.locate_classify import LocateClassifyNet, TwoStageParams
 
     staging = registry.staging("two-stage")
     params = TwoStageParams(backbone=TINY_ARCH, locator_px=16, crop_fraction=0.5, crop_px=16)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from backend.labelstudio import Task
-from backend.prediction import Prediction, PredictionError
-from backend.prelabel import label_in_config, prelabel
-from training.labels import load_label_config
+from backend.service.labelstudio import Task
+from backend.service.prediction import Prediction, PredictionError
+from backend.service.prelabel import label_in_config, prelabel
+from training.shared.labels import load_label_config
 
 CONFIG = load_label_config(Path(__file__).parents[2] / "label_config.xml")
 HAKIM, CERTAS = "Codman Hakim", "Codman Certas Plus"

@@ -7,10 +7,10 @@ import logging
 import numpy as np
 import pytest
 
-from backend import ranking
-from backend.ranking import rank_tasks, resolve_acquisition, score, validate_acquisition
+from backend.service import ranking
+from backend.service.ranking import rank_tasks, resolve_acquisition, score, validate_acquisition
 from backend.settings import SettingsError
-from training.uncertainty import ACQUISITIONS, normalized_entropy
+from training.shared.uncertainty import ACQUISITIONS, normalized_entropy
 
 NEAR_UNIFORM = [0.26, 0.25, 0.25, 0.24]
 CONFIDENT = [0.97, 0.01, 0.01, 0.01]
@@ -94,7 +94,7 @@ def test_bald_with_a_single_model_falls_back_to_entropy_and_says_so_once(
 ) -> None:
     monkeypatch.setattr(ranking, "_warned_single_member", type(ranking._warned_single_member)())
     probs = np.array([CONFIDENT, NEAR_UNIFORM])
-    with caplog.at_level(logging.WARNING, logger="backend.ranking"):
+    with caplog.at_level(logging.WARNING, logger="backend.service.ranking"):
         first = score("bald", probs, probs[None])
         second = score("bald", probs, None)
     np.testing.assert_allclose(first, 1.0 - normalized_entropy(probs))

@@ -2,8 +2,8 @@
 
 Label Studio is played by :class:`FakeLabelStudio` (a stand-in: a real server cannot run in
 a unit test; issue 5 runs the same loop against one). Training runs are really enqueued by
-:func:`training.jobs.enqueue_training` but never executed; a run's end is written into its
-record the way ``training.jobs`` does, and the queued backend jobs run in a real
+:func:`training.fitting.jobs.enqueue_training` but never executed; a run's end is written into its
+record the way ``training.fitting.jobs`` does, and the queued backend jobs run in a real
 ``rq.SimpleWorker`` (:class:`QuietWorker`).
 """
 
@@ -29,12 +29,12 @@ from retraining_fakes import (
 from rq import Queue
 from rq.job import Job
 
-from backend import jobs
-from backend.labelstudio import WebhookEvent, project_key_of
-from backend.retraining import Retrainer, chosen_label
+from backend.loop import jobs
+from backend.loop.retraining import Retrainer, chosen_label
+from backend.service.labelstudio import WebhookEvent, project_key_of
 from backend.settings import Settings
-from training.config import RecipeConfig
-from training.jobs import DEFAULT_QUEUE, TRAINING_QUEUE, run_status
+from training.fitting.config import RecipeConfig
+from training.shared.loop_state import DEFAULT_QUEUE, TRAINING_QUEUE, run_status
 
 N = 20  # RETRAIN_EVERY_N_LABELS in these tests
 LS_ID = 1
@@ -103,7 +103,7 @@ def test_a_webhook_without_created_at_uses_the_key_setup_registered(
     typed = WebhookEvent.model_validate(webhook("START_TRAINING"))
     assert retrainer.on_webhook(typed) == "queued"
     assert queued_functions(redis_conn) == 2 * [
-        ("backend.jobs.handle_event", ("START_TRAINING", LS_ID, PROJECT_KEY, {}))
+        ("backend.loop.jobs.handle_event", ("START_TRAINING", LS_ID, PROJECT_KEY, {}))
     ]
 
 
@@ -124,7 +124,7 @@ def test_hundred_webhooks_make_a_handful_of_jobs_and_exactly_one_run(
     assert run["status"] == "queued"
     assert run["data"] == f"labelstudio:{LS_ID}"
     assert run["labels_at_start"] == str(N)  # started by the check that saw the count cross N
-    assert run["on_finish"] == "backend.jobs.after_run"
+    assert run["on_finish"] == "backend.loop.jobs.after_run"
     assert run["on_finish_queue"] == DEFAULT_QUEUE
     assert runs.kwargs[0]["recipe"] == RecipeConfig.from_profile("quick").to_dict()
     plan = Job.fetch(f"{runs.runs[0]}-plan", connection=redis_conn)
@@ -233,7 +233,7 @@ def test_promoted_publish_enqueues_rescoring_only_when_promoted(
     second = retrainer.check(LS_ID, project_key=PROJECT_KEY)
     finish_run(redis_conn, second, "published", promoted=True)
     retrainer.after_run(second)
-    assert queued_functions(redis_conn) == [("backend.jobs.rescore_project", (LS_ID, second))]
+    assert queued_functions(redis_conn) == [("backend.loop.jobs.rescore_project", (LS_ID, second))]
 
 
 def test_reconcile_catches_a_dropped_webhook(
@@ -270,7 +270,9 @@ def test_reconcile_books_a_run_whose_hook_was_lost(
     finish_run(redis_conn, started[0], "published", promoted=True)
     assert retrainer.reconcile() == []
     assert project(redis_conn)["last_snapshot_labels"] == str(N + 2)
-    assert ("backend.jobs.rescore_project", (LS_ID, started[0])) in queued_functions(redis_conn)
+    assert ("backend.loop.jobs.rescore_project", (LS_ID, started[0])) in queued_functions(
+        redis_conn
+    )
     ls.labelled = 2 * N + 2
     assert retrainer.check(LS_ID, project_key=PROJECT_KEY) is not None
 

@@ -1,4 +1,4 @@
-"""``valve-id simulate`` (backend.commands.simulate), run in-process: options, rerun from
+"""``valve-id simulate`` (backend.tools.commands.simulate), run in-process: options, rerun from
 config.json, errors."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from backend.commands.simulate import simulate_command
+from backend.tools.commands.simulate import simulate_command
 
 app = typer.Typer()
 app.command("simulate")(simulate_command)

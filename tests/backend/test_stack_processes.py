@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from backend.stack import processes
-from backend.stack.labelstudio_server import LabelStudioAccount, start_label_studio
-from backend.stack.local import ensure_secrets
-from backend.stack.processes import (
+from backend.tools.stack import processes
+from backend.tools.stack.labelstudio_server import LabelStudioAccount, start_label_studio
+from backend.tools.stack.local import ensure_secrets
+from backend.tools.stack.processes import (
     free_port,
     is_alive,
     port_in_use,
@@ -30,8 +30,8 @@ from backend.stack.processes import (
     start_process,
     stop_process,
 )
-from backend.stack.redis_server import find_redis_server, redis_answers, start_redis
-from training.errors import StackError
+from backend.tools.stack.redis_server import find_redis_server, redis_answers, start_redis
+from training.shared.errors import StackError
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 
@@ -208,8 +208,8 @@ def test_stop_signals_only_the_recorded_group(tmp_path: Path) -> None:
 def test_label_studio_is_installed_once_per_machine_not_per_state_folder(tmp_path: Path) -> None:
     """``make up`` and ``make test`` share one Label Studio virtualenv; deleting a state
     folder never deletes it (issue 14)."""
-    from backend.stack.labelstudio_server import DEFAULT_LS_VENV, LABEL_STUDIO_VERSION
-    from backend.stack.local import StackOptions, StackPaths
+    from backend.tools.stack.labelstudio_server import DEFAULT_LS_VENV, LABEL_STUDIO_VERSION
+    from backend.tools.stack.local import StackOptions, StackPaths
 
     options = StackOptions(state_dir=tmp_path / "state")
     venv = StackPaths.of(options).ls_venv(options)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.stack.labelstudio_server import (
+from backend.tools.stack.labelstudio_server import (
     DEFAULT_LS_VENV,
     LABEL_STUDIO_VERSION,
     LabelStudioAccount,
@@ -33,8 +33,8 @@ from backend.stack.labelstudio_server import (
     label_studio_env,
     start_label_studio,
 )
-from backend.stack.processes import free_port, stop_process
-from training.errors import StackError
+from backend.tools.stack.processes import free_port, stop_process
+from training.shared.errors import StackError
 
 REPO = Path(__file__).resolve().parents[2]
 

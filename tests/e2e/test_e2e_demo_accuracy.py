@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.stack.local import StackOptions, served_demo_accuracy, valve_id_argv
-from backend.stack.processes import free_port
+from backend.tools.stack.local import StackOptions, served_demo_accuracy, valve_id_argv
+from backend.tools.stack.processes import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

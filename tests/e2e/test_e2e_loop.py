@@ -41,17 +41,17 @@ import pytest
 from redis import Redis
 
 from backend.settings import Settings
-from backend.stack import bootstrap
-from backend.stack.local import valve_id_argv
-from backend.stack.processes import (
+from backend.tools.stack import bootstrap
+from backend.tools.stack.local import valve_id_argv
+from backend.tools.stack.processes import (
     free_port,
     log_tail,
     start_process,
     stop_process,
     wait_http,
 )
-from training.labels import LabelConfig, load_label_config
-from training.registry import ModelRegistry
+from training.shared.labels import LabelConfig, load_label_config
+from training.shared.registry import ModelRegistry
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -259,7 +259,7 @@ def loop(
 
 def _phi_strings(demo: Path) -> set[str]:
     """Every identifying text of the demo DICOM headers (and each part of the names)."""
-    from training.dicom import read_dicom_header
+    from training.shared.dicom import read_dicom_header
 
     found: set[str] = set()
     for path in sorted((demo / "images").glob("*.dcm")):
@@ -407,7 +407,7 @@ def _assert_sorted_by(loop: Loop, version: str) -> list[dict[str, Any]]:
 
 
 def test_03_review_view_lists_unlabelled_tasks_most_uncertain_first(loop: Loop) -> None:
-    from backend.labelstudio import label_studio_client
+    from backend.service.labelstudio import label_studio_client
 
     project_id, v1 = loop.facts["project_id"], loop.facts["v1"]
     loop.facts["view_id"] = label_studio_client(loop.settings).ensure_review_view(project_id)
@@ -460,7 +460,7 @@ def _default_queue_idle(loop: Loop) -> bool:
 
 
 def test_04_labels_train_promote_and_rescore(loop: Loop) -> None:
-    from backend.labelstudio import choice_result
+    from backend.service.labelstudio import choice_result
 
     project_id, v1 = loop.facts["project_id"], loop.facts["v1"]
     picked = _tasks_to_label(loop, RETRAIN_N)
@@ -546,7 +546,7 @@ def _served_probability(loop: Loop, task: dict[str, Any], version: str) -> float
     version itself (the image as Label Studio stores it, the backend's own predictor)."""
     from urllib.parse import parse_qs, urlparse
 
-    from backend.predictor import Predictor
+    from backend.service.predictor import Predictor
 
     url = str(task["data"][loop.config.image_key])  # /data/local-files/?d=<path under root>
     (relative,) = parse_qs(urlparse(url).query)["d"]

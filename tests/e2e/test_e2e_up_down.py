@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from backend.stack import bootstrap
-from backend.stack.local import PARTS, valve_id_argv
-from backend.stack.processes import free_port, is_alive, read_record
+from backend.tools.stack import bootstrap
+from backend.tools.stack.local import PARTS, valve_id_argv
+from backend.tools.stack.processes import free_port, is_alive, read_record
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

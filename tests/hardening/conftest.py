@@ -1,7 +1,7 @@
 """Suite-wide parts of the hardening suite: one served version, its files, the real server.
 
 The server is ``valve-id serve`` in a subprocess (uvicorn, the real :func:`create_app`, a
-real :class:`~backend.predictor.Predictor`), configured only through the environment, with
+real :class:`~backend.service.predictor.Predictor`), configured only through the environment, with
 basic auth on, distinctive secrets and ``LOG_LEVEL=DEBUG`` (everything it logs goes to a file
 the secrets test greps). It fetches images through the real
 :class:`~training.labelstudio.ImageFetcher`: from ``LOCAL_FILES_DOCUMENT_ROOT`` on disk, or
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from labelstudio_standin import StandInLabelStudio
 
-from training.registry import ModelRegistry
+from training.shared.registry import ModelRegistry
 
 from .hardening_support import (
     BASIC_PASS,
@@ -129,7 +129,7 @@ def server(
         "LOCAL_FILES_DOCUMENT_ROOT": str(image_root),
         "VALVE_ID_ALLOWED_HOSTS": "",
         "LOG_LEVEL": "DEBUG",
-        # One intra-op thread: the 2-core test box is shared (see backend/predictor.py).
+        # One intra-op thread: the 2-core test box is shared (see backend/service/predictor.py).
         "OMP_NUM_THREADS": "1",
     }
     running = RunningServer.start(env, state / "server.log", auth=(BASIC_USER, BASIC_PASS))

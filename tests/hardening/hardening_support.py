@@ -37,9 +37,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from redis import Redis
 
-from training.model import ValveNet, save_checkpoint
-from training.preprocess import PreprocessParams
-from training.registry import ModelRegistry
+from training.shared.model import ValveNet, save_checkpoint
+from training.shared.preprocess import PreprocessParams
+from training.shared.registry import ModelRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
 # retraining_fakes lives with the backend tests; the hardening suite reuses its stand-ins.
@@ -240,7 +240,7 @@ class RunningServer:
     @classmethod
     def start(cls, env: dict[str, str], log_path: Path, auth: tuple[str, str] | None = None):
         port = free_port()
-        command = [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1"]
+        command = [sys.executable, "-m", "backend.tools.cli", "serve", "--host", "127.0.0.1"]
         log = log_path.open("wb")
         process = subprocess.Popen(
             [*command, "--port", str(port)],
@@ -381,13 +381,13 @@ def files_under(*roots: Path) -> Iterator[Path]:
 def drain_default_queue(conn: Redis) -> int:
     """Run every queued backend job in this process (a real RQ worker); returns how many.
 
-    The jobs use whatever :func:`backend.jobs.use_context` set (the tests' stand-ins).
+    The jobs use whatever :func:`backend.loop.jobs.use_context` set (the tests' stand-ins).
     """
     from retraining_fakes import QuietWorker
     from rq import Queue
     from rq.job import Job
 
-    from training.jobs import DEFAULT_QUEUE
+    from training.shared.loop_state import DEFAULT_QUEUE
 
     queue = Queue(DEFAULT_QUEUE, connection=conn)
     count = queue.count

@@ -38,14 +38,14 @@ from redis import Redis
 from retraining_fakes import annotation_event, webhook
 from rq.job import Job
 
-import backend.app
-from backend.app import create_app
-from backend.importer import import_folder, pseudonymize, source_uid
-from backend.labelstudio import label_studio_client
+import backend.service.middleware
+from backend.service.app import create_app
+from backend.service.labelstudio import label_studio_client
 from backend.settings import DEFAULT_LABEL_CONFIG, Settings
-from training.errors import LabelStudioError
+from backend.tools.importer import import_folder, pseudonymize, source_uid
 from training.labelstudio import LabelStudio, Retry
-from training.registry import ModelRegistry
+from training.shared.errors import LabelStudioError
+from training.shared.registry import ModelRegistry
 from training.synthetic import VALVE_CLASSES, generate_dataset
 
 from .hardening_support import (
@@ -123,13 +123,13 @@ def test_credentials_are_compared_in_constant_time_and_both_parts_always(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     compared: list[tuple[bytes, bytes]] = []
-    real = backend.app.secrets.compare_digest
+    real = backend.service.middleware.secrets.compare_digest
 
     def spy(a: bytes, b: bytes) -> bool:
         compared.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(backend.app.secrets, "compare_digest", spy)
+    monkeypatch.setattr(backend.service.middleware.secrets, "compare_digest", spy)
     settings = Settings(
         state_dir=tmp_path,
         redis_url=f"redis://127.0.0.1:{free_port()}",
@@ -271,7 +271,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
             "LOG_LEVEL": "DEBUG",
             "OMP_NUM_THREADS": "1",
         }
-        command = [sys.executable, "-m", "backend.cli", "train", "--data"]
+        command = [sys.executable, "-m", "backend.tools.cli", "train", "--data"]
         trained = subprocess.run(
             command + [f"labelstudio:{report.project_id}", "--profile", "quick", "--folds", "2",
                        "--image-size", "32", "--from-scratch"],

@@ -40,13 +40,13 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
-from backend import jobs
-from backend.app import REDIS_SOCKET_TIMEOUT_S, create_app
-from backend.predictor import Predictor
-from backend.retraining import Retrainer
+from backend.loop import jobs
+from backend.loop.retraining import Retrainer
+from backend.service.app import REDIS_SOCKET_TIMEOUT_S, create_app
+from backend.service.predictor import Predictor
 from backend.settings import Settings
-from training.jobs import DEFAULT_QUEUE, TRAINING_QUEUE, run_status
-from training.registry import ModelRegistry
+from training.shared.loop_state import DEFAULT_QUEUE, TRAINING_QUEUE, run_status
+from training.shared.registry import ModelRegistry
 from training.synthetic import VALVE_CLASSES, generate_dataset
 
 from .hardening_support import (
@@ -160,7 +160,9 @@ def test_with_redis_killed_predict_answers_webhooks_stay_fast_and_reconciliation
             # Nobody calls anything: the app's periodic reconciliation enqueues the repair.
             queue = Queue(DEFAULT_QUEUE, connection=redis)
             wait_until(
-                lambda: "backend.jobs.reconcile_job" in [j.func_name for j in queue.get_jobs()],
+                lambda: (
+                    "backend.loop.jobs.reconcile_job" in [j.func_name for j in queue.get_jobs()]
+                ),
                 10.0,
                 "the app to enqueue a reconciliation once Redis is back",
             )
@@ -190,7 +192,7 @@ def test_with_redis_killed_predict_answers_webhooks_stay_fast_and_reconciliation
 
 
 class ManifestRuns(RecordingEnqueue):
-    """The real :func:`training.jobs.enqueue_training`, reading a manifest instead of Label
+    """The real :func:`training.fitting.jobs.enqueue_training`, reading a manifest instead of Label
     Studio's export (the stand-in for it), with a small recipe for a 2-core CPU."""
 
     def __init__(self, manifest: Path) -> None:
@@ -219,7 +221,7 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _worker(redis_url: str, log: IO[bytes], *, burst: bool) -> subprocess.Popen[bytes]:
     """``valve-id worker`` on the training queue, as the leader of its own process group."""
     env = {**os.environ, "REDIS_URL": redis_url, "OMP_NUM_THREADS": "1", "LOG_LEVEL": "INFO"}
-    command = [sys.executable, "-m", "backend.cli", "worker", "--queues", TRAINING_QUEUE]
+    command = [sys.executable, "-m", "backend.tools.cli", "worker", "--queues", TRAINING_QUEUE]
     return subprocess.Popen(
         command + (["--burst"] if burst else []),
         cwd=ROOT,

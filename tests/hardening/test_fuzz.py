@@ -7,7 +7,7 @@ published version, real image fetcher, real retrainer on a real Redis (Label Stu
 the only stand-in) — run in-process, so a failure shows its traceback here.
 
 Why not schemathesis against the OpenAPI document: the three POST endpoints read their bodies
-themselves (Label Studio's payloads are lenient, see ``backend/labelstudio.py``), so the
+themselves (Label Studio's payloads are lenient, see ``backend/service/labelstudio.py``), so the
 document has no body schemas to generate from; the strategies below are that schema.
 """
 
@@ -26,14 +26,14 @@ from hypothesis import strategies as st
 from redis import Redis
 from retraining_fakes import FakeLabelStudio
 
-from backend.app import create_app
-from backend.jobs import JobQueue
-from backend.labelstudio import image_fetcher, label_studio_client
-from backend.predictor import Predictor
-from backend.retraining import HANDLED_ACTIONS, Retrainer
+from backend.loop.jobs import JobQueue
+from backend.loop.retraining import HANDLED_ACTIONS, Retrainer
+from backend.service.app import create_app
+from backend.service.labelstudio import image_fetcher, label_studio_client
+from backend.service.predictor import Predictor
 from backend.settings import Settings
 from training.labelstudio import NO_RETRY
-from training.registry import ModelRegistry
+from training.shared.registry import ModelRegistry
 
 from .hardening_support import LABEL_CONFIG_XML, PROJECT, free_port, local_url
 

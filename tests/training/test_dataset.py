@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training import dataset
-from training.dataset import LabelledImage, load_manifest, prepare_images
-from training.errors import DatasetError
-from training.preprocess import PreprocessParams
+from training.shared import dataset
+from training.shared.dataset import LabelledImage, load_manifest, prepare_images
+from training.shared.errors import DatasetError
+from training.shared.preprocess import PreprocessParams
 
 
 def _png(path: Path, value: int = 200) -> Path:
@@ -75,12 +75,12 @@ def test_images_are_decoded_once_and_a_corrupt_one_fails_alone(
     assert set(first.failures) == {"bad", "gone"}
     assert first.arrays.shape == (1, 16, 16) and first.arrays.dtype == np.float16
 
-    import training.dicom
+    import training.shared.dicom
 
     def no_decoding(*_args: object, **_kwargs: object) -> np.ndarray:
         raise AssertionError("a cached image must not be decoded again")
 
-    monkeypatch.setattr(training.dicom, "load_image", no_decoding)
+    monkeypatch.setattr(training.shared.dicom, "load_image", no_decoding)
     second = prepare_images([good], params, cache)
     np.testing.assert_array_equal(second.arrays, first.arrays)
     assert second.hashes == first.hashes == [dataset.content_hash(good.path)]
@@ -178,7 +178,7 @@ def test_the_crop_is_cached_beside_the_array_and_old_entries_still_work(
 ) -> None:
     import json
 
-    import training.dicom
+    import training.shared.dicom
 
     items = _items_with_centres(tmp_path)
     params = PreprocessParams(size_px=16)
@@ -195,13 +195,13 @@ def test_the_crop_is_cached_beside_the_array_and_old_entries_still_work(
     for box in boxes:
         box.unlink()
     decodes: list[str] = []
-    real = training.dicom.load_image
+    real = training.shared.dicom.load_image
 
     def counting(path: object, *args: object, **kwargs: object) -> np.ndarray:
         decodes.append(Path(str(path)).name)
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(training.dicom, "load_image", counting)
+    monkeypatch.setattr(training.shared.dicom, "load_image", counting)
     without = prepare_images([items[1]], params, cache)
     assert decodes == [] and np.isnan(without.centres).all()
     again = prepare_images(items, params, cache)
@@ -228,8 +228,8 @@ def test_prepared_images_without_centres_given_are_all_unknown() -> None:
 
 
 def test_synthetic_manifest_centres_reach_the_prepared_square(tmp_path: Path) -> None:
-    from training.dicom import load_image
-    from training.preprocess import foreground_box, scale_to_unit_range
+    from training.shared.dicom import load_image
+    from training.shared.preprocess import foreground_box, scale_to_unit_range
     from training.synthetic import generate_dataset
 
     manifest = generate_dataset(tmp_path / "demo", 3, seed=5, size_range_px=(96, 128))

@@ -1,4 +1,4 @@
-"""Tests for training.dicom: every input kind ends as float32 2-D with bright bone.
+"""Tests for training.shared.dicom: every input kind ends as float32 2-D with bright bone.
 
 Test DICOMs are built here with pydicom (``set_pixel_data``, ``compress``, and a tiny
 JPEG Lossless SV1 encoder below, since pydicom cannot encode JPEG), plus the test files
@@ -41,8 +41,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from training import dicom
-from training.dicom import (
+from training.shared import dicom
+from training.shared.dicom import (
     MAX_IMAGE_PIXELS,
     apply_window,
     decode_dicom,
@@ -50,8 +50,8 @@ from training.dicom import (
     load_image,
     read_dicom_header,
 )
-from training.errors import ImageDecodeError, UnsupportedImageError
-from training.preprocess import scale_to_unit_range
+from training.shared.errors import ImageDecodeError, UnsupportedImageError
+from training.shared.preprocess import scale_to_unit_range
 
 PATIENT_NAME = "Doe^Jane"
 PATIENT_ID = "SECRET-PID-4711"
@@ -326,7 +326,7 @@ def test_monochrome1_and_monochrome2_of_the_same_anatomy_give_the_same_image() -
 def test_presentation_lut_shape_inverse_on_monochrome1_inverts_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="training.dicom")
+    caplog.set_level(logging.WARNING, logger="training.shared.dicom")
     plain = make_dataset(phantom(inverted=True), "MONOCHROME1", 12)
     with_shape = make_dataset(
         phantom(inverted=True), "MONOCHROME1", 12, PresentationLUTShape="INVERSE"
@@ -344,7 +344,7 @@ def test_presentation_lut_shape_inverse_on_monochrome1_inverts_once(
 def test_contradicting_presentation_lut_shape_follows_photometric_interpretation(
     photometric: str, shape: str, inverted: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="training.dicom")
+    caplog.set_level(logging.WARNING, logger="training.shared.dicom")
     ds = make_dataset(phantom(inverted=inverted), photometric, 12, PresentationLUTShape=shape)
     assert_bright_disc(decode_dicom(ds))
     assert "contradicts Photometric Interpretation" in caplog.text
@@ -423,7 +423,7 @@ def test_window_of_width_one_is_a_threshold() -> None:
 
 
 def test_an_invalid_window_is_ignored_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="training.dicom")
+    caplog.set_level(logging.WARNING, logger="training.shared.dicom")
     stored = phantom()
     out = decode_dicom(make_dataset(stored, bits_stored=12, WindowCenter=100, WindowWidth=0))
     np.testing.assert_array_equal(out, stored.astype(np.float32))
@@ -603,7 +603,7 @@ def test_other_bundled_encodings_decode(name: str) -> None:
 
 
 def test_multi_frame_decodes_only_the_first_frame(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="training.dicom")
+    caplog.set_level(logging.INFO, logger="training.shared.dicom")
     first = phantom()
     ds = make_dataset(np.stack([first, first // 2, first // 3]), bits_stored=12)
     ds.compress(RLELossless)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-from training.evaluation import (
+from training.fitting.evaluation import (
     DEGENERATE_SPREAD,
     ECE_BINS,
     TEMPERATURE_BOUND_TOL,
@@ -24,7 +24,7 @@ from training.evaluation import (
     temperature_bound,
     write_metrics,
 )
-from training.uncertainty import ACQUISITIONS, entropy, margin, softmax
+from training.shared.uncertainty import ACQUISITIONS, entropy, margin, softmax
 
 CLASSES = ["hakim", "certas", "sm8"]
 

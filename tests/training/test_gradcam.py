@@ -9,7 +9,7 @@ import torchvision
 from matplotlib import colormaps
 from torch import nn
 
-from training.gradcam import grad_cam, overlay
+from training.fitting.gradcam import grad_cam, overlay
 
 SIZE_PX = 32
 POOL = 4

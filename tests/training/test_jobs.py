@@ -14,10 +14,11 @@ import pytest
 from redis import Redis
 from rq.job import Job
 
-from training.config import RecipeConfig
-from training.jobs import enqueue_training, run_status
-from training.labels import load_label_config
-from training.registry import ModelRegistry
+from training.fitting.config import RecipeConfig
+from training.fitting.jobs import enqueue_training
+from training.shared.labels import load_label_config
+from training.shared.loop_state import run_status
+from training.shared.registry import ModelRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
 LABEL_CONFIG = ROOT / "label_config.xml"
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 def _worker(redis_url: str, state: Path, *, burst: bool = True) -> subprocess.Popen[bytes]:
     env = {**os.environ, "REDIS_URL": redis_url, "VALVE_ID_STATE_DIR": str(state)}
-    args = [sys.executable, "-m", "backend.cli", "worker"] + (["--burst"] if burst else [])
+    args = [sys.executable, "-m", "backend.tools.cli", "worker"] + (["--burst"] if burst else [])
     return subprocess.Popen(
         args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )

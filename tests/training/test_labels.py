@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from training.errors import LabelConfigError
-from training.labels import load_label_config, parse_label_config
+from training.shared.errors import LabelConfigError
+from training.shared.labels import load_label_config, parse_label_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER_CLASSES = ("Codman Hakim", "Codman Certas Plus", "Sophysa Sophy SM8", "proGAV 2.0")

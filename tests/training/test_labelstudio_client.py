@@ -18,9 +18,9 @@ import httpx
 import jwt
 import pytest
 
-from training.errors import LabelStudioError, ValveIdError
 from training.labelstudio import LabelStudio, Retry
 from training.labelstudio.client import MODEL_VERSION_ATTEMPTS, PREDICTION_BATCH, REVIEW_VIEW_TITLE
+from training.shared.errors import LabelStudioError, ValveIdError
 
 LS_URL = "http://ls.test:8080"
 LEGACY_KEY = "0123456789abcdef0123456789abcdef01234567"

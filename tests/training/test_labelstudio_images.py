@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from training.errors import ImageFetchError, ValveIdError
 from training.labelstudio import ImageFetcher, Retry
+from training.shared.errors import ImageFetchError, ValveIdError
 
 LS_URL = "http://ls.test:8080"
 TOKEN = "Token 0123456789abcdef0123456789abcdef01234567"

@@ -17,12 +17,10 @@ import pytest
 from labelstudio_standin import StandInLabelStudio, make_pat
 from PIL import Image
 
-from training import labelstudio_source
-from training.dataset import LabelledImage, load_items
-from training.dicom import load_image
-from training.errors import DatasetError
+from training.fitting.sources import load_items
 from training.labelstudio import LabelStudio
-from training.labelstudio_source import (
+from training.labelstudio import export as labelstudio_source
+from training.labelstudio.export import (
     LabelStudioSource,
     configure,
     keypoint_centre,
@@ -32,6 +30,9 @@ from training.labelstudio_source import (
     load_project_items,
     parse_project_source,
 )
+from training.shared.dataset import LabelledImage
+from training.shared.dicom import load_image
+from training.shared.errors import DatasetError
 
 CLASSES = ("Codman Hakim", "Codman Certas Plus", "Sophysa Sophy SM8", "proGAV 2.0")
 CONFIG = '<View><Image name="image" value="$image"/><Choices name="valve" toName="image">' + (

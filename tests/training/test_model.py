@@ -1,4 +1,5 @@
-"""Tests for training.model: shapes, the fastai-identical head, offline weights, checkpoints."""
+"""Tests for training.shared.model: shapes, the fastai-identical head, offline weights,
+checkpoints."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import torch
 import torchvision
 from torch import nn
 
-from training.errors import ModelLoadError, ValveIdError
-from training.model import (
+from training.shared.errors import ModelLoadError, ValveIdError
+from training.shared.model import (
     InitInfo,
     ValveNet,
     available_archs,
@@ -109,7 +110,7 @@ def test_missing_imagenet_file_falls_back_to_random(
 ) -> None:
     expected = empty_torch_home / "hub" / "checkpoints" / RESNET34_FILE
     assert pretrained_weights_path() == expected
-    with caplog.at_level(logging.WARNING, logger="training.model"):
+    with caplog.at_level(logging.WARNING, logger="training.shared.model"):
         model, info = build_model(4)
     assert info.init == "random"
     assert info.weights_file == str(expected)
@@ -256,6 +257,8 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path: Path) -> None:
 
 
 def test_importing_model_does_not_import_fastai() -> None:
-    code = "import sys, training.model; assert 'fastai' not in sys.modules, 'fastai imported'"
+    code = (
+        "import sys, training.shared.model; assert 'fastai' not in sys.modules, 'fastai imported'"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import training.inference
-from training.inference import autocast_dtype, autocast_for
+import training.shared.inference
+from training.shared.inference import autocast_dtype, autocast_for
 
 CPU = torch.device("cpu")
 
@@ -15,7 +15,7 @@ CPU = torch.device("cpu")
 def test_a_cpu_computes_in_bf16_only_with_native_bf16(
     monkeypatch: pytest.MonkeyPatch, native: bool, expected: torch.dtype | None
 ) -> None:
-    monkeypatch.setattr(training.inference, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(training.shared.inference, "cpu_has_native_bf16", lambda: native)
     assert autocast_dtype(CPU) == expected
     with autocast_for(CPU):
         assert torch.is_autocast_enabled("cpu") is native
@@ -24,7 +24,7 @@ def test_a_cpu_computes_in_bf16_only_with_native_bf16(
 
 
 def test_cuda_always_gets_fp16_and_disabled_means_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(training.inference, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(training.shared.inference, "cpu_has_native_bf16", lambda: True)
     assert autocast_dtype(torch.device("cuda")) == torch.float16
     with autocast_for(CPU, enabled=False):
         assert not torch.is_autocast_enabled("cpu")
@@ -32,4 +32,4 @@ def test_cuda_always_gets_fp16_and_disabled_means_fp32(monkeypatch: pytest.Monke
 
 def test_the_probe_answers_on_this_machine() -> None:
     """Whatever the CPU, the probe returns a bool (a torch without the private helpers: False)."""
-    assert isinstance(training.inference.cpu_has_native_bf16(), bool)
+    assert isinstance(training.shared.inference.cpu_has_native_bf16(), bool)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from training.preprocess import (
+from training.shared.preprocess import (
     PreprocessParams,
     crop_to_foreground,
     foreground_box,
@@ -153,7 +153,7 @@ def _border_noise_image() -> np.ndarray:
 
 
 def test_default_background_threshold_is_the_documented_value() -> None:
-    # training/preprocess.py documents 0.02, "≈ 5 of 255 grey levels"; model versions saved
+    # training/shared/preprocess.py documents 0.02, "≈ 5 of 255 grey levels"; model versions saved
     # with the default depend on it.
     assert PreprocessParams().background_threshold == 0.02
     assert round(PreprocessParams().background_threshold * 255) == 5

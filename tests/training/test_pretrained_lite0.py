@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.model import (
+from training.shared.model import (
     CPU_ARCH,
     build_model,
     get_arch,

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-import training.recipe as recipe
-from training.config import PROFILES, RecipeConfig
-from training.errors import DatasetError
-from training.inference import to_network_input
-from training.recipe import _AugmentAndNormalize, class_weights, train_fold
-from training.splits import make_splits
+import training.fitting.recipe as recipe
+from training.fitting.config import PROFILES, RecipeConfig
+from training.fitting.recipe import _AugmentAndNormalize, class_weights, train_fold
+from training.fitting.splits import make_splits
+from training.shared.errors import DatasetError
+from training.shared.inference import to_network_input
 
 
 def test_profiles_and_overrides_are_explicit() -> None:
@@ -66,7 +66,7 @@ def test_auto_design_follows_how_many_images_carry_a_valve_centre() -> None:
 
 
 def test_auto_profile_is_paper_only_with_cuda_and_the_resnet_file() -> None:
-    from training.config import choose_profile, recipe_request, resolve_recipe
+    from training.fitting.config import choose_profile, recipe_request, resolve_recipe
 
     assert choose_profile(cuda=True, resnet_weights=True)[0] == "paper"
     for cuda, weights in ((True, False), (False, True), (False, False)):

@@ -1,4 +1,5 @@
-"""Tests for training.registry: atomic publish, the promotion gate, current pointer, rollback."""
+"""Tests for training.shared.registry: atomic publish, the promotion gate, current pointer,
+rollback."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from training.errors import ModelNotFound, RegistryError, ValveIdError
-from training.registry import (
+from training.shared.errors import ModelNotFound, RegistryError, ValveIdError
+from training.shared.registry import (
     ModelRegistry,
     decide_promotion,
     new_version_id,
@@ -312,7 +313,7 @@ def test_concurrent_publishes_from_two_processes(registry: ModelRegistry) -> Non
 
 def test_registry_import_is_light() -> None:
     code = (
-        "import sys, training.registry; "
+        "import sys, training.shared.registry; "
         "assert not {'torch', 'fastai', 'torchvision'} & set(sys.modules), 'heavy import'"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.evaluation import evaluate_oof
-from training.report import GALLERY_IMAGE_PX, GALLERY_PER_CLASS, write_report
+from training.fitting.evaluation import evaluate_oof
+from training.fitting.report import GALLERY_IMAGE_PX, GALLERY_PER_CLASS, write_report
 
 EVIL = "<script>alert('x')</script>"
 CLASSES = ["Codman Hakim", EVIL, "proGAV 2.0"]

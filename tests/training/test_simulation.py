@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from toy_images import ring_or_cross, toy_recipe
 
-from training.config import RecipeConfig
-from training.errors import DatasetError
-from training.labels import load_label_config
+from training.fitting.config import RecipeConfig
+from training.shared.errors import DatasetError
+from training.shared.labels import load_label_config
+from training.shared.uncertainty import ACQUISITIONS, ranking_score
 from training.simulation import STRATEGIES, SimulationConfig, get_strategy
 from training.simulation.analysis import summarize
 from training.simulation.loop import (
@@ -27,7 +28,6 @@ from training.simulation.loop import (
     simulate,
 )
 from training.simulation.strategies import k_center_greedy
-from training.uncertainty import ACQUISITIONS, ranking_score
 
 LABEL_CONFIG = Path(__file__).resolve().parents[2] / "label_config.xml"
 K = 4

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
-from training.errors import DatasetError
-from training.labels import load_label_config
-from training.preprocess import PreprocessParams, crop_to_foreground, scale_to_unit_range
+from training.shared.errors import DatasetError
+from training.shared.labels import load_label_config
+from training.shared.preprocess import PreprocessParams, crop_to_foreground, scale_to_unit_range
 from training.synthetic import (
     BALANCED_CLASS_MIX,
     PAPER_CLASS_COUNTS,
@@ -53,7 +53,7 @@ def balanced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[
 @pytest.fixture(scope="module")
 def decoded(balanced: tuple[Path, list[dict[str, str]]]) -> list[np.ndarray]:
     """Every image of ``balanced`` through the project's decoder (bright bone)."""
-    from training.dicom import load_image
+    from training.shared.dicom import load_image
 
     out, rows = balanced
     return [load_image(out / row["file"]) for row in rows]
@@ -277,7 +277,7 @@ def test_render_xray_refuses_unknown_class() -> None:
 
 
 def _nuisance_features(row: dict[str, str], image: np.ndarray, syntaxes: list[str]) -> list:
-    from training.preprocess import prepare_image
+    from training.shared.preprocess import prepare_image
 
     prepared = prepare_image(image, PreprocessParams(size_px=64))
     hist = np.histogram(prepared, bins=16, range=(0.0, 1.0))[0] / prepared.size
@@ -395,7 +395,7 @@ def test_bad_arguments(tmp_path: Path) -> None:
 
 
 def test_write_preview_makes_a_png(balanced, tmp_path: Path) -> None:
-    from training.preview import write_preview
+    from training.fitting.preview import write_preview
 
     out, _ = balanced
     target = write_preview(
@@ -413,7 +413,7 @@ def test_write_preview_makes_a_png(balanced, tmp_path: Path) -> None:
 
 
 def test_write_preview_without_manifest(tmp_path: Path) -> None:
-    from training.preview import write_preview
+    from training.fitting.preview import write_preview
 
     with pytest.raises(DatasetError):
         write_preview(tmp_path / "manifest.csv", tmp_path / "p.png")

@@ -13,14 +13,14 @@ import pytest
 import torch
 from toy_images import ring_or_cross, toy_recipe
 
-from training.model import load_checkpoint, save_checkpoint
-from training.two_stage import (
+from training.fitting.two_stage import train_two_stage_fold
+from training.shared.locate_classify import (
     LocateClassifyNet,
     TwoStageParams,
     crop_around,
     soft_argmax,
-    train_two_stage_fold,
 )
+from training.shared.model import load_checkpoint, save_checkpoint
 
 
 def test_soft_argmax_finds_the_peak_cell() -> None:
@@ -79,7 +79,7 @@ def test_one_fold_learns_where_and_what() -> None:
 
 
 def test_localisation_error_is_in_pixels_of_the_original_image() -> None:
-    from training.run import localisation_error
+    from training.fitting.run import localisation_error
 
     predicted = np.array([[0.5, 0.5], [0.1, 0.2], [np.nan, np.nan]], dtype=np.float32)
     annotated = np.array([[0.6, 0.5], [0.1, 0.2], [0.3, 0.3]], dtype=np.float32)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from training.uncertainty import (
+from training.shared.uncertainty import (
     ACQUISITIONS,
     bald,
     entropy,
@@ -153,6 +153,6 @@ def test_measures_stay_in_bounds_with_zeros(raw: np.ndarray) -> None:
 
 
 def test_module_does_not_import_torch() -> None:
-    code = "import sys, training.uncertainty; print('torch' in sys.modules)"
+    code = "import sys, training.shared.uncertainty; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -1,4 +1,4 @@
-"""Tests for training.version_config: the config.json contract between a run and serving."""
+"""Tests for training.shared.version_config: the config.json contract between a run and serving."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from training.errors import ModelLoadError
-from training.preprocess import PreprocessParams
-from training.version_config import (
+from training.shared.errors import ModelLoadError
+from training.shared.preprocess import PreprocessParams
+from training.shared.version_config import (
     CONFIG_FILE,
     DataSummary,
     FoldEntry,
@@ -139,7 +139,7 @@ def test_unreadable_files_are_model_load_errors(tmp_path: Path) -> None:
 def test_the_contract_imports_no_torch_or_fastai() -> None:
     """Serving and the models command read it; neither may pull in the training stack."""
     code = (
-        "import sys, training.version_config\n"
+        "import sys, training.shared.version_config\n"
         "assert not {'torch', 'fastai', 'torchvision'} & set(sys.modules), 'heavy import'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.config import RecipeConfig
+from training.fitting.config import RecipeConfig
 
 SIDE = 192
 """Side of the toy images (px)."""

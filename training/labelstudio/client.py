@@ -4,7 +4,7 @@ The backend (label counts, predictions, the review view), a training run (the pr
 export), ``valve-id import`` (projects, local-files storage, tasks) and the local stack's
 bootstrap (ML backend, webhooks, seed annotations) all talk through one :class:`LabelStudio`,
 so there is one retry rule (:mod:`training.labelstudio.retry`), one error type
-(:class:`~training.errors.LabelStudioError`, carrying the HTTP status) and one way to
+(:class:`~training.shared.errors.LabelStudioError`, carrying the HTTP status) and one way to
 authenticate. label-studio-sdk 2.1.2 handles both token kinds: a Personal Access Token (a
 JWT refresh token it exchanges for 5-minute access tokens) and a legacy token. No message
 ever contains the API key, even when Label Studio echoes it back in an error body.
@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 import httpx
 
-from training.errors import LabelStudioError
 from training.labelstudio.retry import Retry, is_transient_status
+from training.shared.errors import LabelStudioError
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",

@@ -43,8 +43,8 @@ from typing import TypeVar
 
 import httpx
 
-from training.errors import ImageFetchError
 from training.labelstudio.retry import NO_RETRY, Retry, is_transient_status
+from training.shared.errors import ImageFetchError
 
 __all__ = [
     "CONNECT_TIMEOUT_S",

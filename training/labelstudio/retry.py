@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from training.errors import ValveIdError
+from training.shared.errors import ValveIdError
 
 __all__ = ["NO_RETRY", "Retry", "is_transient_status"]
 

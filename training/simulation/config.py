@@ -2,7 +2,8 @@
 
 A simulation is reproducible from its ``config.json``: this dataclass (with the recipe it
 trains with) plus the data snapshot's hashes. Parameters sit one per line with a comment
-(nanoGPT style), like :class:`training.config.RecipeConfig`. fastai-free, so the command line
+(nanoGPT style), like :class:`training.fitting.config.RecipeConfig`. fastai-free, so the command
+line
 can build and check a configuration before anything heavy is imported.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from training.config import RecipeConfig
+from training.fitting.config import RecipeConfig
 from training.simulation.strategies import STRATEGIES
 
 __all__ = ["DEFAULT_STRATEGIES", "SimulationConfig"]

@@ -1,8 +1,8 @@
 """The pool-based simulation: hold out a test split, start from a seed set, then rounds of
 train → score the pool → reveal the top-k → train again, until the label budget is spent.
 
-Every round trains with the recipe's own :func:`training.recipe.train_fold` and scores with
-:func:`training.inference.predict_logits`, so the simulated queue is built from the same
+Every round trains with the recipe's own :func:`training.fitting.recipe.train_fold` and scores with
+:func:`training.shared.inference.predict_logits`, so the simulated queue is built from the same
 network, the same preprocessing and the same acquisition code as the served one. How the
 pieces are fixed, and why:
 
@@ -45,14 +45,15 @@ from sklearn.metrics import f1_score, roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 from torch import nn
 
-from training.dataset import LabelledImage, PreparedImages, load_items, prepare_images
-from training.errors import DatasetError
-from training.model import ValveNet
+from training.fitting.sources import load_items
+from training.shared.dataset import LabelledImage, PreparedImages, prepare_images
+from training.shared.errors import DatasetError
+from training.shared.locate_classify import DESIGN as LOCATE_CLASSIFY
+from training.shared.locate_classify import LocateClassifyNet
+from training.shared.model import ValveNet
+from training.shared.uncertainty import ACQUISITIONS, softmax
 from training.simulation.config import SimulationConfig
 from training.simulation.strategies import get_strategy
-from training.two_stage import DESIGN as LOCATE_CLASSIFY
-from training.two_stage import LocateClassifyNet
-from training.uncertainty import ACQUISITIONS, softmax
 
 __all__ = [
     "CONFIG_FILE",
@@ -91,7 +92,8 @@ class SimulationData:
     """A fully labelled snapshot, prepared once: arrays, label ids, patients, ids, hashes."""
 
     arrays: np.ndarray
-    """``(N, size, size)`` prepared images in [0, 1] (:func:`training.preprocess.prepare_image`)."""
+    """``(N, size, size)`` prepared images in [0, 1]
+    (:func:`training.shared.preprocess.prepare_image`)."""
     labels: np.ndarray
     """``(N,)`` class ids, indices into ``classes``."""
     groups: np.ndarray
@@ -103,7 +105,7 @@ class SimulationData:
     """Content hash of each image file ('' when built from arrays directly)."""
     centres: np.ndarray | None = None
     """``(N, 2)`` valve centres as fractions of the prepared image, NaN where none was
-    annotated (:attr:`training.dataset.PreparedImages.centres`); ``None``: none at all."""
+    annotated (:attr:`training.shared.dataset.PreparedImages.centres`); ``None``: none at all."""
 
     def __post_init__(self) -> None:
         if self.centres is None:
@@ -233,9 +235,10 @@ def draw_seed_set(
 class _ScoringNet(nn.Module):
     """One forward pass → ``[logits | penultimate features | MC-dropout logits ...]``.
 
-    Wraps a trained network — a :class:`training.model.ValveNet`, or a
-    :class:`training.two_stage.LocateClassifyNet` whose classifier sees the crop around the
-    *predicted* centre, as served — so that :func:`training.inference.predict_logits` (which
+    Wraps a trained network — a :class:`training.shared.model.ValveNet`, or a
+    :class:`training.shared.locate_classify.LocateClassifyNet` whose classifier sees the crop
+    around the
+    *predicted* centre, as served — so that :func:`training.shared.inference.predict_logits` (which
     puts the model in eval mode) returns everything a strategy needs; the classifier head's
     dropout layers are switched on only for the MC passes, over body features computed once.
     """
@@ -278,9 +281,13 @@ def _fit_and_score(
     locate-then-classify trained on the labelled images' valve centres (revealed with their
     labels, as an annotator places the keypoint with the class).
     """
-    from training.inference import predict_logits
-    from training.recipe import FoldResult, pick_device, train_fold  # fastai: only when training
-    from training.two_stage import TwoStageFoldResult, train_two_stage_fold
+    from training.fitting.recipe import (  # fastai: only when training
+        FoldResult,
+        pick_device,
+        train_fold,
+    )
+    from training.fitting.two_stage import TwoStageFoldResult, train_two_stage_fold
+    from training.shared.inference import predict_logits
 
     device = pick_device()
     recipe = config.recipe.with_overrides(seed=seed)
@@ -543,7 +550,7 @@ def simulate(
     ``expected_snapshot`` (from a saved ``config.json``) makes a rerun refuse data that
     changed since: same configuration + same data = same selections and curves (on a CPU).
     """
-    from training.run import write_json
+    from training.fitting.run import write_json
     from training.simulation.analysis import summarize
     from training.simulation.report import write_simulation_report
 

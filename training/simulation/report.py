@@ -1,6 +1,6 @@
 """The simulation's self-contained HTML report: curves, labels saved, error detection.
 
-Same conventions as the training report (:mod:`training.report`, whose styling, escaping,
+Same conventions as the training report (:mod:`training.fitting.report`, whose styling, escaping,
 plot embedding and random-initialisation banner it reuses): one file, inline CSS, plots as
 base64 PNG drawn with matplotlib's object API, every string escaped.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from training.report import (
+from training.fitting.report import (
     _CSS,
     PLOT_DPI,
     _esc,

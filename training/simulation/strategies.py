@@ -9,8 +9,8 @@ seeded :class:`numpy.random.Generator`. The result is ``k`` distinct pool positi
 order they were chosen.
 
 The uncertainty strategies are **the acquisitions the backend serves**: one per name in
-:data:`training.uncertainty.ACQUISITIONS` (``entropy``, ``margin``, ``least_confidence``,
-``bald``), each taking the ``k`` lowest :func:`training.uncertainty.ranking_score` values,
+:data:`training.shared.uncertainty.ACQUISITIONS` (``entropy``, ``margin``, ``least_confidence``,
+``bald``), each taking the ``k`` lowest :func:`training.shared.uncertainty.ranking_score` values,
 which is the order Label Studio's review queue shows (ascending score, ties by position like
 the backend's ties by task id). So ``VALVE_ID_ACQUISITION=<name>`` and ``--strategies <name>``
 mean the same thing. Added here: ``random`` (the baseline) and two batch-aware strategies that
@@ -41,7 +41,7 @@ from typing import Protocol
 
 import numpy as np
 
-from training.uncertainty import ACQUISITIONS, ranking_score
+from training.shared.uncertainty import ACQUISITIONS, ranking_score
 
 __all__ = [
     "COLD_START_LABELS_PER_CLASS",

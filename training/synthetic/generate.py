@@ -35,8 +35,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from training.dataset import MANIFEST_NAME
-from training.errors import DatasetError
+from training.shared.dataset import MANIFEST_NAME
+from training.shared.errors import DatasetError
 from training.synthetic.valves import VALVE_CLASSES
 from training.synthetic.xray import (
     DEFAULT_SIZE_RANGE_PX,

@@ -1,1 +1,0 @@
-"""Sub-apps of the ``valve-id`` command line, mounted by :mod:`backend.cli`."""

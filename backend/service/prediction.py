@@ -1,0 +1,35 @@
+"""What the served version answers for one image: a :class:`Prediction` or a
+:class:`PredictionError`. Plain data without torch, so the pre-annotation path and the jobs
+that consume answers load light; :mod:`backend.service.predictor` produces them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Prediction", "PredictionError"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's answer from the served version. Shared through the cache: read-only."""
+
+    label: str
+    """The class with the highest ensemble probability."""
+    probs: dict[str, float]
+    """Ensemble mean of the temperature-scaled softmax, per class."""
+    score: float
+    """Ranking score in [0, 1]: ascending = most uncertain first
+    (:mod:`backend.service.ranking`)."""
+    uncertainty: dict[str, float]
+    """entropy (nats), normalized_entropy, margin, max_softmax, bald (nats; 0 for one model)."""
+    model_version: str
+    content_hash: str
+    """sha256 of the image file bytes."""
+
+
+@dataclass(frozen=True)
+class PredictionError:
+    """Why one input got no prediction (the rest of the batch is unaffected)."""
+
+    reason: str
+    content_hash: str | None = None

@@ -1,0 +1,544 @@
+"""The served model version: loaded once, hot-swapped, batched fast inference, cached results.
+
+What a :class:`Predictor` holds is one immutable :class:`_Served` state (the version's fold
+ensemble, preprocessing parameters, temperature, classes and acquisition). A request takes
+that state once and uses it throughout, and :meth:`Predictor.refresh` builds a *complete* new
+state before replacing the one attribute, so concurrent requests see the old version or the
+new one, never a mix. ``refresh`` is a throttled read of the registry's tiny ``current``
+file, called at the start of every :meth:`Predictor.predict`: every backend process picks up
+a promoted version by itself, without a restart. A version that fails to load leaves the
+previous one in service and says why in :attr:`Predictor.load_error`.
+
+Per request: inputs are hashed (sha256 of the file bytes); results cached under
+``(hash, version)`` are returned as they are (an unchanged task is never recomputed); the
+rest are decoded and preprocessed (:func:`training.shared.dicom.load_image`,
+:func:`training.shared.preprocess.prepare_image` — the same functions training used) in a thread
+pool, and go through the ensemble ``batch_size`` at a time. A bad image becomes a
+:class:`PredictionError` for itself only.
+
+The fast path (default on): channels_last weights and inputs plus bf16 autocast on the CPU
+(fp16 AMP on CUDA), conv and linear weights stored in that dtype (autocast would cast them
+on every forward; stored, they take half the memory, and the answers are bit for bit the
+same). It was adopted because ``tests/backend/test_predictor.py::
+test_fast_path_agrees_with_fp32_on_a_trained_model`` shows the same top-1 as eager fp32 on
+a trained model; on a CPU with AMX it is several times faster. ``compile=True`` adds
+``torch.compile`` (inductor, ``freezing``): off by default because compiling a ResNet-34
+takes minutes on a 2-core CPU. It happens at load (a warm-up batch of ``batch_size``, then
+one image, which compiles the dynamic-batch graph every other request size uses), while the
+previous version keeps serving.
+
+Threads: :meth:`Predictor.predict` may run in many threads at once (the app calls it through
+Starlette's thread pool, so decoding never blocks the event loop). Models are in eval mode
+under ``torch.inference_mode()`` and keep no per-call state. Decoding runs in one pool per
+predictor (CPU-count threads), concurrently across requests; forward passes run one batch at
+a time (a lock), because each already uses every core through torch's intra-op threads and
+two at once would only fight over them. Torch's intra-op thread count is left at its default
+(one per core; ``OMP_NUM_THREADS`` or ``torch.set_num_threads`` change it). On a machine
+whose cores are busy with other processes, one thread can be much faster than the default:
+OpenMP threads wait for each other (a 2-core test box shared with other jobs trained a fold in
+5 s with one thread and 83 s with two).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from backend.service.prediction import Prediction, PredictionError
+from backend.service.ranking import resolve_acquisition, score, validate_acquisition
+from training.shared.dicom import load_image
+from training.shared.errors import ModelLoadError, ValveIdError
+from training.shared.inference import autocast_dtype, autocast_for, iter_batches, to_network_input
+from training.shared.model import load_fold_models
+from training.shared.preprocess import PreprocessParams, prepare_image
+from training.shared.registry import ModelRegistry
+from training.shared.uncertainty import (
+    bald,
+    entropy,
+    margin,
+    max_softmax,
+    normalized_entropy,
+    softmax,
+)
+from training.shared.version_config import CONFIG_FILE, VersionConfig, read_version_file
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_CACHE_SIZE",
+    "REFRESH_INTERVAL_S",
+    "Prediction",
+    "PredictionError",
+    "Predictor",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 16
+"""Images per forward pass (a 512² ResNet-34 batch of 16 needs ~1.5 GB of activations)."""
+DEFAULT_CACHE_SIZE = 10_000
+"""Cached predictions (entries of about 1 kB): a few projects' worth of tasks."""
+REFRESH_INTERVAL_S = 1.0
+"""Seconds between two looks at the registry's ``current`` pointer (a tiny file read)."""
+
+
+@dataclass(frozen=True)
+class _Served:
+    """Everything one model version needs to answer; replaced whole, never modified."""
+
+    version: str
+    classes: tuple[str, ...]
+    params: PreprocessParams
+    temperature: float
+    acquisition: str
+    models: tuple[nn.Module, ...]
+
+
+class _LRUCache:
+    """A bounded, thread-safe least-recently-used map with hit/miss counters."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.hits = 0
+        self.misses = 0
+        self._data: OrderedDict[Hashable, Prediction] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Prediction | None:
+        with self._lock:
+            value = self._data.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._data.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: Hashable, value: Prediction) -> None:
+        if self.capacity <= 0:
+            return
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.capacity:
+                self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class Predictor:
+    """The registry's current version, served (see the module docstring).
+
+    ``acquisition`` is ``auto`` (the version's report decides) or a name from
+    :data:`training.shared.uncertainty.ACQUISITIONS`. ``device`` defaults to CUDA when available.
+    ``refresh_interval_s`` throttles :meth:`refresh` (tests set 0).
+    """
+
+    def __init__(
+        self,
+        registry_root: str | os.PathLike[str],
+        *,
+        acquisition: str = "auto",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        device: str | None = None,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        fast_path: bool = True,
+        compile: bool = False,
+        refresh_interval_s: float = REFRESH_INTERVAL_S,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self._acquisition_setting = validate_acquisition(acquisition)
+        self._registry = ModelRegistry(registry_root)
+        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._batch_size = batch_size
+        self._fast_path = fast_path
+        self._compile = compile
+        self._refresh_interval_s = refresh_interval_s
+        self._cache = _LRUCache(cache_size)
+        self._workers = os.cpu_count() or 1
+        self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="valve-id-decode")
+        self._state: _Served | None = None
+        self._load_error: str | None = None
+        self._failed_version: str | None = None
+        self._swap_lock = threading.Lock()
+        self._forward_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self._images_inferred = 0
+        self._image_errors = 0
+        self._last_check = -math.inf
+        self.refresh(force=True)
+
+    # --- what is served ---------------------------------------------------------------
+
+    @property
+    def version(self) -> str | None:
+        """The served version id, or ``None`` when none could be loaded (or none exists)."""
+        state = self._state
+        return state.version if state else None
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        state = self._state
+        return state.classes if state else ()
+
+    @property
+    def load_error(self) -> str | None:
+        """Why the registry's current version is not the one served, if it is not."""
+        return self._load_error
+
+    def info(self) -> dict[str, Any]:
+        """What ``/health`` shows."""
+        state = self._state
+        return {
+            "version": state.version if state else None,
+            "classes": list(state.classes) if state else [],
+            "acquisition": state.acquisition if state else self._acquisition_setting,
+            "load_error": self._load_error,
+            "n_models": len(state.models) if state else 0,
+            "device": str(self._device),
+            "fast_path": self._fast_path,
+            "mixed_precision": _precision_name(self._device) if self._fast_path else None,
+            "compiled": self._compile,
+        }
+
+    def stats(self) -> dict[str, int]:
+        """Counters for ``/metrics``."""
+        with self._stats_lock:
+            inferred, errors = self._images_inferred, self._image_errors
+        return {
+            "cache_hits": self._cache.hits,
+            "cache_misses": self._cache.misses,
+            "cache_entries": len(self._cache),
+            "cache_capacity": self._cache.capacity,
+            "images_inferred": inferred,
+            "image_errors": errors,
+        }
+
+    # --- hot swap -----------------------------------------------------------------------
+
+    def refresh(self, *, force: bool = False, wait: bool = True) -> bool:
+        """Serve the registry's current version if it changed; ``True`` when it was swapped.
+
+        At most one look per ``refresh_interval_s`` unless ``force`` (a caller that must see
+        a version promoted a moment ago, like a re-scoring job, passes ``force=True``). One
+        loader at a time: ``wait=True`` waits for a load in progress, ``wait=False`` (what
+        :meth:`predict` does, so no request waits for a model to load or compile) goes on
+        with the version in service and loads a new one in a background thread.
+        """
+        if not force and time.monotonic() - self._last_check < self._refresh_interval_s:
+            return False
+        if not self._swap_lock.acquire(blocking=wait):
+            return False
+        handed_over = False
+        try:
+            self._last_check = time.monotonic()
+            version_id = self._changed_version()
+            if version_id is None:
+                return False
+            if wait:
+                return self._swap_to(version_id)
+            threading.Thread(
+                target=self._swap_and_release,
+                args=(version_id,),
+                name="valve-id-model-load",
+                daemon=True,
+            ).start()
+            handed_over = True  # the loader thread releases the lock when it is done
+            return False
+        finally:
+            if not handed_over:
+                self._swap_lock.release()
+
+    def _changed_version(self) -> str | None:
+        """The registry's current version if it should be loaded now, else ``None``."""
+        try:
+            current = self._registry.current()
+        except OSError as exc:
+            logger.warning("cannot read the registry's current version: %s", exc)
+            return None
+        if current is not None and current == self.version:
+            self._failed_version = self._load_error = None  # e.g. rolled back to it
+            return None
+        if current is None or current == self._failed_version:
+            return None
+        return current
+
+    def _swap_and_release(self, version_id: str) -> None:
+        try:
+            self._swap_to(version_id)
+        finally:
+            self._swap_lock.release()
+
+    def _swap_to(self, version_id: str) -> bool:
+        try:
+            state = _load_served(
+                self._registry,
+                version_id,
+                self._device,
+                self._acquisition_setting,
+                fast_path=self._fast_path,
+                compile=self._compile,
+                warmup_batch=self._batch_size,
+            )
+        except Exception as exc:  # any failure to load means "keep the old one", never crash
+            self._failed_version = version_id
+            self._load_error = f"version {version_id} could not be loaded: {exc}"
+            logger.error("%s; still serving %s", self._load_error, self.version or "nothing")
+            return False
+        previous = self.version
+        self._state = state  # one attribute replaced: requests see old or new, never a mix
+        self._failed_version = None
+        self._load_error = None
+        logger.info(
+            "serving model version %s (was %s): %d model(s), acquisition %s",
+            version_id,
+            previous,
+            len(state.models),
+            state.acquisition,
+        )
+        return True
+
+    # --- prediction ---------------------------------------------------------------------
+
+    def predict(
+        self, images: Sequence[bytes | BaseException]
+    ) -> list[Prediction | PredictionError | None]:
+        """One result per input, in input order; all ``None`` when no version is served.
+
+        An input is the image file's bytes or the exception that prevented fetching them
+        (which becomes that item's :class:`PredictionError`).
+        """
+        self.refresh(wait=False)
+        state = self._state
+        if state is None:
+            return [None] * len(images)
+        results: list[Prediction | PredictionError | None] = [None] * len(images)
+        pending: dict[str, list[int]] = {}  # content hash -> positions (duplicates decode once)
+        payloads: dict[str, bytes] = {}
+        for i, item in enumerate(images):
+            if isinstance(item, BaseException):
+                results[i] = PredictionError(_reason(item))
+                continue
+            if not isinstance(item, bytes | bytearray | memoryview):
+                results[i] = PredictionError(f"expected image bytes, got {type(item).__name__}")
+                continue
+            digest = hashlib.sha256(item).hexdigest()
+            cached = self._cache.get((digest, state.version))
+            if cached is not None:
+                results[i] = cached
+                continue
+            pending.setdefault(digest, []).append(i)
+            payloads.setdefault(digest, bytes(item))
+        digests = list(pending)
+        # Decode a chunk, infer it, then the next: memory stays bounded for large requests.
+        for part in iter_batches(len(digests), max(self._batch_size, self._workers)):
+            for digest, result in self._predict_new(state, digests[part], payloads):
+                for i in pending[digest]:
+                    results[i] = result
+        return results
+
+    def _predict_new(
+        self, state: _Served, digests: list[str], payloads: dict[str, bytes]
+    ) -> list[tuple[str, Prediction | PredictionError]]:
+        prepared = list(
+            self._executor.map(lambda d: _prepare(payloads[d], d, state.params), digests)
+        )
+        out: list[tuple[str, Prediction | PredictionError]] = []
+        good: list[tuple[str, np.ndarray]] = []
+        for digest, item in zip(digests, prepared, strict=True):
+            if isinstance(item, PredictionError):
+                out.append((digest, item))
+            else:
+                good.append((digest, item))
+        if good:
+            member_logits = self._forward(state, np.stack([arr for _, arr in good]))
+            predictions = _to_predictions(state, member_logits, [d for d, _ in good])
+            for prediction in predictions:
+                self._cache.put((prediction.content_hash, state.version), prediction)
+                out.append((prediction.content_hash, prediction))
+        with self._stats_lock:
+            self._images_inferred += len(good)
+            self._image_errors += len(digests) - len(good)
+        return out
+
+    def _forward(self, state: _Served, prepared: np.ndarray) -> np.ndarray:
+        """Logits ``(members, n, K)`` float32 for prepared images ``(n, H, W)``."""
+        images = torch.from_numpy(prepared)
+        out = np.empty((len(state.models), len(images), len(state.classes)), dtype=np.float32)
+        with torch.inference_mode():
+            for part in iter_batches(len(images), self._batch_size):
+                batch = to_network_input(
+                    images[part].to(self._device), state.params, channels_last=self._fast_path
+                )
+                # One batch at a time (see the module docstring), released between batches so
+                # a small request is not stuck behind a large one.
+                with self._forward_lock, autocast_for(self._device, self._fast_path):
+                    for m, model in enumerate(state.models):
+                        out[m, part] = model(batch).float().cpu().numpy()
+        return out
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the decode threads (the process is ending)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- loading a version --------------------------------------------------------------------
+
+
+def _load_served(
+    registry: ModelRegistry,
+    version_id: str,
+    device: torch.device,
+    acquisition: str,
+    *,
+    fast_path: bool,
+    compile: bool,
+    warmup_batch: int,
+) -> _Served:
+    """Build the complete state for ``version_id``; :class:`ModelLoadError` if it is unusable."""
+    path = registry.version_path(version_id)
+    config = VersionConfig.read(path)
+    try:
+        metrics = read_version_file(path / "metrics.json")
+    except ModelLoadError:
+        metrics = {}  # only used to pick the acquisition; entropy is a fine default
+    models = load_fold_models(path / "weights", map_location=device)
+    if config.folds is not None and len(config.folds) != len(models):
+        raise ModelLoadError(
+            f"{CONFIG_FILE} lists {len(config.folds)} folds, {len(models)} checkpoints found",
+            source=str(path / "weights"),
+        )
+    for model in models:
+        if tuple(model.classes or ()) != config.classes:
+            raise ModelLoadError(
+                f"fold classes {model.classes} differ from {CONFIG_FILE}'s {list(config.classes)}",
+                source=str(path / "weights"),
+            )
+    served = _Served(
+        version=version_id,
+        classes=config.classes,
+        params=config.preprocess,
+        temperature=config.temperature,
+        acquisition=resolve_acquisition(acquisition, metrics),
+        models=tuple(_for_serving(m, fast_path=fast_path, compile=compile) for m in models),
+    )
+    if compile:  # compile now, while the previous version still serves
+        _warm_up(served, device, warmup_batch, fast_path)
+    return served
+
+
+def _for_serving(model: nn.Module, *, fast_path: bool, compile: bool) -> nn.Module:
+    model.eval().requires_grad_(False)
+    if fast_path:
+        model = model.to(memory_format=torch.channels_last)
+        _keep_weights_in_autocast_dtype(model)
+    if compile:
+        import torch._inductor.config as inductor_config
+
+        # Freezing folds the (now constant) weights into the graph: BN into conv, etc.
+        inductor_config.freezing = True
+        return torch.compile(model, backend="inductor")  # type: ignore[return-value]
+    return model
+
+
+def _keep_weights_in_autocast_dtype(model: nn.Module) -> None:
+    """Store conv and linear weights in the dtype autocast computes them in (bf16 on a CPU).
+
+    Autocast casts these weights on every forward anyway, and rounding fp32 to bf16 once at
+    load gives the very same values, so the answers do not change; each forward skips the
+    casts, and the weights take half the memory (a 5-fold ResNet-34: 417 → 210 MB).
+    BatchNorm keeps fp32 parameters, as it does under autocast.
+    """
+    first = next(model.parameters(), None)
+    dtype = autocast_dtype(first.device) if first is not None else None
+    if dtype is None:
+        return
+    for layer in model.modules():
+        if isinstance(layer, nn.Conv2d | nn.Linear):
+            layer.to(dtype)
+
+
+def _warm_up(served: _Served, device: torch.device, batch: int, fast_path: bool) -> None:
+    """Compile now: a full batch, then one image, whose new shape makes dynamo build the
+    dynamic-batch graph that serves every other request size (no request waits for it)."""
+    size = served.params.size_px
+    for n in dict.fromkeys((batch, 1)):
+        dummy = torch.zeros((n, size, size), device=device)
+        with torch.inference_mode(), autocast_for(device, fast_path):
+            net_input = to_network_input(dummy, served.params, channels_last=fast_path)
+            for model in served.models:
+                model(net_input)
+
+
+# --- per-image steps --------------------------------------------------------------------
+
+
+def _prepare(data: bytes, digest: str, params: PreprocessParams) -> np.ndarray | PredictionError:
+    """Decode + preprocess one image (runs in the decode pool); errors become values."""
+    try:
+        return prepare_image(load_image(data, name="image"), params)
+    except ValveIdError as exc:
+        return PredictionError(str(exc), digest)
+    except Exception as exc:  # a decoder bug must cost one image, not the batch
+        logger.warning("unexpected %s while decoding an image", type(exc).__name__)
+        return PredictionError(f"image could not be read ({type(exc).__name__})", digest)
+
+
+def _to_predictions(
+    state: _Served, member_logits: np.ndarray, digests: list[str]
+) -> list[Prediction]:
+    member_probs = softmax(member_logits, state.temperature)  # (m, n, K)
+    probs = member_probs.mean(axis=0)
+    scores = score(state.acquisition, probs, member_probs)
+    measures = {
+        "entropy": entropy(probs),
+        "normalized_entropy": normalized_entropy(probs),
+        "margin": margin(probs),
+        "max_softmax": max_softmax(probs),
+        "bald": bald(member_probs),
+    }
+    return [
+        Prediction(
+            label=state.classes[int(np.argmax(probs[i]))],
+            probs={c: float(p) for c, p in zip(state.classes, probs[i], strict=True)},
+            score=float(scores[i]),
+            uncertainty={name: float(values[i]) for name, values in measures.items()},
+            model_version=state.version,
+            content_hash=digest,
+        )
+        for i, digest in enumerate(digests)
+    ]
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, ValveIdError) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _precision_name(device: torch.device) -> str | None:
+    dtype = autocast_dtype(device)
+    return str(dtype).removeprefix("torch.") if dtype is not None else None

@@ -1,0 +1,3 @@
+"""The operator's tools: the ``valve-id`` command line, its commands, the importer and the
+local stack (``make up``).
+"""

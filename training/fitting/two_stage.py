@@ -1,0 +1,236 @@
+"""The recipe of one locate-then-classify fold (plain PyTorch, CPU-sized).
+
+The network is :class:`training.shared.locate_classify.LocateClassifyNet` (shared with serving);
+this module trains it: the locator head on cached frozen features, then the crop classifier.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.shared.inference import autocast_for
+from training.shared.locate_classify import (
+    LocateClassifyNet,
+    TwoStageParams,
+    crop_around,
+    soft_argmax,
+)
+from training.shared.model import InitInfo, build_model
+
+__all__ = ["TwoStageFoldResult", "train_two_stage_fold"]
+
+logger = logging.getLogger(__name__)
+
+LOCATOR_LR = 1e-3
+"""AdamW rate of the locator head (on cached features: hundreds of cheap passes)."""
+LOCATOR_BATCH = 32
+"""Feature maps per locator-head step."""
+MIN_ONE_CYCLE_STEPS = 10
+"""Fewer optimiser steps (tiny test runs) train at a constant rate: one-cycle needs a warm-up
+and an annealing phase of at least one step each."""
+
+
+# --- the recipe of one fold ------------------------------------------------------------------
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TwoStageFoldResult:
+    """One fold: the network, out-of-fold logits and centres, and how it went."""
+
+    model: LocateClassifyNet
+    val_logits: np.ndarray
+    val_centres: np.ndarray
+    """``(n_val, 2)`` predicted centres, (x, y) in [0, 1] of the prepared image."""
+    history: list[dict[str, Any]]
+    init: InitInfo
+    class_weights: np.ndarray
+
+
+def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """One of the 8 flips/rotations of ``(B, H, W)`` (a valve may lie at any angle)."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
+
+def train_two_stage_fold(
+    images: np.ndarray,
+    labels: np.ndarray,
+    centres: np.ndarray,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    num_classes: int,
+    config: Any,
+    *,
+    fold: int = 0,
+    device: torch.device | None = None,
+    progress: ProgressFn | None = None,
+) -> TwoStageFoldResult:
+    """Train the locator head, then the crop classifier, of one fold; score its validation.
+
+    ``centres`` is ``(N, 2)`` with NaN where no annotator placed the valve. The locator
+    learns from the training images that have a centre; the classifier trains on crops at
+    the annotated centre (jittered by about the locator's error) where there is one, at the
+    locator's prediction elsewhere. Validation crops always use the prediction, as serving
+    does, so the out-of-fold numbers include localisation errors.
+    """
+    from training.fitting.recipe import class_weights, pick_device, seed_everything
+    from training.shared.inference import to_network_input
+
+    device = device or pick_device()
+    seed_everything(config.seed + fold)
+    prep = config.preprocess_params()
+    params = TwoStageParams(
+        backbone=config.arch,
+        locator_px=config.locator_px,
+        crop_fraction=config.crop_fraction,
+        crop_px=config.crop_px,
+    )
+    classifier, init = build_model(num_classes, pretrained=config.pretrained, arch=config.arch)
+    locator_base, _ = build_model(1, pretrained=config.pretrained, arch=config.arch)
+    model = LocateClassifyNet(num_classes, params, classifier=classifier)
+    model.locator_body = nn.Sequential(*list(locator_base.body)[: params.locator_depth])
+    model = model.to(device)
+    weights = class_weights(labels[train_idx], num_classes)
+    autocast = autocast_for(device, config.mixed_precision)
+    all_images = torch.from_numpy(np.ascontiguousarray(images))
+    known = ~np.isnan(centres).any(axis=1)
+    history: list[dict[str, Any]] = []
+
+    def network_input(batch: torch.Tensor) -> torch.Tensor:
+        return to_network_input(batch.to(device), prep, channels_last=False)
+
+    # 1. Locator: frozen ImageNet body, its features computed once (and mirrored).
+    model.locator_body.eval().requires_grad_(False)
+    loc_train = train_idx[known[train_idx]]
+
+    @torch.inference_mode()
+    def features(idx: np.ndarray, mirror: bool = False) -> torch.Tensor:
+        out = []
+        for start in range(0, len(idx), config.batch_size):
+            batch = all_images[idx[start : start + config.batch_size]].float()
+            batch = batch.flip(-1) if mirror else batch
+            with autocast:
+                out.append(model.locator_features(network_input(batch)).float())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    if len(loc_train) == 0:
+        raise ValueError("no training image of this fold has a valve centre to learn from")
+    feats = torch.cat([features(loc_train), features(loc_train, mirror=True)])
+    target = torch.from_numpy(centres[loc_train]).float()
+    target = torch.cat([target, torch.stack([1 - target[:, 0], target[:, 1]], dim=1)]).to(device)
+    head = model.locator_head.train()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=LOCATOR_LR, weight_decay=1e-3)
+    for epoch in range(config.locator_epochs):
+        order = torch.randperm(len(feats))
+        total = 0.0
+        for start in range(0, len(order), LOCATOR_BATCH):
+            rows = order[start : start + LOCATOR_BATCH]
+            loss = F.l1_loss(soft_argmax(head(feats[rows])), target[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(rows)
+        if epoch + 1 == config.locator_epochs:
+            history.append({"fold": fold, "stage": "locate", "train_l1": total / len(feats)})
+    head.eval()
+
+    @torch.inference_mode()
+    def predicted_centres(idx: np.ndarray) -> np.ndarray:
+        if len(idx) == 0:
+            return np.zeros((0, 2), dtype=np.float32)
+        return soft_argmax(head(features(idx))).cpu().numpy().astype(np.float32)
+
+    crop_centres = centres.astype(np.float32).copy()
+    unknown_train = train_idx[~known[train_idx]]
+    crop_centres[unknown_train] = predicted_centres(unknown_train)
+    val_centres = predicted_centres(val_idx)
+    with torch.inference_mode():  # the training images' own features, not mirrored
+        fitted = soft_argmax(head(feats[: len(loc_train)])).cpu().numpy()
+    residual = np.linalg.norm(fitted - centres[loc_train], axis=1)
+    jitter = max(float(np.median(residual)), config.crop_jitter)
+    logger.info("fold %d: locator trained (%d images with a centre)", fold, len(loc_train))
+
+    # 2. Classifier on crops: weighted CE, AdamW one-cycle, dihedral + brightness augmentation.
+    clf = model.classifier.to(memory_format=torch.channels_last).train()
+    loss_fn = nn.CrossEntropyLoss(weight=torch.from_numpy(weights).to(device))
+    optimizer = torch.optim.AdamW(clf.parameters(), lr=config.lr_max, weight_decay=1e-4)
+    bs = config.batch_size
+    steps = config.epochs * math.ceil(len(train_idx) / bs)
+    schedule: torch.optim.lr_scheduler.LRScheduler = (
+        torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, config.lr_max, total_steps=steps, pct_start=0.25
+        )
+        if steps >= MIN_ONE_CYCLE_STEPS
+        else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+    )
+    y_all = torch.from_numpy(labels.astype(np.int64))
+    generator = torch.Generator().manual_seed(config.seed + fold)
+    for epoch in range(config.epochs):
+        order = train_idx[torch.randperm(len(train_idx), generator=generator).numpy()]
+        total, seen = 0.0, 0
+        for start in range(0, len(order), bs):
+            pick = order[start : start + bs]
+            if len(pick) < 2:  # the head's BatchNorm needs two images (fastai drops it too)
+                continue
+            shift = torch.randn(len(pick), 2, generator=generator) * jitter
+            crops = crop_around(
+                all_images[pick].float(),
+                torch.from_numpy(crop_centres[pick]) + shift,
+                params.crop_fraction,
+                params.crop_px,
+            )
+            crops = _dihedral(crops, int(torch.randint(8, (1,), generator=generator)))
+            gain = 1 + (torch.rand(len(pick), 1, 1, generator=generator) - 0.5) * 0.4
+            crops = (crops * gain).clamp(0, 1)
+            with autocast:
+                logits = clf(network_input(crops).contiguous(memory_format=torch.channels_last))
+            loss = loss_fn(logits.float(), y_all[pick].to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(pick)
+            seen += len(pick)
+        row = {
+            "fold": fold,
+            "epoch": epoch + 1,
+            "epochs": config.epochs,
+            "train_loss": total / max(seen, 1),
+        }
+        history.append(row)
+        logger.info("fold %d epoch %d/%d %s", fold, epoch + 1, config.epochs, row)
+        if progress is not None:
+            progress(row)
+
+    # 3. Out-of-fold: crops at the predicted centres, as serving does.
+    model.eval()
+    val_logits = []
+    with torch.inference_mode():
+        for start in range(0, len(val_idx), bs):
+            pick = val_idx[start : start + bs]
+            crops = crop_around(
+                all_images[pick].float(),
+                torch.from_numpy(val_centres[start : start + bs]),
+                params.crop_fraction,
+                params.crop_px,
+            )
+            with autocast:
+                val_logits.append(
+                    clf(network_input(crops).contiguous(memory_format=torch.channels_last))
+                    .float()
+                    .cpu()
+                )
+    logits = torch.cat(val_logits).numpy() if val_logits else np.zeros((0, num_classes), np.float32)
+    model = model.to("cpu").eval().requires_grad_(True)
+    return TwoStageFoldResult(model, logits, val_centres, history, init, weights)

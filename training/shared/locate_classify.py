@@ -1,0 +1,160 @@
+"""Locate, then classify: the network that finds the valve on the whole X-ray and classifies a
+crop around it.
+
+A shunt valve covers ~1 % of a skull radiograph. Squished whole to 384 px it is ~40 px wide,
+and a classifier must learn both where to look and what it sees from a few hundred labels —
+too much for a CPU budget (measured: docs/TRAINING.md, "The cpu profile"). Split in two, each
+part is easy: the locator answers "where is the bright valve" (a class-agnostic question,
+learned from the valve centres annotators place as a keypoint), and the classifier sees the
+valve at native resolution, filling its input.
+
+:class:`LocateClassifyNet` is one ``nn.Module`` from the prepared image to class logits,
+so checkpoints, the fold ensemble, out-of-fold evaluation and serving treat it exactly like
+:class:`training.shared.model.ValveNet`:
+
+* locator: the backbone's ImageNet body up to stride 16, frozen, at ``locator_px``; a small
+  trained head scores every cell of that feature map, and the soft-argmax of those scores is
+  the centre (differentiable, sub-cell precise);
+* crop: a ``crop_fraction`` × ``crop_fraction`` window of the prepared image around the
+  centre, resampled to ``crop_px`` (``grid_sample``);
+* classifier: a :class:`~training.shared.model.ValveNet` on the crop, fine-tuned.
+
+Its recipe for one fold is :func:`training.fitting.two_stage.train_two_stage_fold`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.shared.model import ValveNet, get_arch
+
+__all__ = ["DESIGN", "LocateClassifyNet", "TwoStageParams", "crop_around", "soft_argmax"]
+
+logger = logging.getLogger(__name__)
+
+DESIGN = "locate_classify"
+"""Checkpoint ``design`` name of :class:`LocateClassifyNet`."""
+LOCATOR_HIDDEN = 64
+"""Channels of the locator head's hidden layer."""
+
+
+@dataclass(frozen=True)
+class TwoStageParams:
+    """Geometry of the two stages; saved in every checkpoint of this design."""
+
+    backbone: str = "efficientnet_lite0"
+    locator_px: int = 384
+    """Side of the whole image the locator sees."""
+    crop_fraction: float = 0.18
+    """Side of the crop, as a fraction of the prepared image's side."""
+    crop_px: int = 160
+    """Side of the crop the classifier sees."""
+    locator_depth: int = 7
+    """Body modules the locator keeps: Lite0's stem + stages 0-4, stride 16. Its 24 × 24 cells
+    (at 384 px) placed centres within 6 px (median) on 768-px synthetic X-rays where the last,
+    stride-32 map managed 24 px (docs/TRAINING.md, "The cpu profile")."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def soft_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, h, w)`` cell scores → ``(B, 2)`` expected ``(x, y)`` in [0, 1] (cell centres)."""
+    b, _, h, w = scores.shape
+    p = torch.softmax(scores.float().reshape(b, -1), dim=-1).view(b, h, w)
+    xs = (torch.arange(w, device=scores.device, dtype=p.dtype) + 0.5) / w
+    ys = (torch.arange(h, device=scores.device, dtype=p.dtype) + 0.5) / h
+    return torch.stack([(p.sum(1) * xs).sum(-1), (p.sum(2) * ys).sum(-1)], dim=-1)
+
+
+def crop_around(
+    images: torch.Tensor, centres: torch.Tensor, fraction: float, size_px: int
+) -> torch.Tensor:
+    """Square windows of ``fraction`` × side around ``centres`` ((x, y) in [0, 1]), resampled
+    to ``size_px``; works on ``(B, C, H, W)`` and ``(B, H, W)``. Outside the image: edge values.
+    """
+    squeeze = images.dim() == 3
+    x = images.unsqueeze(1) if squeeze else images
+    n = x.shape[0]
+    theta = torch.zeros(n, 2, 3, dtype=torch.float32, device=x.device)
+    theta[:, 0, 0] = fraction
+    theta[:, 1, 1] = fraction
+    theta[:, :, 2] = centres.float() * 2 - 1
+    grid = F.affine_grid(theta, [n, x.shape[1], size_px, size_px], align_corners=False)
+    out = F.grid_sample(x.float(), grid, align_corners=False, padding_mode="border")
+    return out[:, 0] if squeeze else out
+
+
+def _channels(body: nn.Module) -> int:
+    """Channels ``body`` outputs (one dry run on a small zero image)."""
+    was_training = body.training
+    with torch.no_grad():
+        channels = int(body.eval()(torch.zeros(1, 3, 64, 64)).shape[1])
+    body.train(was_training)
+    return channels
+
+
+class LocateClassifyNet(nn.Module):
+    """Prepared, normalised image ``(B, 3, S, S)`` → class logits ``(B, K)`` via the valve's crop.
+
+    ``forward(x, centres)`` crops at given centres (training uses the annotated ones);
+    without them it locates first. :meth:`locate` alone gives the centres.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        params: TwoStageParams | None = None,
+        *,
+        classifier: ValveNet | None = None,
+        locator_trunk: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.params = params or TwoStageParams()
+        spec = get_arch(self.params.backbone)
+        trunk = spec.make_trunk() if locator_trunk is None else locator_trunk
+        self.arch = self.params.backbone
+        self.num_classes = num_classes
+        self.classes: tuple[str, ...] | None = None
+        self.locator_body = nn.Sequential(*spec.body_of(trunk)[: self.params.locator_depth])
+        self.locator_head = nn.Sequential(
+            nn.Conv2d(_channels(self.locator_body), LOCATOR_HIDDEN, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(LOCATOR_HIDDEN, 1, 3, padding=1),
+        )
+        self.classifier = classifier or ValveNet(num_classes, arch=self.params.backbone)
+
+    @property
+    def body(self) -> nn.Sequential:
+        """The classifier's body (Grad-CAM looks at its last layer, on the crop)."""
+        return self.classifier.body
+
+    def locator_features(self, x: torch.Tensor) -> torch.Tensor:
+        side = self.params.locator_px
+        small = (
+            x
+            if x.shape[-1] == side
+            else F.interpolate(
+                x.float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False
+            )
+        )
+        return self.locator_body(small.contiguous(memory_format=torch.channels_last))
+
+    def locate(self, x: torch.Tensor) -> torch.Tensor:
+        """Valve centres ``(B, 2)``, (x, y) in [0, 1] of the prepared image."""
+        return soft_argmax(self.locator_head(self.locator_features(x)))
+
+    def crop(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        crops = crop_around(x, centres, self.params.crop_fraction, self.params.crop_px)
+        return crops.to(x.dtype).contiguous(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor, centres: torch.Tensor | None = None) -> torch.Tensor:
+        if centres is None:
+            centres = self.locate(x)
+        return self.classifier(self.crop(x, centres))
