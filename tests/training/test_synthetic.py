@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -13,11 +15,15 @@ import pytest
 from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
+from training.shared.dicom import load_image
 from training.shared.errors import DatasetError
 from training.shared.labels import load_label_config
 from training.shared.preprocess import PreprocessParams, crop_to_foreground, scale_to_unit_range
 from training.synthetic import (
     BALANCED_CLASS_MIX,
+    DRAWABLE_CLASSES,
+    OTHER_VALVE,
+    OTHER_VALVE_GEOMETRIES,
     PAPER_CLASS_COUNTS,
     PAPER_CLASS_MIX,
     VALVE_CLASSES,
@@ -27,6 +33,12 @@ from training.synthetic import (
     render_xray,
 )
 from training.synthetic.generate import plan_patients
+from training.synthetic.valves import (
+    draw_valve,
+    other_valve_geometry,
+    render_valve,
+    valve_matrix,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMALL_SIZES_PX = (400, 640)
@@ -53,8 +65,6 @@ def balanced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[
 @pytest.fixture(scope="module")
 def decoded(balanced: tuple[Path, list[dict[str, str]]]) -> list[np.ndarray]:
     """Every image of ``balanced`` through the project's decoder (bright bone)."""
-    from training.shared.dicom import load_image
-
     out, rows = balanced
     return [load_image(out / row["file"]) for row in rows]
 
@@ -65,6 +75,8 @@ def decoded(balanced: tuple[Path, list[dict[str, str]]]) -> list[np.ndarray]:
 def test_classes_are_label_config_choices() -> None:
     config = load_label_config(REPO_ROOT / "label_config.xml")
     assert set(VALVE_CLASSES) <= set(config.classes)
+    assert OTHER_VALVE in config.classes
+    assert (*VALVE_CLASSES, OTHER_VALVE) == DRAWABLE_CLASSES
     assert set(PAPER_CLASS_COUNTS) == set(VALVE_CLASSES)
     assert sum(PAPER_CLASS_COUNTS.values()) == 959
     assert math.isclose(sum(PAPER_CLASS_MIX.values()), 1.0)
@@ -87,8 +99,8 @@ def test_allocation_is_exact_and_close_to_the_mix(n: int, mix) -> None:
 
 
 def test_unknown_or_empty_mix_is_refused() -> None:
-    with pytest.raises(ValueError, match="Other valve"):
-        allocate_class_counts(10, {"Other valve": 1.0})
+    with pytest.raises(ValueError, match="Not assessable"):
+        allocate_class_counts(10, {"Not assessable": 1.0})
     with pytest.raises(ValueError):
         allocate_class_counts(10, {"Codman Hakim": 0.0})
     with pytest.raises(ValueError):
@@ -208,7 +220,10 @@ def test_nuisances_do_not_depend_on_the_class(balanced) -> None:
 
 
 def _field(row: dict[str, str]) -> tuple[int, int, int, int]:
-    return tuple(int(row[k]) for k in ("field_top", "field_bottom", "field_left", "field_right"))
+    top, bottom, left, right = (
+        int(row[k]) for k in ("field_top", "field_bottom", "field_left", "field_right")
+    )
+    return top, bottom, left, right
 
 
 def test_collimation_border_is_exactly_black_and_crop_finds_the_field(balanced, decoded) -> None:
@@ -270,7 +285,7 @@ def test_render_xray_contract(label: str) -> None:
 
 def test_render_xray_refuses_unknown_class() -> None:
     with pytest.raises(ValueError, match="unknown valve class"):
-        render_xray(np.random.default_rng(0), "Other valve")
+        render_xray(np.random.default_rng(0), "Not assessable")
 
 
 # ------------------------------------------------------------------------- hard enough
@@ -417,3 +432,177 @@ def test_write_preview_without_manifest(tmp_path: Path) -> None:
 
     with pytest.raises(DatasetError):
         write_preview(tmp_path / "manifest.csv", tmp_path / "p.png")
+
+
+# ------------------------------------------------------------------- "Other valve" devices
+
+_OTHER_VARIANTS = (1 / 6, 1 / 2, 5 / 6)
+"""One per-patient ``variant`` inside each third: one per "Other valve" geometry."""
+
+
+def _tree_digest(root: Path) -> str:
+    """Names, decoded pixels and bytes of everything ``generate_dataset`` wrote, except the
+    bytes of JPEG 2000 files (the encoder library's output may change between versions)."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.*")):
+        digest.update(path.name.encode())
+        if path.suffix == ".dcm":
+            ds = pydicom.dcmread(path)
+            digest.update(ds.pixel_array.tobytes())
+            if ds.file_meta.TransferSyntaxUID == JPEG2000Lossless:
+                continue
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("mix", "expected"),
+    [
+        (None, "454854c0a2b6d183abe3cc05f3b2942570d9978168c4080eb43040d9e8826410"),
+        (BALANCED_CLASS_MIX, "3e454af0b31c0c6bec8bdfef24a72ab43ef5404c0d27f687d68428bfb561a1dc"),
+    ],
+)
+def test_four_class_output_unchanged_by_other_valves(tmp_path: Path, mix, expected) -> None:
+    """The default and the balanced mix write what they wrote before "Other valve" existed
+    (digests taken from that code, seed 3; whole files were byte-identical too)."""
+    generate_dataset(tmp_path, 8, seed=3, class_mix=mix, size_range_px=TINY_SIZES_PX)
+    assert _tree_digest(tmp_path) == expected
+
+
+def test_other_valve_allocation() -> None:
+    assert OTHER_VALVE not in allocate_class_counts(10)
+    assert OTHER_VALVE not in allocate_class_counts(10, BALANCED_CLASS_MIX)
+    assert allocate_class_counts(10, {OTHER_VALVE: 1.0}) == {
+        **{name: 0 for name in VALVE_CLASSES},
+        OTHER_VALVE: 10,
+    }
+    counts = allocate_class_counts(11, {name: 1.0 for name in DRAWABLE_CLASSES})
+    assert sum(counts.values()) == 11 and set(counts.values()) == {2, 3}
+    patients = plan_patients(0, allocate_class_counts(40, {OTHER_VALVE: 1, "proGAV 2.0": 1}))
+    assert Counter(p.label for p in patients for _ in p.studies) == {
+        OTHER_VALVE: 20,
+        "proGAV 2.0": 20,
+    }
+
+
+def test_variant_picks_each_other_geometry() -> None:
+    assert len(set(OTHER_VALVE_GEOMETRIES)) >= 3
+    picked = [other_valve_geometry(v) for v in _OTHER_VARIANTS]
+    assert picked == list(OTHER_VALVE_GEOMETRIES)
+    assert other_valve_geometry(0.0) == OTHER_VALVE_GEOMETRIES[0]
+    assert other_valve_geometry(0.9999) == OTHER_VALVE_GEOMETRIES[-1]
+
+
+def _valve_image(label: str, variant: float, angle: float = 0.4, tilt: float = 0.0) -> np.ndarray:
+    """The valve alone, peak 1, its local origin at pixel (160, 160) of a 320² canvas."""
+    drawing = draw_valve(label, 1.0, variant)
+    patch, x0, y0 = render_valve(
+        drawing, valve_matrix(120.0, angle, tilt, 0.3, False), (160.5, 160.5)
+    )
+    canvas = np.zeros((320, 320), dtype=np.float32)
+    canvas[y0 : y0 + patch.shape[0], x0 : x0 + patch.shape[1]] = patch
+    return canvas / canvas.max()
+
+
+@pytest.mark.parametrize("variant", _OTHER_VARIANTS)
+def test_other_valves_are_drawn_around_their_centre(variant: float) -> None:
+    """Each geometry: the centre (local origin) lies on the valve's bright body, and the
+    drawing's extent holds everything drawn."""
+    for angle, tilt in ((0.0, 0.0), (0.4, 0.0), (2.0, 0.9)):
+        image = _valve_image(OTHER_VALVE, variant, angle, tilt)
+        assert image[160, 160] > 0.1
+    drawing = draw_valve(OTHER_VALVE, 1.0, variant)
+    x0, x1, y0, y1 = drawing.extent
+    matrix = valve_matrix(120.0, 0.0, 0.0, 0.0, False)
+    patch, px0, py0 = render_valve(drawing, matrix, (0.0, 0.0))
+    ys, xs = np.nonzero(patch > 0.01 * patch.max())
+    assert px0 + xs.min() >= 120 * x0 - 2 and px0 + xs.max() <= 120 * x1 + 2
+    assert py0 + ys.min() >= 120 * y0 - 2 and py0 + ys.max() <= 120 * y1 + 2
+    assert drawing.outlet_x == 0.5
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def test_other_valves_differ_from_the_four_and_each_other() -> None:
+    """At the same pose, the outline (everything drawn) overlaps each of the four models'
+    and the other geometries' by at most 0.8 IoU, and the dense parts (a quarter of the
+    peak: metal, markers, plates) by at most 0.35: the shapes differ, not just the size."""
+    poses = ((0.4, 0.0), (1.9, 0.6))
+    references = [(name, 0.9) for name in VALVE_CLASSES] + [
+        (OTHER_VALVE, v) for v in _OTHER_VARIANTS
+    ]
+    for variant in _OTHER_VARIANTS:
+        for angle, tilt in poses:
+            image = _valve_image(OTHER_VALVE, variant, angle, tilt)
+            for name, ref_variant in references:
+                if (name, ref_variant) == (OTHER_VALVE, variant):
+                    continue
+                ref = _valve_image(name, ref_variant, angle, tilt)
+                where = (other_valve_geometry(variant), name, ref_variant, angle)
+                assert _iou(image > 0.01, ref > 0.01) < 0.8, where
+                assert _iou(image > 0.25, ref > 0.25) < 0.35, where
+
+
+def test_other_valves_have_a_total_opacity_like_the_four() -> None:
+    """Scaled to the same peak (as the renderer does), each "Other valve" geometry has a
+    total attenuation within the four models' range (± 10 %): brightness does not tell it."""
+    totals = {
+        (name, variant): float(_valve_image(name, variant).sum())
+        for name, variant in [(n, v) for n in VALVE_CLASSES for v in (0.1, 0.9)]
+    }
+    low, high = min(totals.values()), max(totals.values())
+    for variant in (*_OTHER_VARIANTS, 0.05, 0.45, 0.95):
+        total = float(_valve_image(OTHER_VALVE, variant).sum())
+        assert 0.9 * low <= total <= 1.1 * high, (other_valve_geometry(variant), total, low, high)
+
+
+def test_render_xray_other_valve_is_deterministic() -> None:
+    traits = draw_patient_traits(np.random.default_rng(3))
+    for variant in _OTHER_VARIANTS:
+        patient = dataclasses.replace(traits, valve_variant=variant)
+        a, info_a = render_xray(
+            np.random.default_rng(8), OTHER_VALVE, shape=(220, 260), traits=patient
+        )
+        b, info_b = render_xray(
+            np.random.default_rng(8), OTHER_VALVE, shape=(220, 260), traits=patient
+        )
+        assert np.array_equal(a, b) and info_a == info_b
+        x0, y0, x1, y1 = info_a["valve_bbox"]
+        assert x0 <= info_a["valve_x"] < x1 and y0 <= info_a["valve_y"] < y1
+
+
+def test_other_valve_data_set(tmp_path: Path) -> None:
+    """A data set of "Other valve" only: labelled so in the manifest, every geometry
+    drawn, the same bytes for the same seed, and each recorded centre inside the image,
+    inside the valve's box and on its bright body (brighter than most of the box)."""
+    manifest = generate_dataset(
+        tmp_path / "a", 12, seed=1, class_mix={OTHER_VALVE: 1.0}, size_range_px=TINY_SIZES_PX
+    )
+    rows = _read_manifest(manifest)
+    assert {r["label"] for r in rows} == {OTHER_VALVE}
+    planned = plan_patients(1, allocate_class_counts(12, {OTHER_VALVE: 1.0}))
+    assert {other_valve_geometry(p.traits.valve_variant) for p in planned} == set(
+        OTHER_VALVE_GEOMETRIES
+    )
+    for row in rows:
+        image = load_image(tmp_path / "a" / row["file"])
+        x, y = float(row["valve_x"]), float(row["valve_y"])
+        x0, y0, x1, y1 = (int(row[k]) for k in ("valve_x0", "valve_y0", "valve_x1", "valve_y1"))
+        assert 0 <= x < int(row["columns"]) and 0 <= y < int(row["rows"])
+        assert x0 <= x < x1 and y0 <= y < y1
+        centre = image[int(y) - 1 : int(y) + 2, int(x) - 1 : int(x) + 2].mean()
+        assert np.mean(image[y0:y1, x0:x1] < centre) > 0.6, row["file"]
+    generate_dataset(
+        tmp_path / "b", 12, seed=1, class_mix={OTHER_VALVE: 1.0}, size_range_px=TINY_SIZES_PX
+    )
+    assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b")
+
+
+def test_other_valve_in_a_mixed_data_set(tmp_path: Path) -> None:
+    mix = {**BALANCED_CLASS_MIX, OTHER_VALVE: 0.25}
+    rows = _read_manifest(
+        generate_dataset(tmp_path, 10, seed=4, class_mix=mix, size_range_px=TINY_SIZES_PX)
+    )
+    assert Counter(r["label"] for r in rows) == {name: 2 for name in DRAWABLE_CLASSES}

@@ -12,7 +12,8 @@ The valve sits anywhere in the field (sometimes a few pixels from its edge, neve
 the paper's inclusion criterion), turned in-plane and tilted out of plane, which is what
 made the paper's misclassified examples (Fig. 3) hard.
 
-Modules: :mod:`~training.synthetic.valves` (the four models' geometry),
+Modules: :mod:`~training.synthetic.valves` (the four models' geometry, and "Other valve"
+devices unlike them),
 :mod:`~training.synthetic.xray` (one radiograph, :func:`render_xray`),
 :mod:`~training.synthetic.generate` (patients, DICOM, manifest: :func:`generate_dataset`),
 :mod:`~training.synthetic.raster` (array helpers).
@@ -27,7 +28,12 @@ from training.synthetic.generate import (
     allocate_class_counts,
     generate_dataset,
 )
-from training.synthetic.valves import VALVE_CLASSES
+from training.synthetic.valves import (
+    DRAWABLE_CLASSES,
+    OTHER_VALVE,
+    OTHER_VALVE_GEOMETRIES,
+    VALVE_CLASSES,
+)
 from training.synthetic.xray import (
     DEFAULT_SIZE_RANGE_PX,
     PatientTraits,
@@ -38,6 +44,9 @@ from training.synthetic.xray import (
 __all__ = [
     "BALANCED_CLASS_MIX",
     "DEFAULT_SIZE_RANGE_PX",
+    "DRAWABLE_CLASSES",
+    "OTHER_VALVE",
+    "OTHER_VALVE_GEOMETRIES",
     "PAPER_CLASS_COUNTS",
     "PAPER_CLASS_MIX",
     "VALVE_CLASSES",

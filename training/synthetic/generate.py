@@ -37,7 +37,7 @@ from pydicom.uid import (
 
 from training.shared.dataset import MANIFEST_NAME
 from training.shared.errors import DatasetError
-from training.synthetic.valves import VALVE_CLASSES
+from training.synthetic.valves import DRAWABLE_CLASSES, OTHER_VALVE, VALVE_CLASSES
 from training.synthetic.xray import (
     DEFAULT_SIZE_RANGE_PX,
     PatientTraits,
@@ -134,8 +134,10 @@ _STUDY_DESCRIPTIONS = ("SKULL 2 VIEWS", "Schädel 2 Ebenen", "SHUNT VALVE CHECK"
 
 
 def _normalise_mix(class_mix: Mapping[str, float] | None) -> dict[str, float]:
+    """Proportions of the four models, then of "Other valve" only if the mix names it (so a
+    mix of the four, the default included, allocates and renders exactly as before)."""
     mix = dict(PAPER_CLASS_MIX if class_mix is None else class_mix)
-    unknown = sorted(set(mix) - set(VALVE_CLASSES))
+    unknown = sorted(set(mix) - set(DRAWABLE_CLASSES))
     if unknown:
         raise ValueError(f"class_mix names classes this generator cannot draw: {unknown}")
     if any(not math.isfinite(p) or p < 0 for p in mix.values()):
@@ -143,13 +145,15 @@ def _normalise_mix(class_mix: Mapping[str, float] | None) -> dict[str, float]:
     total = sum(mix.values())
     if total <= 0:
         raise ValueError("class_mix needs at least one positive proportion")
-    return {name: mix.get(name, 0.0) / total for name in VALVE_CLASSES}
+    names = DRAWABLE_CLASSES if OTHER_VALVE in mix else VALVE_CLASSES
+    return {name: mix.get(name, 0.0) / total for name in names}
 
 
 def allocate_class_counts(n: int, class_mix: Mapping[str, float] | None = None) -> dict[str, int]:
     """Images per class for ``n`` images: largest-remainder rounding, ties in class order.
 
-    Deterministic and exact: the paper's mix with ``n=959`` gives the paper's counts.
+    Deterministic and exact: the paper's mix with ``n=959`` gives the paper's counts. The
+    result has the four models, plus "Other valve" when ``class_mix`` names it.
     """
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
@@ -157,7 +161,7 @@ def allocate_class_counts(n: int, class_mix: Mapping[str, float] | None = None) 
     exact = {name: n * p for name, p in mix.items()}
     counts = {name: math.floor(value) for name, value in exact.items()}
     left = n - sum(counts.values())
-    order = sorted(VALVE_CLASSES, key=lambda c: (-(exact[c] - counts[c]), VALVE_CLASSES.index(c)))
+    order = sorted(counts, key=lambda c: (-(exact[c] - counts[c]), DRAWABLE_CLASSES.index(c)))
     for name in order[:left]:
         counts[name] += 1
     return counts
@@ -212,7 +216,7 @@ def plan_patients(seed: int, counts: Mapping[str, int]) -> list[Patient]:
     """
     plan_rng = np.random.default_rng([seed, 1])
     sizes: list[tuple[str, int]] = []
-    for label in VALVE_CLASSES:
+    for label in DRAWABLE_CLASSES:
         left = counts.get(label, 0)
         while left > 0:
             k = min(left, _images_per_patient(plan_rng))
@@ -501,7 +505,8 @@ def generate_dataset(
     """Write ``n`` synthetic radiographs to ``out_dir/images/`` and return the manifest path.
 
     Classes follow ``class_mix`` (default: the paper's 81/12/4/3 %) exactly, by
-    largest-remainder rounding. Patients have one to several images (≈ 1.9 on average), always
+    largest-remainder rounding; it may include ``"Other valve"`` (:data:`OTHER_VALVE`),
+    which the default never does. Patients have one to several images (≈ 1.9 on average), always
     with the same valve model, skull and identity. ``progress(done, total)`` is called after
     each image. The same ``(n, seed)`` gives byte-identical files; an existing manifest is
     only replaced with ``overwrite=True`` (which also removes the old ``IM*.dcm`` files).

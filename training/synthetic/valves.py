@@ -1,4 +1,4 @@
-"""The four valve models as radiopacity drawings: what tells the classes apart.
+"""The four valve models, and some that are none of them, as radiopacity drawings.
 
 Each model is a list of parts in a valve-local frame: flow along +x, the inflow connector
 tip at x = -0.5 and the outflow tip at x = +0.5 (one "valve length"), y across. A part is a
@@ -11,6 +11,12 @@ The drawings are inspired by the devices' radiographic appearance, not measured 
 they only need to be distinct in the way the real ones are, and equally hard to see: the
 four models have a similar total opacity, and the renderer scales every valve to the same
 peak, so only geometry separates them.
+
+"Other valve" (:data:`OTHER_VALVE`) is a family of devices unlike the four, with the same
+conventions and a similar total opacity: a fixed-pressure in-line tubular valve, a round
+reservoir with a needle-stop plate, and a flat paddle with a bar magnet
+(:data:`OTHER_VALVE_GEOMETRIES`; the patient's ``variant`` picks one). No model version
+can learn them from the four; they test that valve-id flags a valve it has never seen.
 """
 
 from __future__ import annotations
@@ -24,9 +30,13 @@ import numpy as np
 from training.synthetic.raster import SUPERSAMPLING, downsample, rotation
 
 __all__ = [
+    "DRAWABLE_CLASSES",
+    "OTHER_VALVE",
+    "OTHER_VALVE_GEOMETRIES",
     "VALVE_CLASSES",
     "ValveDrawing",
     "draw_valve",
+    "other_valve_geometry",
     "render_valve",
     "valve_matrix",
 ]
@@ -37,8 +47,19 @@ VALVE_CLASSES: tuple[str, ...] = (
     "Sophysa Sophy SM8",
     "proGAV 2.0",
 )
-"""The valve models this generator can draw, spelled exactly as the ``<Choice>`` values of
-``label_config.xml`` (which also lists classes such as "Other valve" that it cannot draw)."""
+"""The four learnable valve models, spelled exactly as the ``<Choice>`` values of
+``label_config.xml``: the default class mix and every demo draw only these."""
+
+OTHER_VALVE = "Other valve"
+"""The ``<Choice>`` value for a valve that is none of :data:`VALVE_CLASSES`; drawn as one of
+:data:`OTHER_VALVE_GEOMETRIES`, never in a mix unless asked for."""
+
+DRAWABLE_CLASSES: tuple[str, ...] = (*VALVE_CLASSES, OTHER_VALVE)
+"""Every label this generator can draw (the four models, then :data:`OTHER_VALVE`)."""
+
+OTHER_VALVE_GEOMETRIES: tuple[str, ...] = ("in-line tubular", "round reservoir", "paddle")
+"""The "Other valve" devices, in the order the per-patient ``variant`` picks them
+(:func:`other_valve_geometry`)."""
 
 _SILICONE = 0.16
 """Attenuation of the silicone housing relative to the valve's metal parts."""
@@ -151,6 +172,10 @@ def _subtract(
     b: Sdf,
 ) -> Sdf:
     return lambda u, v: np.maximum(a(u, v), -b(u, v))
+
+
+def _union(a: Sdf, b: Sdf) -> Sdf:
+    return lambda u, v: np.minimum(a(u, v), b(u, v))
 
 
 def _polar(r: float, angle: float, cx: float = 0.0, cy: float = 0.0) -> tuple[float, float]:
@@ -284,22 +309,116 @@ def _progav_2(setting: float, variant: float) -> ValveDrawing:
     return ValveDrawing(parts + connectors, extent, outlet)
 
 
+# ----------------------------------------------------------------- "Other valve" devices
+
+
+def _inline_tubular(setting: float, variant: float) -> ValveDrawing:
+    """A fixed-pressure in-line valve: a slim silicone sleeve over a titanium tube (walls
+    brighter than its bore), a small metal seat with a ball, a coil spring behind it, two
+    end ferrules and one to three code dots for the pressure level. No rotor, no plate:
+    ``setting`` is unused."""
+    tube = _TITANIUM * 1.5
+    parts = [
+        _Part(_segment(-0.33, 0.0, 0.33, 0.0, 0.062), _SILICONE * 1.3, 0.062),  # sleeve
+        _Part(_segment(-0.2, 0.0, 0.2, 0.0, 0.042), tube, 0.042),  # titanium tube...
+        _Part(_segment(-0.2, 0.0, 0.2, 0.0, 0.03), -tube * 0.03 / 0.042, 0.03),  # ...its bore
+        _Part(_box(-0.21, 0.0, 0.014, 0.046, 0.004), _METAL * 0.8),  # inflow ferrule
+        _Part(_box(0.21, 0.0, 0.014, 0.046, 0.004), _METAL * 0.8),  # outflow ferrule
+        _Part(_box(-0.12, 0.0, 0.01, 0.03, 0.003), _METAL),  # seat
+        _Part(_circle(-0.095, 0.0, 0.02), _METAL * 0.9, 0.02),  # ball
+    ]
+    coil = np.linspace(-0.07, 0.13, 11)
+    for k, (xa, xb) in enumerate(zip(coil[:-1], coil[1:], strict=True)):
+        ya = 0.022 if k % 2 == 0 else -0.022
+        parts.append(_Part(_segment(float(xa), ya, float(xb), -ya, 0.0045), _METAL * 0.8))
+    for k in range(1 + int(variant * 9) % 3):  # pressure code
+        parts.append(_Part(_circle(0.26 + 0.03 * k, 0.0, 0.011), _MARKER))
+    return ValveDrawing(parts + _connectors(-0.33, 0.33), (-0.5, 0.5, -0.065, 0.065), 0.5)
+
+
+def _round_reservoir(setting: float, variant: float) -> ValveDrawing:
+    """A large round reservoir valve: a silicone dome over a flat titanium needle-stop
+    plate, a central metal disc (the valve mechanism) with a small hub, an outlet nozzle
+    with a marker, and for half the patients a stiffening ring at the dome's rim. Fixed
+    pressure: ``setting`` is unused."""
+    rc = (-0.06, 0.0)
+    parts = [
+        _Part(_circle(*rc, 0.25), _SILICONE, 0.14),  # dome
+        _Part(_circle(*rc, 0.18), _TITANIUM * 0.55),  # needle-stop plate
+        _Part(_ring(*rc, 0.18, 0.012), _TITANIUM * 0.5),  # plate's rolled edge
+        _Part(_circle(*rc, 0.062), _METAL * 0.75),  # central disc
+        _Part(_circle(*rc, 0.018), _MARKER * 0.7),  # hub
+        _Part(_segment(0.19, 0.0, 0.3, 0.0, 0.04), _SILICONE * 1.2, 0.04),  # outlet nozzle
+        _Part(_box(0.25, 0.0, 0.008, 0.03, 0.003), _MARKER * 0.8),  # outlet marker
+    ]
+    if variant * 3 % 1.0 < 0.5:
+        parts.append(_Part(_ring(*rc, 0.232, 0.012), _METAL * 0.45))  # rim ring
+    return ValveDrawing(parts + _connectors(-0.31, 0.3), (-0.5, 0.5, -0.255, 0.255), 0.5)
+
+
+def _paddle(setting: float, variant: float) -> ValveDrawing:
+    """A flat paddle-shaped programmable valve: a wide rounded head on the inflow side with
+    a thin titanium disc and a bar magnet (one bar, or a pair) turned to the ``setting``,
+    and a narrow flat handle carrying two in-line tantalum markers to the outlet."""
+    head = (-0.14, 0.0)
+    body = _union(_box(*head, 0.17, 0.17, 0.1), _box(0.16, 0.0, 0.16, 0.05, 0.03))
+    parts = [
+        _Part(body, _SILICONE),  # flat paddle
+        _Part(_box(*head, 0.15, 0.15, 0.09), _SILICONE * 0.6, 0.08),  # head's thickening
+        _Part(_circle(*head, 0.115), _TITANIUM * 0.45),  # disc
+        _Part(_circle(0.12, 0.0, 0.018), _MARKER),  # in-line markers
+        _Part(_circle(0.24, 0.0, 0.018), _MARKER),
+    ]
+    if variant * 3 % 1.0 < 0.5:
+        parts.append(_Part(_box(*head, 0.095, 0.02, 0.006, setting), _METAL))
+    else:
+        for side in (-1, 1):
+            ox, oy = _polar(0.03 * side, setting + math.pi / 2)
+            parts.append(_Part(_box(head[0] + ox, oy, 0.085, 0.012, 0.004, setting), _METAL))
+    return ValveDrawing(parts + _connectors(-0.3, 0.3), (-0.5, 0.5, -0.175, 0.175), 0.5)
+
+
+_OTHER_DRAWERS: tuple[Callable[[float, float], ValveDrawing], ...] = (
+    _inline_tubular,
+    _round_reservoir,
+    _paddle,
+)
+
+
+def other_valve_geometry(variant: float) -> str:
+    """Which of :data:`OTHER_VALVE_GEOMETRIES` an "Other valve" patient with per-patient
+    ``variant`` in [0, 1) has: equal thirds of the range, in order."""
+    return OTHER_VALVE_GEOMETRIES[_other_index(variant)]
+
+
+def _other_index(variant: float) -> int:
+    return min(max(int(variant * len(_OTHER_DRAWERS)), 0), len(_OTHER_DRAWERS) - 1)
+
+
+def _other_valve(setting: float, variant: float) -> ValveDrawing:
+    """An "Other valve": the geometry ``variant`` picks; what is left of ``variant`` within
+    its third picks that device's own variant."""
+    return _OTHER_DRAWERS[_other_index(variant)](setting, variant)
+
+
 _DRAWERS: Mapping[str, Callable[[float, float], ValveDrawing]] = {
     "Codman Hakim": _codman_hakim,
     "Codman Certas Plus": _codman_certas_plus,
     "Sophysa Sophy SM8": _sophysa_sophy_sm8,
     "proGAV 2.0": _progav_2,
+    OTHER_VALVE: _other_valve,
 }
 
 
 def draw_valve(label: str, setting: float, variant: float) -> ValveDrawing:
     """The parts of a ``label`` valve: rotor/pointer at ``setting`` (rad, the pressure
-    setting), model variant chosen by ``variant`` in [0, 1) (per patient)."""
+    setting), model variant chosen by ``variant`` in [0, 1) (per patient); for
+    :data:`OTHER_VALVE` the variant also picks the device (:func:`other_valve_geometry`)."""
     try:
         drawer = _DRAWERS[label]
     except KeyError:
         raise ValueError(
-            f"unknown valve class {label!r}; expected one of {VALVE_CLASSES}"
+            f"unknown valve class {label!r}; expected one of {DRAWABLE_CLASSES}"
         ) from None
     return drawer(setting, variant)
 

@@ -28,7 +28,7 @@ from training.synthetic.raster import (
     rotation,
     smooth_noise,
 )
-from training.synthetic.valves import VALVE_CLASSES, draw_valve, render_valve, valve_matrix
+from training.synthetic.valves import DRAWABLE_CLASSES, draw_valve, render_valve, valve_matrix
 
 __all__ = [
     "DEFAULT_SIZE_RANGE_PX",
@@ -408,8 +408,8 @@ def render_xray(
     included, tubing not), ``valve_angle_deg``, ``valve_tilt_deg``,
     ``valve_length_px``, ``valve_scale`` (length / image width), ``near_edge``, ``view``...
     """
-    if label not in VALVE_CLASSES:
-        raise ValueError(f"unknown valve class {label!r}; expected one of {VALVE_CLASSES}")
+    if label not in DRAWABLE_CLASSES:
+        raise ValueError(f"unknown valve class {label!r}; expected one of {DRAWABLE_CLASSES}")
     check_size_range(size_range_px)
     traits = traits or draw_patient_traits(rng)
     h, w = shape if shape is not None else _draw_shape(rng, size_range_px)
