@@ -98,3 +98,42 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
         out, 40, seed=7, class_mix={c: 1.0 for c in VALVE_CLASSES}, size_range_px=(256, 384)
     )
     return out
+
+
+S3_START_TIMEOUT_S = 30.0
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 API server over HTTP on loopback: ``moto_server`` (moto's standalone mode)
+    in its own process on a free port. Each test makes its own bucket. Fails, never skips,
+    when it cannot start (``moto[server]`` is a dev dependency)."""
+    import sys
+    import urllib.request
+
+    binary = Path(sys.executable).with_name("moto_server")
+    assert binary.is_file(), "moto_server missing: pip install -e '.[dev]' (moto[server])"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [str(binary), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + S3_START_TIMEOUT_S
+        while True:
+            try:
+                urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, "moto_server exited at start"
+                assert time.monotonic() < deadline, "moto_server did not answer in time"
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

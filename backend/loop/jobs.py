@@ -162,11 +162,11 @@ def get_predictor(settings: Settings) -> Any:
     before each use (a newly promoted version is picked up without restarting the worker)."""
     from backend.service.predictor import Predictor
 
-    root = str(settings.models)
+    root = settings.registry_location
     predictor = _predictors.get(root)
     if predictor is None:
         predictor = Predictor(
-            settings.models,
+            settings.open_registry(),
             acquisition=settings.acquisition,
             batch_size=settings.predict_batch_size,
             compile=settings.compile_model,

@@ -490,9 +490,12 @@ class Retrainer:
             data=f"labelstudio:{ls_project_id}",
             label_config_path=str(self.settings.label_config),
             recipe=recipe,
-            model_dir=str(self.settings.models),
+            model_dir=self.settings.registry_location,
+            s3_endpoint_url=self.settings.s3_endpoint_url,
             cache_dir=str(self.settings.cache),
             tolerance=self.settings.promotion_tolerance,
+            keep_versions=self.settings.keep_versions,
+            keep_days=self.settings.keep_days,
             extra={
                 "project": str(ls_project_id),
                 "project_key": key,

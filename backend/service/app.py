@@ -339,7 +339,7 @@ def _default_predictor(settings: Settings) -> Any:
     from backend.service.predictor import Predictor
 
     return Predictor(
-        settings.models,
+        settings.open_registry(),
         acquisition=settings.acquisition,
         batch_size=settings.predict_batch_size,
         compile=settings.compile_model,

@@ -206,21 +206,25 @@ def train(
             data=data if data.startswith("labelstudio:") else str(Path(data).resolve()),
             label_config_path=str(settings.label_config),
             recipe=request,
-            model_dir=str(settings.models.resolve()),
+            model_dir=settings.registry_location,
+            s3_endpoint_url=settings.s3_endpoint_url,
             cache_dir=str(settings.cache.resolve()),
             tolerance=settings.promotion_tolerance,
+            keep_versions=settings.keep_versions,
+            keep_days=settings.keep_days,
         )
         console.print(f"enqueued run {run.run_id}: jobs {', '.join(run.job_ids)}")
         typer.echo(json.dumps({"run_id": run.run_id, "jobs": run.job_ids}))
         return
 
     from backend.service.labelstudio import configure_training
+    from training.fitting.jobs import prune_after_run
     from training.fitting.run import run_in_process
     from training.fitting.sources import load_items
     from training.shared.labels import load_label_config
-    from training.shared.registry import ModelRegistry, new_version_id
+    from training.shared.registry import new_version_id
 
-    registry = ModelRegistry(settings.models)
+    registry = settings.open_registry()
     run_id = new_version_id()
     staging = registry.staging(run_id)
     try:
@@ -248,6 +252,7 @@ def train(
         result = registry.publish(
             staging, version_id=run_id, tolerance=settings.promotion_tolerance
         )
+        prune_after_run(registry, run_id, settings.keep_versions, settings.keep_days)
     except BaseException:  # a failed run leaves no staging directory behind
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -318,7 +323,9 @@ def serve(
 
 app.command("import", epilog=_environment("import"))(import_command)
 app.command("simulate")(simulate_command)
-app.add_typer(models_app, name="models", help="List, inspect, promote and roll back versions.")
+app.add_typer(
+    models_app, name="models", help="List, inspect, promote, roll back and prune versions."
+)
 app.add_typer(stack_app)  # valve-id up / down / status
 
 

@@ -4,7 +4,7 @@ A run is ``1 + n_folds + 1`` jobs on the training queue::
 
     plan ──► fold 0 ─┐
          ├─► fold 1 ─┤
-         ├─► ...     ├─► finalise (evaluate, report, publish + promotion gate)
+         ├─► ...     ├─► finalise (evaluate, report, publish + promotion gate, prune)
          └─► fold 4 ─┘
 
 so N workers with one GPU each (``CUDA_VISIBLE_DEVICES``) train folds in parallel, and one
@@ -30,12 +30,14 @@ from rq.job import Job, JobStatus
 
 from training.shared import loop_state
 from training.shared.loop_state import DEFAULT_QUEUE, TRAINING_QUEUE, RunStatus
-from training.shared.registry import ModelRegistry, new_version_id
+from training.shared.registry import Registry, new_version_id, open_registry
+from training.shared.retention import DEFAULT_KEEP_DAYS, DEFAULT_KEEP_VERSIONS, RetentionPolicy
 
 __all__ = [
     "TrainingRun",
     "enqueue_training",
     "on_work_horse_killed",
+    "prune_after_run",
     "report_progress",
     "finalize_job",
     "fold_job",
@@ -158,14 +160,26 @@ def fold_job(run_id: str, staging: str, fold: int, cache_dir: str | None) -> dic
 
 
 def finalize_job(
-    run_id: str, staging: str, model_dir: str, cache_dir: str | None, tolerance: float
+    run_id: str,
+    staging: str,
+    model_dir: str,
+    cache_dir: str | None,
+    tolerance: float,
+    keep_versions: int = DEFAULT_KEEP_VERSIONS,
+    keep_days: float = DEFAULT_KEEP_DAYS,
+    s3_endpoint_url: str = "",
 ) -> dict[str, Any]:
-    """Stage 3: evaluate, report, publish atomically; the gate decides on promotion."""
+    """Stage 3: evaluate, report, publish atomically; the gate decides on promotion; then
+    prune old versions' weights (retention; a failed prune is logged, never fails the run).
+
+    ``model_dir`` is a folder or an ``s3://`` URL (then reached at ``s3_endpoint_url``)."""
     from training.fitting.run import finalize_run
 
     report_progress(stage="finalize", run_id=run_id)
     finalize_run(Path(staging), cache_dir=Path(cache_dir) if cache_dir else None, version=run_id)
-    result = ModelRegistry(model_dir).publish(staging, version_id=run_id, tolerance=tolerance)
+    registry = open_registry(model_dir, endpoint_url=s3_endpoint_url or None, cache_dir=cache_dir)
+    result = registry.publish(staging, version_id=run_id, tolerance=tolerance)
+    prune_after_run(registry, run_id, keep_versions, keep_days)
     job = get_current_job()
     if job is not None:
         _set_run(
@@ -185,6 +199,26 @@ def finalize_job(
         result.reason,
     )
     return {"version": result.version_id, "promoted": result.promoted, "reason": result.reason}
+
+
+def prune_after_run(registry: Registry, run_id: str, keep_versions: int, keep_days: float) -> None:
+    """Retention after a published run, and abandoned staging folders (untouched for a day)
+    removed; any failure is logged and swallowed (the version is published and the run
+    succeeded, whatever happens to older versions' weights)."""
+    try:
+        result = registry.prune(RetentionPolicy(keep_versions, keep_days), apply=True)
+        registry.cleanup_staging()
+    except Exception as exc:
+        logger.warning("run %s: pruning old model versions failed: %s", run_id, exc)
+        logger.debug("pruning failure", exc_info=True)
+        return
+    if result.pruned:
+        logger.info(
+            "run %s: pruned %d old version(s), %.1f MB freed",
+            run_id,
+            len(result.pruned),
+            result.freed_bytes / 1e6,
+        )
 
 
 def _on_failure(job: Job, connection: Redis, exc_type: type, exc: BaseException, tb: Any) -> None:
@@ -263,6 +297,9 @@ def enqueue_training(
     model_dir: str,
     cache_dir: str | None,
     tolerance: float = 0.02,
+    keep_versions: int = DEFAULT_KEEP_VERSIONS,
+    keep_days: float = DEFAULT_KEEP_DAYS,
+    s3_endpoint_url: str = "",
     queue_name: str = TRAINING_QUEUE,
     on_finish: Callable[[str], Any] | str | None = None,
     on_finish_queue: str = "",
@@ -275,7 +312,7 @@ def enqueue_training(
     (e.g. the project).
     """
     run_id = new_version_id()
-    registry = ModelRegistry(model_dir)
+    registry = open_registry(model_dir, endpoint_url=s3_endpoint_url or None, cache_dir=cache_dir)
     staging = str(registry.staging(run_id))
     queue = Queue(queue_name, connection=connection)
     on_failure = Callback(_on_failure)
@@ -325,7 +362,8 @@ def enqueue_training(
     ]
     queue.enqueue(
         finalize_job,
-        args=(run_id, staging, model_dir, cache_dir, tolerance),
+        args=(run_id, staging, model_dir, cache_dir, tolerance, keep_versions, keep_days),
+        kwargs={"s3_endpoint_url": s3_endpoint_url} if s3_endpoint_url else None,
         job_id=run.finalize_job_id,
         depends_on=folds,
         job_timeout=FINALIZE_TIMEOUT_S,

@@ -7,6 +7,7 @@ Layout under the registry root (``MODEL_DIR``)::
     .staging/<run_id>-xxxx/  where a running job writes; never listed as a version
     current                  text file holding the served version id
     history.jsonl            append-only log of promote / rollback / rejected decisions
+    versions/<id>/pruned.json  the weights of this version were deleted by retention
     .lock                    flock'ed around every change, so concurrent jobs serialise
 
 Why this shape:
@@ -18,6 +19,9 @@ Why this shape:
 * **``current`` is a small file replaced with ``os.replace``**, not a symlink: it works on every
   volume type (Docker volumes on Windows hosts, SMB, some FUSE mounts have no symlinks) and a
   reader sees either the old or the new id, never an empty file.
+* **Disk use is bounded.** :meth:`ModelRegistry.prune` deletes the weights of versions no one
+  can need soon (:mod:`training.shared.retention` says which), under the same lock; their
+  metrics, config, report and promotion record stay.
 * **A new version must earn ``current``.** :func:`decide_promotion` (pure) compares its
   out-of-fold macro-F1 with the current version's; a worse one is kept, servable by an
   explicit :meth:`ModelRegistry.promote`, and the reason is recorded. When the class
@@ -41,13 +45,21 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from training.shared.errors import ModelNotFound, RegistryError
+from training.shared.retention import (
+    PRUNED_FILE,
+    PrunedVersion,
+    PruneResult,
+    RetentionPolicy,
+    is_weight_file,
+    versions_to_keep,
+)
 
 __all__ = [
     "DEFAULT_F1_TOLERANCE",
@@ -57,9 +69,14 @@ __all__ = [
     "ModelRegistry",
     "PromotionDecision",
     "PublishResult",
+    "Registry",
     "VersionInfo",
+    "check_id",
     "decide_promotion",
     "new_version_id",
+    "open_registry",
+    "rollback_target",
+    "validate_version_dir",
 ]
 
 logger = logging.getLogger(__name__)
@@ -156,6 +173,8 @@ class VersionInfo:
     gate: Literal["promoted", "kept"] | None
     """The promotion gate's decision at publish time (a later manual promote overrides it)."""
     gate_reason: str | None
+    pruned: bool = False
+    """Retention deleted its weights: listed and inspectable, no longer servable."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -191,6 +210,76 @@ class HistoryEntry:
 # --- the registry -----------------------------------------------------------------------
 
 
+class Registry(Protocol):
+    """What every registry answers: the folder (:class:`ModelRegistry`) and object storage
+    (:class:`training.shared.registry_s3.S3Registry`); get one with :func:`open_registry`."""
+
+    staging_dir: Path
+
+    @property
+    def location(self) -> str:
+        """Where it lives, for messages (a folder or an ``s3://`` URL)."""
+        ...
+
+    def current(self) -> str | None: ...
+
+    def version_path(self, version_id: str) -> Path:
+        """A local folder holding the version's files (object storage: downloaded once)."""
+        ...
+
+    def get(self, version_id: str) -> VersionInfo: ...
+
+    def list_versions(self) -> list[VersionInfo]: ...
+
+    def history(self) -> list[HistoryEntry]: ...
+
+    def staging(self, run_id: str = "run") -> Path: ...
+
+    def publish(
+        self,
+        staging_path: str | os.PathLike[str],
+        version_id: str | None = None,
+        *,
+        tolerance: float = DEFAULT_F1_TOLERANCE,
+    ) -> PublishResult: ...
+
+    def promote(self, version_id: str, reason: str = "manual") -> None: ...
+
+    def rollback(self, reason: str = "manual rollback") -> str: ...
+
+    def cleanup_staging(
+        self, max_age_s: float = DEFAULT_STAGING_MAX_AGE_S, *, now: float | None = None
+    ) -> Sequence[Path | str]: ...
+
+    def prune(
+        self,
+        policy: RetentionPolicy | None = None,
+        *,
+        apply: bool = False,
+        protect: Iterable[str] = (),
+        now: datetime | None = None,
+    ) -> PruneResult: ...
+
+
+def open_registry(
+    location: str | os.PathLike[str],
+    *,
+    endpoint_url: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Registry:
+    """The registry at ``location``: a folder, or ``s3://bucket/prefix`` (object storage,
+    reached at ``endpoint_url`` — MinIO — or AWS when ``None``; its staging folder and the
+    downloaded weights live under ``cache_dir``/registry)."""
+    text = os.fspath(location)
+    if text.startswith("s3://"):
+        from training.shared.registry_s3 import S3Registry
+
+        if cache_dir is None:
+            raise RegistryError(f"an s3:// registry ({text}) needs a local cache folder")
+        return S3Registry(text, cache_dir=cache_dir, endpoint_url=endpoint_url)
+    return ModelRegistry(text)
+
+
 class ModelRegistry:
     """The versions under one ``MODEL_DIR``. Reads never lock; every change holds ``.lock``."""
 
@@ -201,6 +290,10 @@ class ModelRegistry:
 
     def __repr__(self) -> str:
         return f"ModelRegistry({str(self.root)!r})"
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
 
     # reading
 
@@ -214,7 +307,7 @@ class ModelRegistry:
 
     def version_path(self, version_id: str) -> Path:
         """Directory of ``version_id``; :class:`ModelNotFound` if there is none."""
-        _check_id(version_id, "version id")
+        check_id(version_id, "version id")
         path = self.versions_dir / version_id
         if not path.is_dir():
             raise ModelNotFound(f"no model version {version_id!r} in {self.root}")
@@ -254,7 +347,7 @@ class ModelRegistry:
 
     def staging(self, run_id: str = "run") -> Path:
         """A fresh, empty directory for one job to write a version into, then :meth:`publish`."""
-        _check_id(run_id, "run id")
+        check_id(run_id, "run id")
         self.staging_dir.mkdir(parents=True, exist_ok=True)
         path = Path(tempfile.mkdtemp(prefix=f"{run_id}-", dir=self.staging_dir))
         path.chmod(_DIR_MODE)  # mkdtemp makes it owner-only; the server may run as another user
@@ -279,12 +372,12 @@ class ModelRegistry:
                 "get one from ModelRegistry.staging()"
             )
         if version_id is not None:
-            _check_id(version_id, "version id")
+            check_id(version_id, "version id")
         with self._lock():
             if not staging_path.is_dir():
                 raise RegistryError(f"staging directory {staging_path} no longer exists")
             try:
-                metrics = _validate_version_dir(staging_path)
+                metrics = validate_version_dir(staging_path)
             except RegistryError as exc:
                 shutil.rmtree(staging_path, ignore_errors=True)
                 raise RegistryError(f"{exc}; staging directory removed") from exc
@@ -298,11 +391,11 @@ class ModelRegistry:
 
             previous = self.current()
             decision = self._decide(metrics, previous, tolerance)
-            _write_json(
+            write_json(
                 staging_path / _PROMOTION_FILE,
                 {
                     "version": version_id,
-                    "published_at": _now_iso(),
+                    "published_at": now_iso(),
                     "decision": "promoted" if decision.promote else "kept",
                     "reason": decision.reason,
                     "compared_with": previous,
@@ -329,7 +422,8 @@ class ModelRegistry:
         """Make ``version_id`` current, bypassing the gate (it must exist and be complete)."""
         with self._lock():
             path = self.version_path(version_id)
-            _validate_version_dir(path)
+            validate_version_dir(path)
+            _check_not_pruned(path)
             previous = self.current()
             if previous == version_id:
                 logger.info("model version %s is already current", version_id)
@@ -356,7 +450,8 @@ class ModelRegistry:
                 raise ModelNotFound(
                     f"the previous version {target} no longer exists; promote one explicitly"
                 ) from exc
-            _validate_version_dir(path)
+            validate_version_dir(path)
+            _check_not_pruned(path)
             self._set_current(target)
             self._append_history("rollback", target, current, reason)
         logger.info("rolled back from model version %s to %s", current, target)
@@ -375,7 +470,7 @@ class ModelRegistry:
         removed = []
         with self._lock():
             for path in sorted(self.staging_dir.iterdir()):
-                if now - _newest_mtime(path) < max_age_s:
+                if now - newest_mtime(path) < max_age_s:
                     continue
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)
@@ -386,7 +481,71 @@ class ModelRegistry:
             logger.info("removed %d abandoned staging director(ies)", len(removed))
         return removed
 
+    def prune(
+        self,
+        policy: RetentionPolicy | None = None,
+        *,
+        apply: bool = False,
+        protect: Iterable[str] = (),
+        now: datetime | None = None,
+    ) -> PruneResult:
+        """Delete the weights of the versions retention does not keep; a dry run by default.
+
+        Holds the lock throughout, so ``current`` cannot move while the kept set is decided
+        and applied; ``current`` and the version before it are always kept (see
+        :mod:`training.shared.retention`). A version already pruned is finished if a crash
+        left weight files behind.
+        """
+        policy = policy or RetentionPolicy()
+        if not self.versions_dir.is_dir():
+            return PruneResult(apply, ())
+        with self._lock():
+            infos = self.list_versions()
+            keep = versions_to_keep(
+                [(v.version_id, v.created) for v in infos],
+                self._made_current(),
+                self.current(),
+                policy,
+                protect=protect,
+                now=now,
+            )
+            pruned = []
+            for info in infos:
+                if info.version_id in keep:
+                    continue
+                files = _weight_files(info.path)
+                if not files:
+                    continue
+                size = sum(_size(f) for f in files)
+                pruned.append(PrunedVersion(info.version_id, size, len(files)))
+                if apply:
+                    self._prune_version(info.path, files, size)
+        if apply and pruned:
+            logger.info(
+                "pruned the weights of %d model version(s), %.1f MB freed",
+                len(pruned),
+                sum(p.freed_bytes for p in pruned) / 1e6,
+            )
+        return PruneResult(apply, tuple(pruned), keep)
+
     # helpers
+
+    def _prune_version(self, path: Path, files: list[Path], size: int) -> None:
+        marker = path / PRUNED_FILE
+        if not marker.exists():  # the marker first: a crash mid-way leaves it marked pruned
+            write_json(
+                marker,
+                {"pruned_at": now_iso(), "freed_bytes": size, "files": len(files)},
+            )
+            _fsync_tree(path)
+        for file in files:
+            file.unlink(missing_ok=True)
+        weights = path / "weights"
+        if weights.is_dir():
+            shutil.rmtree(weights, ignore_errors=True)
+
+    def _made_current(self) -> list[str]:
+        return [e.version for e in self.history() if e.action in ("promote", "rollback")]
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -405,7 +564,7 @@ class ModelRegistry:
         if current is None:
             return decide_promotion(metrics, None, tolerance=tolerance)
         try:
-            current_metrics = _validate_version_dir(self.versions_dir / current)
+            current_metrics = validate_version_dir(self.versions_dir / current)
         except RegistryError as exc:
             return PromotionDecision(True, f"current version {current} is unusable ({exc})")
         return decide_promotion(metrics, current_metrics, tolerance=tolerance)
@@ -427,27 +586,14 @@ class ModelRegistry:
     def _append_history(
         self, action: Action, version: str, previous: str | None, reason: str
     ) -> None:
-        entry = HistoryEntry(_now_iso(), action, version, previous, reason)
+        entry = HistoryEntry(now_iso(), action, version, previous, reason)
         with open(self.root / _HISTORY_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(asdict(entry)) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
     def _rollback_target(self, current: str) -> str | None:
-        stack: list[str] = []
-        for entry in self.history():
-            if entry.action == "promote":
-                stack.append(entry.version)
-            elif entry.action == "rollback":
-                if stack:
-                    stack.pop()
-                while stack and stack[-1] != entry.version:
-                    stack.pop()
-                if not stack:
-                    stack.append(entry.version)
-        if not stack or stack[-1] != current:  # pointer changed outside the registry
-            stack.append(current)
-        return stack[-2] if len(stack) >= 2 else None
+        return rollback_target(self.history(), current)
 
     def _info(self, path: Path, current: str | None) -> VersionInfo:
         metrics = _read_json_object(path / "metrics.json")
@@ -466,13 +612,33 @@ class ModelRegistry:
             is_current=path.name == current,
             gate=decision if decision in ("promoted", "kept") else None,
             gate_reason=promotion.get("reason"),
+            pruned=(path / PRUNED_FILE).is_file(),
         )
 
 
 # --- module helpers -----------------------------------------------------------------------
 
 
-def _check_id(value: str, what: str) -> None:
+def rollback_target(history: Iterable[HistoryEntry], current: str) -> str | None:
+    """The version a rollback from ``current`` returns to: the promotion history walked like a
+    stack (repeated rollbacks walk further back); ``None`` if there is none."""
+    stack: list[str] = []
+    for entry in history:
+        if entry.action == "promote":
+            stack.append(entry.version)
+        elif entry.action == "rollback":
+            if stack:
+                stack.pop()
+            while stack and stack[-1] != entry.version:
+                stack.pop()
+            if not stack:
+                stack.append(entry.version)
+    if not stack or stack[-1] != current:  # pointer changed outside the registry
+        stack.append(current)
+    return stack[-2] if len(stack) >= 2 else None
+
+
+def check_id(value: str, what: str) -> None:
     if not isinstance(value, str) or not _SAFE_ID_RE.match(value):
         raise RegistryError(
             f"invalid {what} {value!r}: use letters, digits, '-', '_' or '.', "
@@ -480,7 +646,33 @@ def _check_id(value: str, what: str) -> None:
         )
 
 
-def _validate_version_dir(path: Path) -> dict[str, Any]:
+def _check_not_pruned(path: Path) -> None:
+    if (path / PRUNED_FILE).exists():
+        raise RegistryError(
+            f"model version {path.name} was pruned (its weights were deleted by retention); "
+            "its metrics and report remain, but it cannot be served"
+        )
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The checkpoint files of one version directory (see :func:`is_weight_file`)."""
+    files = []
+    for dirpath, _dirnames, filenames in os.walk(path):
+        for name in filenames:
+            file = Path(dirpath) / name
+            if is_weight_file(file.relative_to(path).as_posix()) and not file.is_symlink():
+                files.append(file)
+    return sorted(files)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def validate_version_dir(path: Path) -> dict[str, Any]:
     """Check the files the registry relies on; returns the parsed metrics."""
     parsed = {}
     for name in REQUIRED_FILES:
@@ -538,15 +730,15 @@ def _created(version_id: str, promotion: Mapping[str, Any]) -> datetime | None:
     return None
 
 
-def _now_iso() -> str:
+def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def _newest_mtime(path: Path) -> float:
+def newest_mtime(path: Path) -> float:
     newest = path.lstat().st_mtime
     if path.is_dir() and not path.is_symlink():
         for dirpath, dirnames, filenames in os.walk(path):

@@ -1,4 +1,4 @@
-"""``valve-id models ...``: list, inspect, promote and roll back model versions.
+"""``valve-id models ...``: list, inspect, promote, roll back and prune model versions.
 
 A thin layer over :class:`training.shared.registry.ModelRegistry`; every change it makes goes
 through
@@ -19,7 +19,8 @@ from rich.table import Table
 
 from backend.settings import Settings
 from training.shared.errors import ModelLoadError, ModelNotFound, ValveIdError
-from training.shared.registry import ModelRegistry, VersionInfo
+from training.shared.registry import ModelRegistry, Registry, VersionInfo
+from training.shared.retention import RetentionPolicy
 from training.shared.version_config import CONFIG_FILE, VersionConfig, read_version_file
 
 __all__ = ["models_app"]
@@ -54,11 +55,13 @@ def _exit_on_error() -> Iterator[None]:
         raise typer.Exit(1) from exc
 
 
-def _registry(model_dir: Path | None) -> ModelRegistry:
-    """The registry at ``--model-dir``, else where the settings put it; absolute either way,
-    so that every message names the folder actually read."""
-    root = model_dir.expanduser().absolute() if model_dir is not None else None
-    return ModelRegistry(root or Settings.from_env().models)
+def _registry(model_dir: Path | None) -> Registry:
+    """The registry at ``--model-dir``, else where the settings put it (MODEL_DIR: a folder
+    or ``s3://bucket/prefix``); absolute either way, so that every message names the folder
+    actually read."""
+    if model_dir is not None:
+        return ModelRegistry(model_dir.expanduser().absolute())
+    return Settings.from_env().open_registry()
 
 
 def _fmt(value: float | None) -> str:
@@ -75,12 +78,12 @@ def list_versions(model_dir: ModelDir = None, as_json: AsJson = False) -> None:
         typer.echo(json.dumps([v.to_dict() for v in versions], indent=2))
         return
     if not versions:
-        _console.print(f"No model versions in {registry.root}.", soft_wrap=True)
+        _console.print(f"No model versions in {registry.location}.", soft_wrap=True)
         return
     # The id already says when (UTC); `show` gives the exact publish time.
-    _console.print(f"Model versions in {registry.root}", soft_wrap=True)
+    _console.print(f"Model versions in {registry.location}", soft_wrap=True)
     table = Table()
-    for column in ("", "version", "macro-F1", "accuracy", "classes", "gate"):
+    for column in ("", "version", "macro-F1", "accuracy", "classes", "gate", "weights"):
         table.add_column(column, no_wrap=True)
     for v in versions:
         table.add_row(
@@ -90,9 +93,14 @@ def list_versions(model_dir: ModelDir = None, as_json: AsJson = False) -> None:
             _fmt(v.accuracy),
             str(len(v.classes)),
             v.gate or "—",
+            "pruned" if v.pruned else "kept",
         )
     _console.print(table)
     _console.print("* = current. `valve-id models show VERSION` tells why the gate decided so.")
+    if any(v.pruned for v in versions):
+        _console.print(
+            "pruned = retention deleted its weights: metrics and report remain, not servable."
+        )
 
 
 @models_app.command("show")
@@ -109,7 +117,7 @@ def show(
         if version is None:
             version = registry.current()
             if version is None:
-                raise ModelNotFound(f"no current model version in {registry.root}")
+                raise ModelNotFound(f"no current model version in {registry.location}")
         info = registry.get(version)
     config = _stored(info.path / CONFIG_FILE)
     metrics = _stored(info.path / "metrics.json")
@@ -155,6 +163,61 @@ def rollback(model_dir: ModelDir = None, reason: Reason = "manual (CLI)") -> Non
     typer.echo(f"current model version: {target} (rolled back from {previous})")
 
 
+@models_app.command("prune")
+def prune(
+    model_dir: ModelDir = None,
+    apply: Annotated[
+        bool, typer.Option("--apply", help="Delete the weights; without it, only show what.")
+    ] = False,
+    keep_versions: Annotated[
+        int | None,
+        typer.Option(
+            "--keep-versions", min=1, help="Override VALVE_ID_KEEP_VERSIONS for this prune."
+        ),
+    ] = None,
+    keep_days: Annotated[
+        float | None,
+        typer.Option("--keep-days", min=0.0, help="Override VALVE_ID_KEEP_DAYS for this prune."),
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Delete the weights of old versions (a dry run unless --apply).
+
+    Keeps current, the version before it, the last VALVE_ID_KEEP_VERSIONS versions made
+    current and every version younger than VALVE_ID_KEEP_DAYS; the others keep metrics,
+    config, report and promotion record.
+    """
+    with _exit_on_error():
+        settings = Settings.from_env()
+        registry = _registry(model_dir)
+        policy = RetentionPolicy(
+            settings.keep_versions if keep_versions is None else keep_versions,
+            settings.keep_days if keep_days is None else keep_days,
+        )
+        result = registry.prune(policy, apply=apply)
+    if as_json:
+        rows = [
+            {"version": p.version_id, "freed_bytes": p.freed_bytes, "files": p.files}
+            for p in result.pruned
+        ]
+        typer.echo(
+            json.dumps(
+                {"applied": apply, "freed_bytes": result.freed_bytes, "pruned": rows}, indent=2
+            )
+        )
+        return
+    verb = "pruned" if apply else "would prune"
+    for p in result.pruned:
+        typer.echo(f"{verb} {p.version_id}: {p.freed_bytes / 1e6:.1f} MB in {p.files} file(s)")
+    if apply:
+        typer.echo(f"freed {result.freed_bytes / 1e6:.1f} MB in {registry.location}")
+    else:
+        typer.echo(
+            f"would free {result.freed_bytes / 1e6:.1f} MB in {registry.location} "
+            "(dry run; --apply deletes)"
+        )
+
+
 def _print_summary(info: VersionInfo, metrics: dict[str, Any]) -> None:
     table = Table(title=f"Model version {info.version_id}", show_header=False)
     table.add_column("field", style="bold")
@@ -170,6 +233,8 @@ def _print_summary(info: VersionInfo, metrics: dict[str, Any]) -> None:
         if isinstance(value, int | float) and not isinstance(value, bool):
             table.add_row(f"out-of-fold {name}", f"{value:.4f}")
     table.add_row("promotion gate", f"{info.gate or '—'}: {info.gate_reason or '—'}")
+    if info.pruned:
+        table.add_row("weights", "pruned by retention (not servable)")
     _console.print(table)
 
 
