@@ -13,6 +13,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from training.shared.registry import Registry
 
 __all__ = [
     "DEFAULT_LABEL_CONFIG",
@@ -39,7 +43,8 @@ class Settings:
     state_dir: Path = Path("state")
     """VALVE_ID_STATE_DIR: everything valve-id writes (models, cache, demo data, logs)."""
     model_dir: Path | None = None
-    """MODEL_DIR: the model registry (default: <state_dir>/models)."""
+    """MODEL_DIR: the model registry folder (default: <state_dir>/models), or
+    ``s3://bucket/prefix`` for object storage (then held in :attr:`model_url`)."""
     cache_dir: Path | None = None
     """VALVE_ID_CACHE_DIR: preprocessed images by content hash (default: <state_dir>/cache)."""
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -81,6 +86,22 @@ class Settings:
     image on a CPU, but loading a version compiles it first (minutes on a small CPU)."""
     reconcile_interval_s: int = 300
     """VALVE_ID_RECONCILE_INTERVAL_S: how often the label count is re-checked without webhooks."""
+    dicomweb_url: str = ""
+    """VALVE_ID_DICOMWEB_URL: the PACS's DICOMweb root (``valve-id import --pacs``), no
+    credentials in it."""
+    dicomweb_user: str = ""
+    """VALVE_ID_DICOMWEB_USER: with VALVE_ID_DICOMWEB_PASSWORD, HTTP basic auth at the PACS."""
+    dicomweb_password: str = ""
+    """VALVE_ID_DICOMWEB_PASSWORD: the PACS password (a secret)."""
+    keep_versions: int = 5
+    """VALVE_ID_KEEP_VERSIONS: versions most recently made current that keep their weights."""
+    keep_days: float = 14.0
+    """VALVE_ID_KEEP_DAYS: days any version keeps its weights (older ones are pruned)."""
+    s3_endpoint_url: str = ""
+    """VALVE_ID_S3_ENDPOINT_URL: the S3 API server of an ``s3://`` MODEL_DIR (MinIO: its URL;
+    empty: AWS). Credentials: boto3's standard AWS_* variables, never valve-id settings."""
+    model_url: str = ""
+    """Set from MODEL_DIR when it is an ``s3://`` URL (not a variable of its own)."""
 
     _ENV = {
         "state_dir": "VALVE_ID_STATE_DIR",
@@ -103,6 +124,12 @@ class Settings:
         "predict_batch_size": "VALVE_ID_PREDICT_BATCH",
         "compile_model": "VALVE_ID_COMPILE",
         "reconcile_interval_s": "VALVE_ID_RECONCILE_INTERVAL_S",
+        "dicomweb_url": "VALVE_ID_DICOMWEB_URL",
+        "dicomweb_user": "VALVE_ID_DICOMWEB_USER",
+        "dicomweb_password": "VALVE_ID_DICOMWEB_PASSWORD",
+        "keep_versions": "VALVE_ID_KEEP_VERSIONS",
+        "keep_days": "VALVE_ID_KEEP_DAYS",
+        "s3_endpoint_url": "VALVE_ID_S3_ENDPOINT_URL",
     }
 
     @classmethod
@@ -135,6 +162,11 @@ class Settings:
     def __post_init__(self) -> None:
         # Fixed once, where valve-id starts: every message names the real folder, and a
         # process started elsewhere (a worker, a job) uses the same one.
+        if isinstance(self.model_dir, str) and self.model_dir.startswith("s3://"):
+            object.__setattr__(self, "model_url", self.model_dir)  # object storage
+            object.__setattr__(self, "model_dir", None)
+        if self.model_url and not self.model_url.startswith("s3://"):
+            raise SettingsError(f"model_url={self.model_url!r} must be an s3:// URL")
         for name in ("state_dir", "model_dir", "cache_dir"):
             path = getattr(self, name)
             if path is not None:
@@ -145,10 +177,15 @@ class Settings:
             raise SettingsError("VALVE_ID_PROMOTION_TOLERANCE must lie in [0, 1]")
         if self.retrain_every_n_labels < 1:
             raise SettingsError("RETRAIN_EVERY_N_LABELS must be at least 1")
+        if self.keep_versions < 1:
+            raise SettingsError("VALVE_ID_KEEP_VERSIONS must be at least 1")
+        if not 0.0 <= self.keep_days < float("inf"):
+            raise SettingsError("VALVE_ID_KEEP_DAYS must be a number of days, 0 or more")
         if self.predict_batch_size < 1:
             raise SettingsError("VALVE_ID_PREDICT_BATCH must be at least 1")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        _check_dicomweb(self)
         from training.fitting.config import AUTO_PROFILE, PROFILES
 
         if self.training_profile not in {*PROFILES, AUTO_PROFILE}:
@@ -171,6 +208,49 @@ class Settings:
         """The preprocessing cache actually used."""
         return self.cache_dir or self.state_dir / "cache"
 
+    @property
+    def registry_location(self) -> str:
+        """The model registry: ``s3://bucket/prefix`` or the folder (:attr:`models`)."""
+        return self.model_url or str(self.models)
+
+    def open_registry(self) -> Registry:
+        """The model registry these settings name (folder or object storage)."""
+        from training.shared.registry import open_registry
+
+        return open_registry(
+            self.registry_location,
+            endpoint_url=self.s3_endpoint_url or None,
+            cache_dir=self.cache,
+        )
+
+
+def _check_dicomweb(settings: Settings) -> None:
+    """The PACS URL must be plain http(s) without user:password (which would end up in logs
+    and error messages); credentials go in their own variables. Never echoes the URL."""
+    from urllib.parse import urlsplit
+
+    if bool(settings.dicomweb_user) != bool(settings.dicomweb_password):
+        raise SettingsError(
+            "set both VALVE_ID_DICOMWEB_USER and VALVE_ID_DICOMWEB_PASSWORD, or neither"
+        )
+    if not settings.dicomweb_url:
+        return
+    try:
+        parts = urlsplit(settings.dicomweb_url)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise SettingsError("VALVE_ID_DICOMWEB_URL is not a valid URL") from None
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise SettingsError(
+            "VALVE_ID_DICOMWEB_URL must be an http(s) URL of the DICOMweb root, "
+            "e.g. http://pacs.example:8042/dicom-web"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise SettingsError(
+            "VALVE_ID_DICOMWEB_URL must not contain user:password; put them in "
+            "VALVE_ID_DICOMWEB_USER and VALVE_ID_DICOMWEB_PASSWORD"
+        )
+
 
 def debug_requested(environ: Mapping[str, str] | None = None) -> bool:
     """Whether ``LOG_LEVEL`` asks for DEBUG, read on its own: the command line's error report
@@ -179,7 +259,9 @@ def debug_requested(environ: Mapping[str, str] | None = None) -> bool:
     return env.get(Settings._ENV["log_level"], "").strip().upper() == "DEBUG"
 
 
-_SECRETS = frozenset({"label_studio_api_key", "basic_auth_pass", "pseudonym_key"})
+_SECRETS = frozenset(
+    {"label_studio_api_key", "basic_auth_pass", "pseudonym_key", "dicomweb_password"}
+)
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -209,6 +291,9 @@ VERB_SETTINGS: dict[str, tuple[str, ...]] = {
         "pseudonym_key",
         "local_files_root",
         "label_config",
+        "dicomweb_url",
+        "dicomweb_user",
+        "dicomweb_password",
     ),
 }
 """The settings each long-running or Label Studio-facing verb cannot work without the right
@@ -231,6 +316,8 @@ def _cast(name: str | None, raw: str, annotation: object) -> object:
         if "tuple" in text:
             return tuple(part.strip() for part in raw.split(",") if part.strip())
         if "Path" in text:
+            if raw.startswith("s3://"):  # MODEL_DIR in object storage: a URL, not a path
+                return raw
             return Path(raw).expanduser()
         if "float" in text:
             return float(raw)

@@ -5,6 +5,8 @@
 #                    parses the file offline; the Docker engine is NOT installed or needed)
 #   chromium, chromium-driver, fonts-liberation
 #                    tests/e2e's browser check (headless Chromium through selenium)
+#   orthanc, orthanc-dicomweb
+#                    tests/backend/test_pacs_import.py's real PACS (DICOMweb plugin)
 # To add a package: one `need COMMAND PACKAGE...` line below.
 set -euo pipefail
 
@@ -15,10 +17,19 @@ need() {
   shift
   command -v "$cmd" >/dev/null 2>&1 || missing+=("$@")
 }
+need_file() {
+  # need_file PATH PACKAGE...: queue the packages when PATH does not exist (a daemon in
+  # /usr/sbin, off a normal user's PATH, or a plugin library).
+  local path="$1"
+  shift
+  [ -e "$path" ] || missing+=("$@")
+}
 
 need docker-compose docker-compose
 need chromium chromium fonts-liberation
 need chromedriver chromium-driver
+need_file /usr/sbin/Orthanc orthanc
+need_file /usr/share/orthanc/plugins/libOrthancDicomWeb.so orthanc-dicomweb
 
 if [ "${#missing[@]}" -eq 0 ]; then
   echo "setup-system: nothing to install"

@@ -42,6 +42,7 @@ PINNED_IMAGES = {
     "label-studio": "heartexlabs/label-studio:1.23.2",
     "db": "postgres:16",
     "redis": "redis:7",
+    "orthanc": "orthancteam/orthanc:24.12.1",
 }
 SECRET_NAME = re.compile(r"(PASSWORD|_PASS|_USER_TOKEN|_API_KEY|SECRET|PSEUDONYM_KEY)$")
 """Environment names whose values are secrets: never written in docker-compose.yml."""
@@ -107,7 +108,8 @@ def _run_compose(args: list[str]) -> subprocess.CompletedProcess[str]:
 def resolved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The file as docker-compose resolves it with the dummy .env, all profiles on."""
     env_file = _dummy_env(tmp_path_factory.mktemp("compose"))
-    result = _compose(env_file, "--profile", "gpus4", "--profile", "dashboard", "config")
+    profiles = ("gpus4", "dashboard", "pacs")
+    result = _compose(env_file, *(a for p in profiles for a in ("--profile", p)), "config")
     assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
     return yaml.safe_load(result.stdout)
 
@@ -158,6 +160,7 @@ def test_config_accepts_the_file_with_every_profile(resolved: dict[str, Any]) ->
         BACKEND,
         DEFAULT_WORKER,
         "rq-dashboard",
+        "orthanc",
         *GPU_WORKERS,
     }
 
@@ -352,7 +355,7 @@ def test_only_label_studio_and_the_dashboard_publish_ports_on_loopback(
     services = _services(resolved)
     for name, service in services.items():
         ports = service.get("ports") or []
-        if name not in {"label-studio", "rq-dashboard"}:
+        if name not in {"label-studio", "rq-dashboard", "orthanc"}:  # orthanc: profile pacs
             assert not ports, f"{name} must stay on the internal network"
             continue
         for port in ports:

@@ -42,13 +42,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import numpy as np
 from PIL import Image
 
 from backend.settings import Settings, SettingsError
+from backend.tools.guides import install_guides
 from training.labelstudio import LabelStudio
 from training.labelstudio.export import PATIENT_KEY
 from training.shared.dataset import MANIFEST_NAME, content_hash
@@ -61,6 +62,9 @@ from training.shared.errors import (
 )
 from training.shared.labels import parse_label_config
 
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
 __all__ = [
     "DEFAULT_PROJECT_TITLE",
     "DEFAULT_STORAGE_SUBDIR",
@@ -69,10 +73,19 @@ __all__ = [
     "PSEUDONYM_HEX_CHARS",
     "PSEUDONYM_PREFIX",
     "SOURCE_UID_KEY",
+    "Destination",
+    "FoundImage",
     "ImportReport",
+    "check_pseudonym_key",
+    "dicom_identity",
     "import_folder",
+    "log_report",
+    "make_task",
+    "open_destination",
     "pseudonymize",
+    "send_tasks",
     "source_uid",
+    "storage_folder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -129,12 +142,33 @@ class _Refused(Exception):
 
 
 @dataclass(frozen=True)
-class _Found:
-    """An image file, identified but not yet decoded."""
+class FoundImage:
+    """An image (a file or a PACS instance), identified but not yet decoded."""
 
     uid: str
+    """Its ``source_uid``: the dedupe key every import source shares."""
     patient_id: str | None
     burned_in: bool = False
+
+
+@dataclass
+class Destination:
+    """Where tasks go: one project, its image key, the PNG folder, and what it already holds.
+
+    Shared by the folder and the PACS import so both write the same PNGs and the same
+    three-key tasks, and dedupe against the same ``source_uid`` set."""
+
+    client: LabelStudio
+    project_id: int
+    image_key: str
+    folder: Path
+    """The PNG folder (absolute, below ``LOCAL_FILES_DOCUMENT_ROOT``)."""
+    relative: str
+    """``folder`` relative to ``LOCAL_FILES_DOCUMENT_ROOT`` (POSIX), for the task's URL."""
+    key: str
+    """The pseudonym key (HMAC key of ``patient`` and ``source_uid``)."""
+    known: set[str] = field(default_factory=set)
+    """``source_uid`` of every task in the project, plus those created since."""
 
 
 # ------------------------------------------------------------------------------ pseudonyms
@@ -158,7 +192,8 @@ def source_uid(kind: str, value: str, key: str) -> str:
     return _keyed_hash(key, kind, value)[:_SOURCE_UID_HEX_CHARS]
 
 
-def _check_key(settings: Settings) -> str:
+def check_pseudonym_key(settings: Settings) -> str:
+    """The pseudonym key, refused when unset or too short (before anything is written)."""
     key = settings.pseudonym_key
     if not key:
         raise SettingsError(
@@ -177,7 +212,7 @@ def _check_key(settings: Settings) -> str:
 # ------------------------------------------------------------------------------ the folder
 
 
-def _storage_dir(settings: Settings, storage_root: Path | None) -> tuple[Path, str]:
+def storage_folder(settings: Settings, storage_root: Path | None) -> tuple[Path, str]:
     """The PNG folder and its path relative to ``LOCAL_FILES_DOCUMENT_ROOT`` (POSIX)."""
     if settings.local_files_root is None:
         raise SettingsError(
@@ -231,7 +266,7 @@ def _head(path: Path) -> bytes:
         return fh.read(_SNIFF_BYTES)
 
 
-def _identify(path: Path, name: str, manifest: dict[Path, str], key: str) -> _Found | None:
+def _identify(path: Path, name: str, manifest: dict[Path, str], key: str) -> FoundImage | None:
     """Recognise the file by content; None for a file that is not an image at all."""
     from training.shared.dicom import read_dicom_header
 
@@ -243,7 +278,7 @@ def _identify(path: Path, name: str, manifest: dict[Path, str], key: str) -> _Fo
                 "a PNG/JPEG needs its patient_id in manifest.csv (it has no header to take "
                 "the patient from)"
             )
-        return _Found(uid=source_uid("sha256", content_hash(path), key), patient_id=listed)
+        return FoundImage(uid=source_uid("sha256", content_hash(path), key), patient_id=listed)
     try:
         header = read_dicom_header(path, name=name)
     except ImageDecodeError:
@@ -253,11 +288,23 @@ def _identify(path: Path, name: str, manifest: dict[Path, str], key: str) -> _Fo
         return None
     if str(header.get("SOPClassUID") or "") == _DICOMDIR_SOP_CLASS:
         return None
+    return dicom_identity(header, key, content=lambda: content_hash(path), listed=listed)
+
+
+def dicom_identity(
+    header: Dataset, key: str, *, content: Callable[[], str], listed: str | None = None
+) -> FoundImage:
+    """A DICOM's dedupe key and patient, the same for a file and a PACS instance.
+
+    The ``source_uid`` is keyed on the SOP Instance UID, so the same instance imported from a
+    folder and from the PACS is one task; ``content()`` (the bytes' hash) only stands in for
+    an instance without one. ``listed`` is the manifest's patient id, used when the header
+    has none."""
     sop = str(header.get("SOPInstanceUID") or "").strip()
-    uid = source_uid("sop", sop, key) if sop else source_uid("sha256", content_hash(path), key)
+    uid = source_uid("sop", sop, key) if sop else source_uid("sha256", content(), key)
     patient_id = str(header.get("PatientID") or "").strip() or listed
     burned_in = str(header.get("BurnedInAnnotation") or "").strip().upper() == "YES"
-    return _Found(uid=uid, patient_id=patient_id, burned_in=burned_in)
+    return FoundImage(uid=uid, patient_id=patient_id, burned_in=burned_in)
 
 
 def _importable(path: Path, name: str, manifest: dict[Path, str], key: str) -> bool:
@@ -374,17 +421,59 @@ def _existing_uids(client: LabelStudio, project_id: int) -> set[str]:
     return uids
 
 
-def _send(
+def open_destination(
+    settings: Settings,
     client: LabelStudio,
-    project_id: int,
+    *,
+    project_id: int | None,
+    create: bool,
+    folder: Path,
+    relative: str,
+    key: str,
+    title: str = DEFAULT_PROJECT_TITLE,
+) -> Destination:
+    """The project (found, or made with ``create``), its storage and its ``source_uid`` set.
+
+    The first call that touches Label Studio; callers check everything local before it, so
+    a refused import never leaves an empty project behind."""
+    if create == (project_id is not None):
+        raise ValueError("give either a project id or create=True, not both or neither")
+    if create:
+        with _talking_to_label_studio():
+            project_id, image_key = _create_project(client, settings, title)
+    else:
+        assert project_id is not None
+        image_key = _project_image_key(client, project_id)
+    with _talking_to_label_studio():
+        _ensure_storage(client, project_id, folder)
+        _install_guides(settings, client, project_id)
+        known = _existing_uids(client, project_id)
+    return Destination(client, project_id, image_key, folder, relative, key, known)
+
+
+def _install_guides(settings: Settings, client: LabelStudio, project_id: int) -> None:
+    """The reading guides' pictures for this project (docs/READING_GUIDES.md), from the
+    ``guides/`` folder beside the labeling config, when there is one."""
+    source = settings.label_config.parent / "guides"
+    if settings.local_files_root is not None and source.is_dir():
+        install_guides(
+            client, project_id, local_files_root=settings.local_files_root, source=source
+        )
+
+
+def send_tasks(
+    destination: Destination,
     batch: list[tuple[str, dict[str, Any]]],
     report: ImportReport,
 ) -> None:
-    """Create one batch of tasks; a refused batch fails its files, an unreachable LS stops."""
+    """Create one batch of tasks; a refused batch fails its images, an unreachable LS stops.
+
+    Label Studio answers each batch with one ``TASKS_CREATED`` webhook, which is what makes
+    the backend pre-annotate the new tasks (whichever import made them)."""
     if not batch:
         return
     try:
-        client.import_tasks(project_id, [d for _, d in batch])
+        destination.client.import_tasks(destination.project_id, [d for _, d in batch])
     except LabelStudioError as exc:
         if exc.status_code is None:
             raise DatasetError(
@@ -396,6 +485,49 @@ def _send(
     else:
         report.created += len(batch)
     batch.clear()
+
+
+def make_task(
+    destination: Destination, found: FoundImage, decode: Callable[[], np.ndarray]
+) -> dict[str, Any]:
+    """Write the image's PNG (unless an interrupted run already did) and return its task
+    data: the image URL, ``source_uid`` and, with a Patient ID, its pseudonym; nothing else.
+
+    ``decode`` is only called when the PNG is missing; it raises :class:`ImageDecodeError`
+    for an image that cannot be imported."""
+    target = destination.folder / f"{found.uid}.png"
+    if not target.is_file():  # written by an earlier, interrupted run: same bytes
+        _write_png(target, _png_bytes(decode()))
+    destination.known.add(found.uid)
+    url = "/data/local-files/?d=" + quote(f"{destination.relative}/{target.name}", safe="/")
+    task: dict[str, Any] = {destination.image_key: url, SOURCE_UID_KEY: found.uid}
+    if found.patient_id:
+        task[PATIENT_KEY] = pseudonymize(found.patient_id, destination.key)
+    return task
+
+
+def log_report(report: ImportReport, source: str = "import") -> None:
+    """Counts only: no file name, UID or patient data reaches the log."""
+    logger.info(
+        "%s into project %s: %d created, %d duplicates skipped, %d failed, %d ignored",
+        source,
+        report.project_id,
+        report.created,
+        report.skipped_duplicates,
+        len(report.failed),
+        report.ignored,
+    )
+    if report.burned_in:
+        logger.warning(
+            "%d image(s) declare text burned into the pixels (Burned In Annotation YES); "
+            "it cannot be removed by valve-id and annotators will see it",
+            report.burned_in,
+        )
+    if report.without_patient:
+        logger.warning(
+            "%d image(s) had no Patient ID: each will be its own group in training",
+            report.without_patient,
+        )
 
 
 # ------------------------------------------------------------------------------ the import
@@ -422,31 +554,31 @@ def import_folder(
     """
     if create == (project_id is not None):
         raise ValueError("give either a project id or create=True, not both or neither")
-    key = _check_key(settings)
-    folder, relative = _storage_dir(settings, storage_root)
+    key = check_pseudonym_key(settings)
+    folder, relative = storage_folder(settings, storage_root)
     source_dir = Path(source_dir)
     if not source_dir.is_dir():
         raise DatasetError(f"{source_dir} is not a folder")
     manifest = _read_manifest(source_dir)
     files = list(_walk(source_dir, folder))
     _check_something_to_import(source_dir, files, manifest, key)
+    destination = open_destination(
+        settings,
+        client,
+        project_id=project_id,
+        create=create,
+        folder=folder,
+        relative=relative,
+        key=key,
+        title=title,
+    )
 
-    if create:
-        with _talking_to_label_studio():
-            project_id, image_key = _create_project(client, settings, title)
-    else:
-        assert project_id is not None
-        image_key = _project_image_key(client, project_id)
-    with _talking_to_label_studio():
-        _ensure_storage(client, project_id, folder)
-        known = _existing_uids(client, project_id)
-
-    report = ImportReport(project_id=project_id)
+    report = ImportReport(project_id=destination.project_id)
     batch: list[tuple[str, dict[str, Any]]] = []
     for done, path in enumerate(files, start=1):
         name = path.relative_to(source_dir).as_posix()
         try:
-            task = _import_one(path, name, manifest, key, known, folder, relative, image_key)
+            task = _import_one(path, name, manifest, destination)
         except (ImageDecodeError, _Refused) as exc:
             report.failed[name] = str(exc)
         except OSError as exc:
@@ -463,59 +595,24 @@ def import_folder(
                 report.burned_in += burned_in
                 batch.append((name, data))
                 if len(batch) >= IMPORT_BATCH_SIZE:
-                    _send(client, project_id, batch, report)
+                    send_tasks(destination, batch, report)
         if progress is not None:
             progress(done, len(files))
-    _send(client, project_id, batch, report)
-
-    logger.info(
-        "import into project %s: %d created, %d duplicates skipped, %d failed, %d ignored",
-        project_id,
-        report.created,
-        report.skipped_duplicates,
-        len(report.failed),
-        report.ignored,
-    )
-    if report.burned_in:
-        logger.warning(
-            "%d image(s) declare text burned into the pixels (Burned In Annotation YES); "
-            "it cannot be removed by valve-id and annotators will see it",
-            report.burned_in,
-        )
-    if report.without_patient:
-        logger.warning(
-            "%d image(s) had no Patient ID: each will be its own group in training",
-            report.without_patient,
-        )
+    send_tasks(destination, batch, report)
+    log_report(report)
     return report
 
 
 def _import_one(
-    path: Path,
-    name: str,
-    manifest: dict[Path, str],
-    key: str,
-    known: set[str],
-    folder: Path,
-    relative: str,
-    image_key: str,
+    path: Path, name: str, manifest: dict[Path, str], destination: Destination
 ) -> tuple[dict[str, Any], bool] | str:
     """One file → (its task data, burned-in text?), or ``"ignored"`` / ``"duplicate"``."""
     from training.shared.dicom import load_image
 
-    found = _identify(path, name, manifest, key)
+    found = _identify(path, name, manifest, destination.key)
     if found is None:
         return "ignored"
-    if found.uid in known:
+    if found.uid in destination.known:
         return "duplicate"
-    target = folder / f"{found.uid}.png"
-    if not target.is_file():  # written by an earlier, interrupted run: same bytes
-        _write_png(target, _png_bytes(load_image(path, name=name)))
-    known.add(found.uid)
-    task: dict[str, Any] = {
-        image_key: "/data/local-files/?d=" + quote(f"{relative}/{target.name}", safe="/"),
-        SOURCE_UID_KEY: found.uid,
-    }
-    if found.patient_id:
-        task[PATIENT_KEY] = pseudonymize(found.patient_id, key)
+    task = make_task(destination, found, lambda: load_image(path, name=name))
     return task, found.burned_in
