@@ -53,6 +53,8 @@ RUN groupadd --system --gid "${VALVE_ID_UID}" valve-id \
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/torch /opt/torch
 COPY label_config.xml /app/label_config.xml
+# The reading guides' pictures, beside the config: every import installs them for its project.
+COPY guides /app/guides
 
 # Paths match docker-compose.yml's volumes. The installed package has no checkout around it,
 # so the label config is named explicitly. NVIDIA_DRIVER_CAPABILITIES: CUDA compute on GPU

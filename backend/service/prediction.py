@@ -25,6 +25,20 @@ class Prediction:
     model_version: str
     content_hash: str
     """sha256 of the image file bytes."""
+    centre_px: tuple[float, float] | None = None
+    """Where the valve is, ``(x, y)`` in pixels of the original image (x = column), or None
+    when the version could not tell."""
+    image_size_px: tuple[int, int] | None = None
+    """``(width, height)`` of the original image, the frame of ``centre_px``."""
+    centre_source: str | None = None
+    """``locator`` (a locate-then-classify version's locator) or ``saliency`` (the peak of the
+    classifier's Grad-CAM map, for whole-image versions)."""
+    novelty: float | None = None
+    """How unlike every learned valve model the X-ray looks: the fraction of the labelled
+    X-rays (out of fold) it is more unusual than; None if the version has no novelty model."""
+    unfamiliar: bool = False
+    """Novelty at or above the version's flag quantile (0.95): possibly a valve model the
+    version never learned ("Other valve"); such X-rays lead the review queue."""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ Per request: inputs are hashed (sha256 of the file bytes); results cached under
 rest are decoded and preprocessed (:func:`training.shared.dicom.load_image`,
 :func:`training.shared.preprocess.prepare_image` — the same functions training used) in a thread
 pool, and go through the ensemble ``batch_size`` at a time. A bad image becomes a
-:class:`PredictionError` for itself only.
+:class:`PredictionError` for itself only. Each answer also says where the valve is (pixels of
+the original image), so the pre-annotation can mark it for the annotator.
 
 The fast path (default on): channels_last weights and inputs plus bf16 autocast on the CPU
 (fp16 AMP on CUDA), conv and linear weights stored in that dtype (autocast would cast them
@@ -51,6 +52,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,8 +65,14 @@ from training.shared.dicom import load_image
 from training.shared.errors import ModelLoadError, ValveIdError
 from training.shared.inference import autocast_dtype, autocast_for, iter_batches, to_network_input
 from training.shared.model import load_fold_models
-from training.shared.preprocess import PreprocessParams, prepare_image
-from training.shared.registry import ModelRegistry
+from training.shared.novelty import NOVELTY_FILE, Novelty, features_and_logits
+from training.shared.preprocess import (
+    PreprocessParams,
+    from_prepared_fraction,
+    prepare_image_with_box,
+)
+from training.shared.registry import Registry, open_registry
+from training.shared.saliency import grad_cam, saliency_peaks
 from training.shared.uncertainty import (
     bald,
     entropy,
@@ -104,6 +112,33 @@ class _Served:
     temperature: float
     acquisition: str
     models: tuple[nn.Module, ...]
+    novelty: Novelty | None = None
+    """The version's novelty model (:mod:`training.shared.novelty`); None before it existed."""
+    explainer: nn.Module | None = None
+    """The first fold's network, uncompiled: Grad-CAM needs its hooks and gradients. None for
+    locate-then-classify versions, whose locator answers where the valve is."""
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    """What the ensemble answered for a batch of prepared images."""
+
+    logits: np.ndarray
+    """``(members, n, K)`` float32."""
+    centres: np.ndarray
+    """``(n, 2)`` valve centres, fractions of the prepared square (NaN: none found)."""
+    novelty: np.ndarray
+    """``(n,)`` novelty in [0, 1] (NaN: the version has no novelty model)."""
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """One decoded image: the network's square, the crop that made it, the original size."""
+
+    array: np.ndarray
+    box: tuple[int, int, int, int]
+    size_px: tuple[int, int]
+    """``(width, height)`` of the original image."""
 
 
 class _LRUCache:
@@ -144,12 +179,14 @@ class Predictor:
 
     ``acquisition`` is ``auto`` (the version's report decides) or a name from
     :data:`training.shared.uncertainty.ACQUISITIONS`. ``device`` defaults to CUDA when available.
-    ``refresh_interval_s`` throttles :meth:`refresh` (tests set 0).
+    ``refresh_interval_s`` throttles :meth:`refresh` (tests set 0). ``locate`` (default on)
+    also answers where the valve is: a locate-then-classify version's locator costs nothing
+    extra; a whole-image version's Grad-CAM peak costs one backward pass of one fold network.
     """
 
     def __init__(
         self,
-        registry_root: str | os.PathLike[str],
+        registry_root: str | os.PathLike[str] | Registry,
         *,
         acquisition: str = "auto",
         batch_size: int = DEFAULT_BATCH_SIZE,
@@ -158,16 +195,22 @@ class Predictor:
         fast_path: bool = True,
         compile: bool = False,
         refresh_interval_s: float = REFRESH_INTERVAL_S,
+        locate: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self._acquisition_setting = validate_acquisition(acquisition)
-        self._registry = ModelRegistry(registry_root)
+        self._registry = (
+            open_registry(registry_root)
+            if isinstance(registry_root, str | os.PathLike)
+            else registry_root
+        )
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._batch_size = batch_size
         self._fast_path = fast_path
         self._compile = compile
         self._refresh_interval_s = refresh_interval_s
+        self._locate = locate
         self._cache = _LRUCache(cache_size)
         self._workers = os.cpu_count() or 1
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="valve-id-decode")
@@ -358,15 +401,15 @@ class Predictor:
             self._executor.map(lambda d: _prepare(payloads[d], d, state.params), digests)
         )
         out: list[tuple[str, Prediction | PredictionError]] = []
-        good: list[tuple[str, np.ndarray]] = []
+        good: list[tuple[str, _Prepared]] = []
         for digest, item in zip(digests, prepared, strict=True):
             if isinstance(item, PredictionError):
                 out.append((digest, item))
             else:
                 good.append((digest, item))
         if good:
-            member_logits = self._forward(state, np.stack([arr for _, arr in good]))
-            predictions = _to_predictions(state, member_logits, [d for d, _ in good])
+            outputs = self._forward(state, np.stack([item.array for _, item in good]))
+            predictions = _to_predictions(state, outputs, good)
             for prediction in predictions:
                 self._cache.put((prediction.content_hash, state.version), prediction)
                 out.append((prediction.content_hash, prediction))
@@ -375,21 +418,42 @@ class Predictor:
             self._image_errors += len(digests) - len(good)
         return out
 
-    def _forward(self, state: _Served, prepared: np.ndarray) -> np.ndarray:
-        """Logits ``(members, n, K)`` float32 for prepared images ``(n, H, W)``."""
+    def _forward(self, state: _Served, prepared: np.ndarray) -> _Outputs:
+        """The ensemble's answers for prepared images ``(n, H, W)``: see :class:`_Outputs`."""
         images = torch.from_numpy(prepared)
-        out = np.empty((len(state.models), len(images), len(state.classes)), dtype=np.float32)
-        with torch.inference_mode():
-            for part in iter_batches(len(images), self._batch_size):
-                batch = to_network_input(
-                    images[part].to(self._device), state.params, channels_last=self._fast_path
-                )
-                # One batch at a time (see the module docstring), released between batches so
-                # a small request is not stuck behind a large one.
-                with self._forward_lock, autocast_for(self._device, self._fast_path):
+        n = len(images)
+        logits = np.empty((len(state.models), n, len(state.classes)), dtype=np.float32)
+        centres = np.full((n, 2), np.nan, dtype=np.float64)
+        novelty = np.full(n, np.nan, dtype=np.float64)
+        for part in iter_batches(n, self._batch_size):
+            batch = to_network_input(
+                images[part].to(self._device), state.params, channels_last=self._fast_path
+            )
+            # One batch at a time (see the module docstring), released between batches so
+            # a small request is not stuck behind a large one.
+            with self._forward_lock, autocast_for(self._device, self._fast_path):
+                located: list[np.ndarray] = []
+                features: list[np.ndarray] = []
+                with torch.inference_mode():
                     for m, model in enumerate(state.models):
-                        out[m, part] = model(batch).float().cpu().numpy()
-        return out
+                        # A locator answers once; the crop is classified there (as forward).
+                        locate = getattr(model, "locate", None)
+                        where = locate(batch) if locate is not None else None
+                        if where is not None:
+                            located.append(where.float().cpu().numpy())
+                        if state.novelty is None:
+                            answer = model(batch) if where is None else model(batch, where)
+                        else:
+                            found, answer = features_and_logits(model, batch, where)
+                            features.append(found.float().cpu().numpy())
+                        logits[m, part] = answer.float().cpu().numpy()
+                if located:
+                    centres[part] = np.mean(located, axis=0)
+                elif self._locate and state.explainer is not None:
+                    centres[part] = _saliency_centres(state.explainer, batch)
+                if state.novelty is not None:
+                    novelty[part] = state.novelty.score(features)
+        return _Outputs(logits, centres, novelty)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -408,7 +472,7 @@ class Predictor:
 
 
 def _load_served(
-    registry: ModelRegistry,
+    registry: Registry,
     version_id: str,
     device: torch.device,
     acquisition: str,
@@ -443,10 +507,26 @@ def _load_served(
         temperature=config.temperature,
         acquisition=resolve_acquisition(acquisition, metrics),
         models=tuple(_for_serving(m, fast_path=fast_path, compile=compile) for m in models),
+        # _for_serving prepared models[0] in place; compiling wrapped it, not replaced it.
+        explainer=None if hasattr(models[0], "locate") else models[0],
+        novelty=_load_novelty(path, len(models)),
     )
     if compile:  # compile now, while the previous version still serves
         _warm_up(served, device, warmup_batch, fast_path)
     return served
+
+
+def _load_novelty(path: Path, n_folds: int) -> Novelty | None:
+    """The version's novelty model, or None (older versions have none: no flag, no error)."""
+    if not (path / NOVELTY_FILE).is_file():
+        return None
+    novelty = Novelty.load(path / NOVELTY_FILE)
+    if len(novelty.folds) != n_folds:
+        raise ModelLoadError(
+            f"{NOVELTY_FILE} has {len(novelty.folds)} folds, the version {n_folds}",
+            source=str(path),
+        )
+    return novelty
 
 
 def _for_serving(model: nn.Module, *, fast_path: bool, compile: bool) -> nn.Module:
@@ -495,10 +575,12 @@ def _warm_up(served: _Served, device: torch.device, batch: int, fast_path: bool)
 # --- per-image steps --------------------------------------------------------------------
 
 
-def _prepare(data: bytes, digest: str, params: PreprocessParams) -> np.ndarray | PredictionError:
+def _prepare(data: bytes, digest: str, params: PreprocessParams) -> _Prepared | PredictionError:
     """Decode + preprocess one image (runs in the decode pool); errors become values."""
     try:
-        return prepare_image(load_image(data, name="image"), params)
+        image = load_image(data, name="image")
+        array, box = prepare_image_with_box(image, params)
+        return _Prepared(array, box, (int(image.shape[1]), int(image.shape[0])))
     except ValveIdError as exc:
         return PredictionError(str(exc), digest)
     except Exception as exc:  # a decoder bug must cost one image, not the batch
@@ -506,12 +588,34 @@ def _prepare(data: bytes, digest: str, params: PreprocessParams) -> np.ndarray |
         return PredictionError(f"image could not be read ({type(exc).__name__})", digest)
 
 
+def _saliency_centres(explainer: nn.Module, batch: torch.Tensor) -> np.ndarray:
+    """Where a whole-image network looked hardest (its Grad-CAM peak), ``(n, 2)`` fractions.
+
+    Costs one backward pass of one fold network; a failure costs the location, never the
+    prediction.
+    """
+    body = getattr(explainer, "body", None)
+    try:
+        if not isinstance(body, nn.Sequential):
+            raise TypeError(f"{type(explainer).__name__} has no body to explain")
+        return saliency_peaks(grad_cam(explainer, batch, body[-1]))
+    except Exception as exc:
+        logger.warning("no saliency location (%s)", type(exc).__name__)
+        return np.full((len(batch), 2), np.nan)
+
+
 def _to_predictions(
-    state: _Served, member_logits: np.ndarray, digests: list[str]
+    state: _Served, outputs: _Outputs, images: Sequence[tuple[str, _Prepared]]
 ) -> list[Prediction]:
-    member_probs = softmax(member_logits, state.temperature)  # (m, n, K)
+    member_probs = softmax(outputs.logits, state.temperature)  # (m, n, K)
     probs = member_probs.mean(axis=0)
     scores = score(state.acquisition, probs, member_probs)
+    centres, novelty = outputs.centres, outputs.novelty
+    flag = state.novelty.flag_quantile if state.novelty is not None else math.inf
+    unfamiliar = np.nan_to_num(novelty, nan=0.0) >= flag
+    # An X-ray unlike every learned model goes to the top of the review queue, the most
+    # unusual first, whatever the classes' probabilities say.
+    scores = np.where(unfamiliar, np.minimum(scores, 1.0 - novelty), scores)
     measures = {
         "entropy": entropy(probs),
         "normalized_entropy": normalized_entropy(probs),
@@ -519,17 +623,30 @@ def _to_predictions(
         "max_softmax": max_softmax(probs),
         "bald": bald(member_probs),
     }
-    return [
-        Prediction(
-            label=state.classes[int(np.argmax(probs[i]))],
-            probs={c: float(p) for c, p in zip(state.classes, probs[i], strict=True)},
-            score=float(scores[i]),
-            uncertainty={name: float(values[i]) for name, values in measures.items()},
-            model_version=state.version,
-            content_hash=digest,
+    source = "saliency" if state.explainer is not None else "locator"
+    predictions = []
+    for i, (digest, image) in enumerate(images):
+        found = bool(np.isfinite(centres[i]).all())
+        predictions.append(
+            Prediction(
+                label=state.classes[int(np.argmax(probs[i]))],
+                probs={c: float(p) for c, p in zip(state.classes, probs[i], strict=True)},
+                score=float(scores[i]),
+                uncertainty={name: float(values[i]) for name, values in measures.items()},
+                model_version=state.version,
+                content_hash=digest,
+                centre_px=(
+                    from_prepared_fraction(centres[i, 0], centres[i, 1], image.box)
+                    if found
+                    else None
+                ),
+                image_size_px=image.size_px,
+                centre_source=source if found else None,
+                novelty=float(novelty[i]) if np.isfinite(novelty[i]) else None,
+                unfamiliar=bool(unfamiliar[i]),
+            )
         )
-        for i, digest in enumerate(digests)
-    ]
+    return predictions
 
 
 def _reason(exc: BaseException) -> str:

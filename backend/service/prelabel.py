@@ -17,7 +17,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from backend.service.labelstudio import choice_result
+from backend.service.labelstudio import choice_result, keypoint_result
 from backend.service.prediction import Prediction, PredictionError
 from training.shared.labels import LabelConfig
 
@@ -27,6 +27,8 @@ __all__ = [
     "Prelabel",
     "PredictorLike",
     "label_in_config",
+    "location_result",
+    "novelty_result",
     "prelabel",
     "task_id",
 ]
@@ -64,7 +66,8 @@ class Prelabel:
     score: float | None = None
     model_version: str | None = None
     result: list[dict[str, Any]] = field(default_factory=list)
-    """The Label Studio result (a choice of ``label``); empty unless ``outcome`` is ok."""
+    """The Label Studio result (a choice of ``label``, and the valve's centre as a keypoint
+    when the config asks for one and the version found it); empty unless ``outcome`` is ok."""
     reason: str = ""
 
     @property
@@ -146,8 +149,50 @@ def _answer(
         label=label,
         score=float(prediction.score),
         model_version=prediction.model_version or served,
-        result=choice_result(config, label),
+        result=(
+            choice_result(config, label)
+            + location_result(prediction, config)
+            + novelty_result(prediction, config)
+        ),
     )
+
+
+def novelty_result(prediction: Prediction, config: LabelConfig) -> list[dict[str, Any]]:
+    """A note in the config's ``model_note`` text area when the X-ray looks unlike every valve
+    model the version learned; else nothing. The proposed class stays the model's best guess:
+    the note asks the annotator to consider "Other valve"."""
+    if config.note_name is None or not prediction.unfamiliar or prediction.novelty is None:
+        return []
+    text = (
+        f"Unlike every valve model this version learned: more unusual than "
+        f"{prediction.novelty:.0%} of the labelled X-rays. Check whether it is another valve."
+    )
+    return [
+        {
+            "value": {"text": [text]},
+            "from_name": config.note_name,
+            "to_name": config.image_name,
+            "type": "textarea",
+        }
+    ]
+
+
+def location_result(prediction: Prediction, config: LabelConfig) -> list[dict[str, Any]]:
+    """The valve's predicted centre as an editable keypoint, when the project's config has a
+    ``<KeyPointLabels>`` tag and the version found one; else nothing.
+
+    The annotator's eye goes straight to the valve, and the point they confirm or move is
+    the valve centre the next run learns its locator from.
+    """
+    if config.keypoint_name is None or config.keypoint_label is None:
+        return []
+    if prediction.centre_px is None or prediction.image_size_px is None:
+        return []
+    width, height = prediction.image_size_px
+    x, y = prediction.centre_px
+    if width <= 0 or height <= 0 or not (math.isfinite(x) and math.isfinite(y)):
+        return []
+    return keypoint_result(config, min(max(x, 0.0), width), min(max(y, 0.0), height), width, height)
 
 
 def _fetch(fetcher: FetcherLike, task: Any, url: str) -> bytes | Exception:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from backend.tools.stack.demo_accuracy import demo_accuracy
 
 
@@ -39,3 +41,30 @@ def test_only_unlabelled_tasks_and_the_served_version_count() -> None:
     )
     none = demo_accuracy(tasks, truth, "v3", "valve")
     assert none.accuracy is None and "no unlabelled demo task holds its prediction" in none.line()
+
+
+def test_the_valve_keypoint_is_scored_against_the_true_centre() -> None:
+    truth = {
+        "a": SimpleNamespace(label="A", valve_xy=(100.0, 50.0)),
+        "b": SimpleNamespace(label="B", valve_xy=(10.0, 10.0)),
+        "c": SimpleNamespace(label="C", valve_xy=None),  # centre unknown: class only
+    }
+    point = {
+        "from_name": "valve_centre",
+        "type": "keypointlabels",
+        "original_width": 200,
+        "original_height": 100,
+        "value": {"x": 53.0, "y": 54.0, "keypointlabels": ["Valve"]},  # (106, 54)
+    }
+    tasks = [_task("a", v2="A"), _task("b", v2="B"), _task("c", v2="C")]
+    for task in tasks:
+        task["predictions"][0]["result"].append(point)
+    scored = demo_accuracy(tasks, truth, "v2", "valve", "valve_centre")
+    assert scored.accuracy == 1.0
+    assert scored.location_errors_px == (
+        pytest.approx(((106 - 100) ** 2 + (54 - 50) ** 2) ** 0.5),
+        pytest.approx(((106 - 10) ** 2 + (54 - 10) ** 2) ** 0.5),
+    )
+    assert "valve located" in scored.line() and "2 X-rays" in scored.line()
+    # Without a keypoint tag to read, nothing is claimed about the location.
+    assert demo_accuracy(tasks, truth, "v2", "valve").location_line() == ""

@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from backend.settings import DEFAULT_LABEL_CONFIG, Settings, SettingsError
 from backend.tools import importer
 from backend.tools.commands.importer import import_command
+from backend.tools.guides import GUIDES_SUBDIR
 from backend.tools.importer import (
     DEFAULT_PROJECT_TITLE,
     ImportReport,
@@ -139,7 +140,9 @@ def test_tasks_and_pngs_carry_no_identifying_dicom_data(standin, dicom_set):
     for task in tasks:
         assert set(task["data"]) == {"image", "patient", "source_uid"}
 
-    pngs = sorted(standin.local_files_root.rglob("*.png"))
+    pngs = sorted(
+        p for p in standin.local_files_root.rglob("*.png") if GUIDES_SUBDIR not in p.parts
+    )
     assert len(pngs) == N_IMAGES
     for png in pngs:
         data = png.read_bytes()
@@ -232,7 +235,7 @@ def test_reimport_creates_no_duplicates(standin, dicom_set, tmp_path):
     second = run_import(standin, copy, project_id=first.project_id)
     assert second.created == 0 and second.skipped_duplicates == N_IMAGES
     assert len(standin.project_tasks(first.project_id)) == N_IMAGES
-    assert len(standin.storages) == 1  # the storage found, not created twice
+    assert len(_import_storages(standin)) == 1  # the storage found, not created twice
 
 
 def test_dedupe_sees_tasks_beyond_the_first_page(standin, dicom_set):
@@ -346,10 +349,13 @@ def test_create_makes_the_project_and_a_storage_that_serves_the_images(standin, 
     project = standin.projects[report.project_id]
     assert project["title"] == DEFAULT_PROJECT_TITLE
     assert project["label_config"] == DEFAULT_LABEL_CONFIG.read_text()
-    (storage,) = standin.storages
+    (storage,) = _import_storages(standin)
     assert storage["project"] == report.project_id
     assert Path(storage["path"]) == (standin.local_files_root / "valve-id").resolve()
-    assert standin.count("POST", "/api/storages/localfiles/") == 1
+    # Its own storage, and the reading guides' pictures' (every import installs them).
+    (guides,) = [s for s in standin.storages if s not in _import_storages(standin)]
+    assert Path(guides["path"]).name == GUIDES_SUBDIR and guides["project"] == report.project_id
+    assert standin.count("POST", "/api/storages/localfiles/") == 2
     assert standin.count("POST", "/api/storages/localfiles/sync") == 0  # never synced
     task = standin.project_tasks(report.project_id)[0]
     url = standin.url + task["data"]["image"]
@@ -454,3 +460,8 @@ def test_cli_refuses_a_folder_with_nothing_importable(standin, tmp_path, monkeyp
         assert "DICOM" in line and "PNG/JPEG" in line and "manifest.csv" in line
         assert "task(s) created" not in result.output
     assert standin.projects == {}
+
+
+def _import_storages(standin: StandInLabelStudio) -> list[dict]:
+    """The project storages of the X-rays (not the reading guides' pictures)."""
+    return [s for s in standin.storages if Path(s["path"]).name != GUIDES_SUBDIR]

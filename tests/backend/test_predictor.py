@@ -125,14 +125,19 @@ def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def forward_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Batch sizes of every forward pass of every fold model the predictor loads."""
+    """Batch sizes of every predicting forward pass (inference mode) of every fold model the
+    predictor loads; the Grad-CAM pass that locates the valve (with gradients) is not one."""
     calls: list[int] = []
     real = predictor_module.load_fold_models
+
+    def count(_module: object, inputs: tuple[torch.Tensor, ...], _out: object) -> None:
+        if torch.is_inference_mode_enabled():
+            calls.append(len(inputs[0]))
 
     def counting(*args: object, **kwargs: object) -> list[ValveNet]:
         models = real(*args, **kwargs)  # type: ignore[arg-type]
         for model in models:
-            model.register_forward_hook(lambda _m, inputs, _out: calls.append(len(inputs[0])))
+            model.register_forward_hook(count)
         return models
 
     monkeypatch.setattr(predictor_module, "load_fold_models", counting)
@@ -786,14 +791,82 @@ def test_fast_path_stores_weights_in_bf16_with_bit_identical_answers(native_bf16
 # --- the locate-then-classify design --------------------------------------------------------
 
 
-def test_a_locate_then_classify_version_is_served_like_any_other(
-    registry: ModelRegistry, native_bf16: None
+class _LooksAtBrightness(nn.Module):
+    """A network whose evidence is known: class 0's logit is the mean brightness, so its
+    Grad-CAM map is the image itself and the peak is the brightest spot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = nn.Conv2d(3, 1, 1, bias=False)
+        nn.init.constant_(conv.weight, 1.0)
+        self.body = nn.Sequential(conv)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 4))
+        with torch.no_grad():
+            self.head[2].weight.copy_(torch.tensor([[1.0], [0.0], [0.0], [0.0]]))
+            self.head[2].bias.copy_(torch.tensor([10.0, 0.0, 0.0, 0.0]))
+        self.classes = tuple(CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_a_whole_image_version_answers_where_its_saliency_peaks(
+    registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The cpu profile's two-stage network loads from its checkpoints alone and answers with
-    the same ensemble rule; the fast path (channels_last, bf16) agrees with fp32."""
+    """Without a locator the Grad-CAM peak is the location, mapped back through the crop
+    into the uploaded image's own pixels (a bright disc in a black margin)."""
+    _publish(registry, "v1")
+    monkeypatch.setattr(
+        predictor_module, "load_fold_models", lambda *a, **k: [_LooksAtBrightness() for _ in "ab"]
+    )
+    canvas = np.zeros((70, 90), np.uint8)
+    canvas[10:60, 20:80] = 40  # the "skull": what the preprocessing crops to
+    yy, xx = np.mgrid[0:70, 0:90]
+    canvas[(xx - 62) ** 2 + (yy - 22) ** 2 <= 16] = 250  # the "valve" at (62, 22)
+    buf = io.BytesIO()
+    Image.fromarray(canvas, mode="L").save(buf, format="PNG")
+    with _predictor(registry, fast_path=False) as predictor:
+        (result,) = predictor.predict([buf.getvalue()])
+        with _predictor(registry, fast_path=False, locate=False) as quiet:
+            (unlocated,) = quiet.predict([buf.getvalue()])
+    assert isinstance(result, Prediction) and result.centre_px is not None
+    assert result.centre_source == "saliency" and result.image_size_px == (90, 70)
+    assert result.centre_px == pytest.approx((62, 22), abs=1.5)
+    assert isinstance(unlocated, Prediction) and unlocated.centre_px is None
+
+
+def test_a_locator_s_centre_is_answered_in_pixels_of_the_original_image(
+    registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The locator answers in fractions of the prepared (cropped, squished) square; the
+    prediction carries the point in the uploaded image's own pixels."""
+    from training.shared.locate_classify import LocateClassifyNet
+    from training.shared.preprocess import prepare_image_with_box
+
+    _publish_two_stage(registry, "v2c")
+    where = torch.tensor([0.25, 0.75])
+    monkeypatch.setattr(
+        LocateClassifyNet, "locate", lambda self, x: where.expand(len(x), 2).to(x.dtype)
+    )
+    canvas = np.zeros((40, 60), np.uint8)
+    canvas[10:30, 15:50] = (np.random.default_rng(3).random((20, 35)) * 200 + 55).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(canvas, mode="L").save(buf, format="PNG")
+    with _predictor(registry, fast_path=False) as predictor:
+        (result,) = predictor.predict([buf.getvalue()])
+    assert isinstance(result, Prediction)
+    _, (top, bottom, left, right) = prepare_image_with_box(
+        load_image(buf.getvalue()), PreprocessParams(size_px=SIZE_PX)
+    )
+    assert (top, bottom, left, right) == (10, 30, 15, 50)
+    assert result.centre_source == "locator" and result.image_size_px == (60, 40)
+    assert result.centre_px == pytest.approx((15 + 0.25 * 35, 10 + 0.75 * 20), abs=1e-4)
+
+
+def _publish_two_stage(registry: ModelRegistry, version: str) -> None:
     from training.shared.locate_classify import LocateClassifyNet, TwoStageParams
 
-    staging = registry.staging("two-stage")
+    staging = registry.staging(version)
     params = TwoStageParams(backbone=TINY_ARCH, locator_px=16, crop_fraction=0.5, crop_px=16)
     torch.manual_seed(5)
     for k in range(2):
@@ -801,7 +874,7 @@ def test_a_locate_then_classify_version_is_served_like_any_other(
         save_checkpoint(model, staging / "weights" / f"fold_{k}.pt", classes=CLASSES)
     config = {
         "format": 1,
-        "version": "v2s",
+        "version": version,
         "classes": CLASSES,
         "preprocess": PreprocessParams(size_px=SIZE_PX).to_dict(),
         "temperature": 1.5,
@@ -812,7 +885,15 @@ def test_a_locate_then_classify_version_is_served_like_any_other(
     (staging / "config.json").write_text(json.dumps(config))
     metrics = {"mean": {"f1_macro": 0.5}, "classes": CLASSES, "uncertainty": {}}
     (staging / "metrics.json").write_text(json.dumps(metrics))
-    registry.publish(staging, version_id="v2s")
+    registry.publish(staging, version_id=version)
+
+
+def test_a_locate_then_classify_version_is_served_like_any_other(
+    registry: ModelRegistry, native_bf16: None
+) -> None:
+    """The cpu profile's two-stage network loads from its checkpoints alone and answers with
+    the same ensemble rule; the fast path (channels_last, bf16) agrees with fp32."""
+    _publish_two_stage(registry, "v2s")
     images = [_png(seed) for seed in range(6)]
     with _predictor(registry) as predictor:
         fast = predictor.predict(images)

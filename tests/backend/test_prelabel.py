@@ -11,7 +11,7 @@ import pytest
 from backend.service.labelstudio import Task
 from backend.service.prediction import Prediction, PredictionError
 from backend.service.prelabel import label_in_config, prelabel
-from training.shared.labels import load_label_config
+from training.shared.labels import LabelConfig, load_label_config
 
 CONFIG = load_label_config(Path(__file__).parents[2] / "label_config.xml")
 HAKIM, CERTAS = "Codman Hakim", "Codman Certas Plus"
@@ -112,3 +112,77 @@ def test_a_predictor_answering_the_wrong_count_is_a_bug_not_a_result() -> None:
             fetcher=Fetcher(),
             pool=pool,
         )
+
+
+def _located(centre: tuple[float, float] | None, size: tuple[int, int] = (800, 600)) -> Prediction:
+    return Prediction(
+        HAKIM, {HAKIM: 0.9, CERTAS: 0.1}, 0.7, {}, "v7", "hash", centre, size, "locator"
+    )
+
+
+def test_the_valve_centre_is_pre_annotated_as_an_editable_keypoint() -> None:
+    from backend.service.prelabel import location_result
+
+    choice, point = prelabel_result(_located((200.0, 450.0)))
+    assert choice["value"] == {"choices": [HAKIM]}
+    assert point["type"] == "keypointlabels"
+    assert (point["from_name"], point["to_name"]) == (CONFIG.keypoint_name, CONFIG.image_name)
+    assert (point["original_width"], point["original_height"]) == (800, 600)
+    assert point["value"]["x"] == pytest.approx(25.0) and point["value"]["y"] == pytest.approx(75.0)
+    assert point["value"]["keypointlabels"] == [CONFIG.keypoint_label]
+    # A point the network put just outside the frame is kept on its edge, not dropped.
+    edge = location_result(_located((-3.0, 601.0)), CONFIG)
+    assert (edge[0]["value"]["x"], edge[0]["value"]["y"]) == (0.0, 100.0)
+
+
+def test_no_keypoint_without_a_location_or_without_a_keypoint_tag() -> None:
+    from dataclasses import replace
+
+    from backend.service.prelabel import location_result
+
+    assert location_result(_located(None), CONFIG) == []
+    assert location_result(_located((float("nan"), 3.0)), CONFIG) == []
+    no_tag = replace(CONFIG, keypoint_name=None, keypoint_label=None)
+    assert location_result(_located((10.0, 10.0)), no_tag) == []
+
+
+def prelabel_result(prediction: Prediction, config: LabelConfig = CONFIG) -> list[dict]:
+    """The result :func:`prelabel` builds for one task that ``prediction`` answers."""
+
+    class One:
+        version = "v7"
+
+        def predict(self, images: Sequence[bytes | BaseException]) -> list[Prediction]:
+            return [prediction for _ in images]
+
+    with ThreadPoolExecutor(1) as pool:
+        (answer,) = prelabel(
+            [Task(id=1, data={"image": "img:ok"})],
+            config=config,
+            predictor=One(),
+            fetcher=Fetcher(),
+            pool=pool,
+        )
+    assert answer.ok, answer
+    return answer.result
+
+
+def test_an_unfamiliar_valve_gets_a_note_and_keeps_the_model_s_best_class() -> None:
+    from dataclasses import replace
+
+    from backend.service.prelabel import novelty_result
+    from training.shared.labels import NOTE_NAME
+
+    with_note = replace(CONFIG, note_name=NOTE_NAME)
+    odd = replace(_located(None), novelty=0.99, unfamiliar=True)
+    (choice, note) = prelabel_result(odd, with_note)
+    assert choice["value"] == {"choices": [HAKIM]}
+    assert (note["type"], note["from_name"], note["to_name"]) == (
+        "textarea",
+        NOTE_NAME,
+        CONFIG.image_name,
+    )
+    assert "99%" in note["value"]["text"][0]
+    # Ordinary X-rays, and configs without the note, get no note.
+    assert novelty_result(replace(odd, unfamiliar=False, novelty=0.5), with_note) == []
+    assert novelty_result(odd, replace(CONFIG, note_name=None)) == []

@@ -9,7 +9,8 @@ import torchvision
 from matplotlib import colormaps
 from torch import nn
 
-from training.fitting.gradcam import grad_cam, overlay
+from training.fitting.gradcam import overlay
+from training.shared.saliency import grad_cam
 
 SIZE_PX = 32
 POOL = 4

@@ -70,6 +70,11 @@ def test_enqueued_run_is_trained_by_a_worker_and_published(
     assert metrics["classes"] == list(load_label_config(LABEL_CONFIG).classes[:4])
     assert len(metrics["splits"]) == 5
     assert sum(s["n_val"] for s in metrics["splits"]) == 40
+    # A whole-image version is scored on where its saliency peaks (what serving marks).
+    assert metrics["localisation"]["source"] == "saliency"
+    assert metrics["localisation"]["n"] == 40 and metrics["localisation"]["median_px"] >= 0
+    # Its novelty model is fitted out of fold: every labelled X-ray is in the reference.
+    assert metrics["novelty"]["n_reference"] == 40 and (version_dir / "novelty.npz").is_file()
     config = json.loads((version_dir / "config.json").read_text())
     assert config["preprocess"]["size_px"] == 64
     assert config["init"]["init"] in {"imagenet", "random"}

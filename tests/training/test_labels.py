@@ -33,7 +33,9 @@ def test_project_config_is_valid_for_label_studio_and_the_keypoint_is_optional()
     assert {c.name: c.tag for c in interface.controls} == {
         "valve": "Choices",
         "valve_centre": "KeyPointLabels",
+        "model_note": "TextArea",
     }
+    assert parse_label_config(xml).note_name == "model_note"
     # The class stays required; the keypoint is not (annotators may skip it).
     tags = {el.get("name"): el for el in ET.fromstring(xml).iter() if el.get("name")}
     assert tags["valve"].get("required") == "true"
@@ -66,6 +68,19 @@ def test_the_keypoint_is_the_first_keypointlabels_on_the_classified_image() -> N
         parse_label_config(no_label).keypoint_name,
         parse_label_config(no_label).keypoint_label,
     ) == ("centre", None)
+
+
+def test_the_model_note_is_a_text_area_of_that_name_on_the_classified_image() -> None:
+    base = """<View><Image name="xray" value="$img"/><Image name="other" value="$o"/>
+      <Choices name="valve" toName="xray"><Choice value="x"/><Choice value="y"/></Choices>
+      {extra}</View>"""
+    assert parse_label_config(base.format(extra="")).note_name is None
+    elsewhere = '<TextArea name="model_note" toName="other"/>'
+    assert parse_label_config(base.format(extra=elsewhere)).note_name is None
+    other_name = '<TextArea name="comments" toName="xray"/>'
+    assert parse_label_config(base.format(extra=other_name)).note_name is None
+    note = '<TextArea name="model_note" toName="xray" editable="true"/>'
+    assert parse_label_config(base.format(extra=note)).note_name == "model_note"
 
 
 def test_a_new_valve_model_in_the_config_becomes_a_class_without_code_change() -> None:
@@ -132,3 +147,34 @@ def test_unusable_configs_get_a_clear_error(xml: str, message: str) -> None:
 def test_missing_file_is_a_label_config_error(tmp_path: Path) -> None:
     with pytest.raises(LabelConfigError, match="cannot read"):
         load_label_config(tmp_path / "nope.xml")
+
+
+def test_each_valve_model_has_one_reading_guide_shown_only_when_it_is_chosen() -> None:
+    """docs/READING_GUIDES.md: a guide is a view that Label Studio shows while its model is
+    the ``valve`` choice; it names its source and says it is not verified yet."""
+    config = load_label_config(ROOT / "label_config.xml")
+    guides = [
+        el
+        for el in ET.fromstring((ROOT / "label_config.xml").read_text()).iter()
+        if el.get("visibleWhen") == "choice-selected"
+    ]
+    assert all(g.get("whenTagName") == config.choices_name for g in guides)
+    shown_for = [g.get("whenChoiceValue") for g in guides]
+    assert sorted(shown_for) == sorted(PAPER_CLASSES)  # not "Other valve", "Not assessable"
+    for guide in guides:
+        text = " ".join(el.get("value") or "" for el in guide.iter())
+        assert "Instructions for Use" in text and "Not yet verified against the IFU" in text
+        assert "Scale:" in text and "On the X-ray:" in text
+        (picture,) = [el for el in guide.iter() if el.tag == "Image"]
+        assert picture.get("value", "").startswith("/data/local-files/?d=valve-id-guides/")
+        assert "$" not in text  # a "$word" would become a task data key in Label Studio
+
+
+def test_guide_images_do_not_change_which_image_is_classified() -> None:
+    xml = """<View><Image name="guide" value="/data/local-files/?d=g/a.png"/>
+      <Image name="xray" value="$img"/>
+      <Choices name="valve" toName="xray"><Choice value="x"/><Choice value="y"/></Choices>
+      <View visibleWhen="choice-selected" whenTagName="valve" whenChoiceValue="x">
+        <Image name="guide_x" value="/data/local-files/?d=g/x.png"/></View></View>"""
+    config = parse_label_config(xml)
+    assert (config.image_name, config.image_key) == ("xray", "img")

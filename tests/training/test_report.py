@@ -242,3 +242,22 @@ def test_report_of_metrics_without_most_missed_still_names_ties(
 ) -> None:
     older = {k: v for k, v in _chance_level_metrics().items() if k != "most_missed"}
     assert "Most often missed, tied: Codman Hakim and" in _write(tmp_path, older)
+
+
+def test_where_the_valve_is_and_how_unfamiliar_valves_are_flagged(
+    tmp_path: Path, metrics: dict
+) -> None:
+    metrics = {
+        **metrics,
+        "localisation": {"n": 40, "median_px": 31.5, "p95_px": 90.0, "source": "saliency"},
+        "novelty": {"flag_quantile": 0.95, "n_reference": 40},
+    }
+    text = _write(tmp_path, metrics)
+    location = _section(text, "Valve location")
+    assert "31.5" in location and "Grad-CAM" in location and "no locator" in location
+    unfamiliar = _section(text, "Unfamiliar valves")
+    assert "all 40" in unfamiliar and "5 %" in unfamiliar and "poorly so far" in unfamiliar
+    located = {**metrics["localisation"], "source": "locator"}
+    assert "crop around the predicted" in _section(
+        _write(tmp_path, {**metrics, "localisation": located}), "Valve location"
+    )

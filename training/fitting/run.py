@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ import numpy as np
 from training.shared.dataset import LabelledImage, PreparedImages, prepare_images
 from training.shared.errors import DatasetError
 from training.shared.labels import LabelConfig
+from training.shared.novelty import NOVELTY_FILE, FoldNovelty, Novelty, features_and_logits
 from training.shared.preprocess import PreprocessParams
 from training.shared.version_config import CONFIG_FILE, DataSummary, FoldEntry, VersionConfig
 
@@ -57,6 +59,10 @@ METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
 
 ProgressFn = Callable[[dict[str, Any]], None]
+
+
+SALIENCY_BATCH = 16
+"""Images per Grad-CAM pass when scoring a whole-image fold's valve locations."""
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -222,9 +228,22 @@ def train_fold_stage(
         extra["centres"] = result.val_centres
     elif config.design == "whole_image":
         result = train_fold(prepared.arrays, labels, *fold_args, fold=fold, progress=progress)
+        if not np.isnan(prepared.centres[val_idx]).all():  # annotated centres to compare with
+            params = PreprocessParams.from_dict(plan["preprocess"])
+            extra["centres"] = _saliency_centres(result.model, prepared.arrays[val_idx], params)
     else:
         raise ValueError(f"unknown design {config.design!r}; known: whole_image, locate_classify")
     save_checkpoint(result.model, run_dir / "weights" / f"fold_{fold}.pt", classes=plan["classes"])
+    # Novelty: this fold's feature statistics, and its held-out X-rays' distances (the
+    # out-of-fold reference new X-rays are ranked against).
+    params = PreprocessParams.from_dict(plan["preprocess"])
+    features = _penultimate_features(result.model, prepared.arrays, params)
+    novelty = FoldNovelty.fit(
+        features[train_idx], labels[train_idx], len(plan["classes"]), features[val_idx]
+    )
+    (run_dir / "novelty").mkdir(parents=True, exist_ok=True)
+    Novelty((novelty,), np.zeros(0)).save(run_dir / "novelty" / f"fold_{fold}.npz")
+    extra["novelty_distance"] = novelty.distances(features[val_idx])
     oof = run_dir / "oof" / f"fold_{fold}.npz"
     oof.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, Any] = {"val_idx": val_idx, "logits": result.val_logits, **extra}
@@ -247,9 +266,9 @@ def _gradcam_examples(
     """A few out-of-fold images per class with the saliency of the fold that scored them."""
     import torch
 
-    from training.fitting.gradcam import grad_cam
     from training.shared.inference import to_network_input
     from training.shared.model import load_checkpoint
+    from training.shared.saliency import grad_cam
 
     params = PreprocessParams.from_dict(plan["preprocess"])
     examples: list[dict[str, Any]] = []
@@ -295,6 +314,7 @@ def finalize_run(
     n_folds = config_recipe["n_folds"]
     logits = np.zeros((len(y), len(plan["classes"])), dtype=np.float32)
     centres = np.full((len(y), 2), np.nan, dtype=np.float32)
+    novelty_distance = np.full(len(y), np.nan)
     fold_of = np.full(len(y), -1)
     histories = []
     for k in range(n_folds):
@@ -306,6 +326,8 @@ def finalize_run(
             fold_of[data["val_idx"]] = k
             if "centres" in data:
                 centres[data["val_idx"]] = data["centres"]
+            if "novelty_distance" in data:
+                novelty_distance[data["val_idx"]] = data["novelty_distance"]
         histories.append(read_json(run_dir / "history" / f"fold_{k}.json"))
     if (fold_of < 0).any():
         raise DatasetError("some images have no out-of-fold prediction; the splits are incomplete")
@@ -314,7 +336,12 @@ def finalize_run(
         y, logits, fold_of, plan["classes"], n_train_per_fold=[h["n_train"] for h in histories]
     )
     if not np.isnan(centres).all():
-        metrics["localisation"] = localisation_error(centres, prepared.centres, prepared.boxes)
+        metrics["localisation"] = {
+            **localisation_error(centres, prepared.centres, prepared.boxes),
+            "source": "locator" if config_recipe.get("design") == "locate_classify" else "saliency",
+        }
+    if np.isfinite(novelty_distance).all():
+        metrics["novelty"] = _write_novelty(run_dir, n_folds, novelty_distance)
     write_metrics(metrics, run_dir / METRICS_FILE)
     temperature = float(metrics["calibration"]["temperature"])
     oof = {"fold": fold_of, "probs": softmax(logits)}
@@ -377,6 +404,59 @@ def finalize_run(
         oof={"y_true": y, "probs": oof["probs"]},
     )
     return config
+
+
+def _saliency_centres(model: Any, arrays: np.ndarray, params: PreprocessParams) -> np.ndarray:
+    """Grad-CAM peaks ``(n, 2)`` (fractions of the prepared square) of a whole-image network:
+    the location serving offers for such a version, scored here against the annotations."""
+    import torch
+
+    from training.shared.inference import iter_batches, to_network_input
+    from training.shared.saliency import grad_cam, saliency_peaks
+
+    device = next(model.parameters()).device
+    peaks = np.full((len(arrays), 2), np.nan, dtype=np.float32)
+    for part in iter_batches(len(arrays), SALIENCY_BATCH):
+        images = torch.from_numpy(arrays[part].astype(np.float32)).to(device)
+        batch = to_network_input(images, params, channels_last=False)
+        peaks[part] = saliency_peaks(grad_cam(model, batch, model.body[-1]))
+    return peaks
+
+
+def _penultimate_features(model: Any, arrays: np.ndarray, params: PreprocessParams) -> np.ndarray:
+    """``(n, D)`` penultimate features of every prepared image, as serving computes them."""
+    import torch
+
+    from training.shared.inference import iter_batches, to_network_input
+
+    device = next(model.parameters()).device
+    model.eval()
+    parts = []
+    with torch.inference_mode():
+        for part in iter_batches(len(arrays), SALIENCY_BATCH):
+            images = torch.from_numpy(arrays[part].astype(np.float32)).to(device)
+            batch = to_network_input(images, params, channels_last=False)
+            parts.append(features_and_logits(model, batch)[0].float().cpu().numpy())
+    return np.concatenate(parts)
+
+
+def _write_novelty(run_dir: Path, n_folds: int, distance: np.ndarray) -> dict[str, Any]:
+    """The version's novelty model (its folds + the out-of-fold reference), and its summary
+    for metrics.json."""
+    folds = tuple(
+        Novelty.load(run_dir / "novelty" / f"fold_{k}.npz").folds[0] for k in range(n_folds)
+    )
+    novelty = Novelty(folds, np.sort(distance))
+    novelty.save(run_dir / NOVELTY_FILE)
+    shutil.rmtree(run_dir / "novelty")  # the folds are in NOVELTY_FILE now
+    return {
+        "measure": "Mahalanobis distance of penultimate features to the nearest class mean",
+        "file": NOVELTY_FILE,
+        "flag_quantile": novelty.flag_quantile,
+        "n_reference": len(distance),
+        "reference_median": round(float(np.median(distance)), 4),
+        "reference_flag_distance": round(float(np.quantile(distance, novelty.flag_quantile)), 4),
+    }
 
 
 def localisation_error(

@@ -19,7 +19,11 @@ from pathlib import Path
 
 from training.shared.errors import LabelConfigError
 
-__all__ = ["LabelConfig", "load_label_config", "parse_label_config"]
+__all__ = ["NOTE_NAME", "LabelConfig", "load_label_config", "parse_label_config"]
+
+NOTE_NAME = "model_note"
+"""``name`` of the ``<TextArea>`` in which a pre-annotation tells the annotator something the
+classes cannot say (an X-ray unlike every learned valve model); optional in a config."""
 
 _MAX_CONFIG_BYTES = 1_000_000
 """A labeling config is a few hundred bytes; refuse anything absurdly large."""
@@ -45,6 +49,8 @@ class LabelConfig:
     keypoint_label: str | None = None
     """Its first ``<Label value>`` (what a valve-centre result carries in
     ``keypointlabels``); None without a keypoint tag or label."""
+    note_name: str | None = None
+    """:data:`NOTE_NAME` when the config has that ``<TextArea>`` on the image, else None."""
 
 
 def _find_one(root: ET.Element, tag: str) -> ET.Element:
@@ -115,6 +121,17 @@ def parse_label_config(xml: str) -> LabelConfig:
             None,
         )
 
+    note = next(
+        (
+            el
+            for el in root.iter()
+            if el.tag.lower() == "textarea"
+            and el.get("name") == NOTE_NAME
+            and choices.get("toName") in (el.get("toName") or "").split(",")
+        ),
+        None,
+    )
+
     normalised = " ".join(xml.split())
     return LabelConfig(
         image_name=str(image.get("name")),
@@ -124,6 +141,7 @@ def parse_label_config(xml: str) -> LabelConfig:
         config_hash=hashlib.sha256(normalised.encode("utf-8")).hexdigest(),
         keypoint_name=None if keypoints is None else str(keypoints.get("name")),
         keypoint_label=keypoint_label,
+        note_name=None if note is None else NOTE_NAME,
     )
 
 

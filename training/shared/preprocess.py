@@ -42,6 +42,7 @@ __all__ = [
     "PreprocessParams",
     "crop_to_foreground",
     "foreground_box",
+    "from_prepared_fraction",
     "normalize_image",
     "prepare_image",
     "prepare_image_with_box",
@@ -204,6 +205,15 @@ def to_prepared_fraction(x: float, y: float, box: tuple[int, int, int, int]) -> 
     fx = (float(x) - left) / max(right - left, 1)
     fy = (float(y) - top) / max(bottom - top, 1)
     return min(max(fx, 0.0), 1.0), min(max(fy, 0.0), 1.0)
+
+
+def from_prepared_fraction(
+    fx: float, fy: float, box: tuple[int, int, int, int]
+) -> tuple[float, float]:
+    """The inverse of :func:`to_prepared_fraction`: fractions ``(x, y)`` of the prepared square
+    as pixels ``(x, y)`` of the original image (where serving places the valve it found)."""
+    top, bottom, left, right = box
+    return left + float(fx) * (right - left), top + float(fy) * (bottom - top)
 
 
 def normalize_image(prepared: Any, params: PreprocessParams) -> Any:

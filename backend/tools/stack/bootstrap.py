@@ -5,7 +5,8 @@ Each step looks before it writes, so ``valve-id up`` can run any number of times
 1. :func:`ensure_project` — the project from ``label_config.xml``, found by title first;
 2. :func:`import_demo` — the synthetic demo DICOMs through :mod:`backend.tools.importer`
 (local-files
-   storage, de-identified PNGs, pseudonymous patients; images already there are skipped);
+   storage, de-identified PNGs, pseudonymous patients; images already there are skipped),
+   and the reading guides' pictures (:mod:`backend.tools.guides`);
 3. :func:`seed_annotations` — a few labels from the demo manifest's true classes, whole
    patients across all classes, so the first training run has enough patients for its folds;
    each with the true valve centre as a keypoint when the project's config has one;
@@ -226,7 +227,9 @@ def import_demo(
     project_id: int, demo_dir: Path, settings: Settings, client: LabelStudio | None = None
 ) -> ImportReport:
     """Import the demo DICOMs with ``valve-id import``'s code; already-imported ones are
-    skipped. ``client`` is the Label Studio client (built from ``settings`` if None)."""
+    skipped; like every import, it installs the reading guides' pictures for the project
+    (:func:`backend.tools.guides.install_guides`). ``client`` is the Label Studio client
+    (built from ``settings`` if None)."""
     if client is None:
         client = label_studio_client(settings)
     report = import_folder(

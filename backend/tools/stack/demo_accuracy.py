@@ -8,9 +8,12 @@ loop: ``valve-id up`` and ``valve-id status`` print it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 __all__ = ["DemoAccuracy", "demo_accuracy"]
 
@@ -24,10 +27,27 @@ class DemoAccuracy:
     scored: int
     """Unlabelled tasks holding a prediction of ``version`` (re-scoring may still run)."""
     unlabelled: int
+    location_errors_px: tuple[float, ...] = ()
+    """Distance from each predicted valve keypoint to the true centre, pixels of the image."""
 
     @property
     def accuracy(self) -> float | None:
         return self.correct / self.scored if self.scored else None
+
+    @property
+    def median_location_error_px(self) -> float | None:
+        errors = self.location_errors_px
+        return float(np.median(errors)) if errors else None
+
+    def location_line(self) -> str:
+        """Where the version put the valve, against the true centres (empty if it never did)."""
+        errors = self.location_errors_px
+        if not errors:
+            return ""
+        return (
+            f"; valve located {np.median(errors):.1f} px from its centre (median, "
+            f"95th percentile {np.percentile(errors, 95):.1f} px, {len(errors)} X-rays)"
+        )
 
     def line(self) -> str:
         if not self.scored:
@@ -42,7 +62,7 @@ class DemoAccuracy:
         )
         return (
             f"{self.version} is right on {self.correct} of {self.scored} unlabelled demo "
-            f"X-rays (accuracy {self.accuracy:.2f}{pending})"
+            f"X-rays (accuracy {self.accuracy:.2f}{pending}){self.location_line()}"
         )
 
 
@@ -54,15 +74,35 @@ def _choice(prediction: Mapping[str, Any], choices_name: str) -> str | None:
     return None
 
 
+def _keypoint_px(
+    prediction: Mapping[str, Any], keypoint_name: str | None
+) -> tuple[float, float] | None:
+    """The prediction's valve keypoint in pixels (Label Studio stores percent + the size)."""
+    for result in prediction.get("result") or []:
+        if result.get("type") != "keypointlabels" or result.get("from_name") != keypoint_name:
+            continue
+        value = result.get("value") or {}
+        try:
+            x = float(value["x"]) / 100.0 * float(result["original_width"])
+            y = float(value["y"]) / 100.0 * float(result["original_height"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return (x, y) if math.isfinite(x) and math.isfinite(y) else None
+    return None
+
+
 def demo_accuracy(
     tasks: Iterable[Mapping[str, Any]],
     truth: Mapping[str, Any],
     version: str,
     choices_name: str,
+    keypoint_name: str | None = None,
 ) -> DemoAccuracy:
     """Score ``version``'s predictions on the unlabelled ``tasks`` (Label Studio task dicts
-    with ``predictions``) against ``truth`` (``source_uid`` → an object with ``label``)."""
+    with ``predictions``) against ``truth`` (``source_uid`` → an object with ``label`` and,
+    if known, ``valve_xy``): the class, and where its keypoint put the valve."""
     correct = scored = unlabelled = 0
+    errors: list[float] = []
     for task in tasks:
         if (task.get("total_annotations") or 0) > 0:
             continue
@@ -76,4 +116,8 @@ def demo_accuracy(
             continue
         scored += 1
         correct += int(answer == image.label)
-    return DemoAccuracy(version, correct, scored, unlabelled)
+        point = _keypoint_px(ours[-1], keypoint_name) if keypoint_name else None
+        true_xy = getattr(image, "valve_xy", None)
+        if point is not None and true_xy is not None:
+            errors.append(math.dist(point, true_xy))
+    return DemoAccuracy(version, correct, scored, unlabelled, tuple(errors))

@@ -593,7 +593,13 @@ def _bootstrap(
             else:
                 training = f"serving {served}"
             if served is not None:
-                scored = demo_accuracy(admin.tasks(project_id), truth, served, config.choices_name)
+                scored = demo_accuracy(
+                    admin.tasks(project_id),
+                    truth,
+                    served,
+                    config.choices_name,
+                    config.keypoint_name,
+                )
                 training += f"\n{'':16}{scored.line()}"
         finally:
             redis.close()
@@ -670,7 +676,7 @@ def served_demo_accuracy(options: StackOptions) -> DemoAccuracy | None:
     finally:
         admin.close()
     truth = bootstrap.demo_images(paths.demo, values["VALVE_ID_PSEUDONYM_KEY"])
-    return demo_accuracy(tasks, truth, served, config.choices_name)
+    return demo_accuracy(tasks, truth, served, config.choices_name, config.keypoint_name)
 
 
 def backend_jobs(options: StackOptions) -> dict[str, Any] | None:
