@@ -112,7 +112,7 @@ def test_up_twice_status_down(
             "ml": [(f"http://127.0.0.1:{backend_port}", "CO", "BASIC_AUTH")],
             "webhooks": [(f"http://127.0.0.1:{backend_port}/webhook", ["Authorization"])],
             "views": ["Review queue — most uncertain first"],
-            "storages": 1,
+            "storages": 2,  # the X-rays' folder and the reading guides' pictures
         }
         chosen = json.loads((state / "stack.json").read_text())
         assert (chosen["ls_port"], chosen["backend_port"]) == (ls_port, backend_port)
