@@ -178,6 +178,26 @@ def choice_result(config: LabelConfig, label: str) -> list[dict[str, Any]]:
     ]
 
 
+def setting_result(
+    config: LabelConfig, valve: str, value: str, score: float | None = None
+) -> list[dict[str, Any]]:
+    """The ``result`` list selecting ``value`` in ``valve``'s setting ``<Choices>`` (shown
+    while that valve model is chosen), with the reading's probability as its ``score`` when
+    given; empty when the config has no scale for ``valve`` or ``value`` is not on it."""
+    scale = config.setting_scale(valve)
+    if scale is None or value not in scale.values:
+        return []
+    result: dict[str, Any] = {
+        "value": {"choices": [value]},
+        "from_name": scale.name,
+        "to_name": config.image_name,
+        "type": "choices",
+    }
+    if score is not None:
+        result["score"] = float(score)
+    return [result]
+
+
 def keypoint_result(
     config: LabelConfig, x_px: float, y_px: float, width_px: int, height_px: int
 ) -> list[dict[str, Any]]:

@@ -238,6 +238,7 @@ def train(
             choices_name=label_config.choices_name,
             keypoint_name=label_config.keypoint_name,
             keypoint_label=label_config.keypoint_label,
+            settings=label_config.settings,
         )
         run_in_process(
             staging,

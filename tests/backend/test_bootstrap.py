@@ -1,4 +1,5 @@
-"""The demo bootstrap's seed labels (backend/tools/stack/bootstrap.py): true class and valve centre.
+"""The demo bootstrap's seed labels (backend/tools/stack/bootstrap.py): true class, valve centre
+and setting.
 
 Runs the real steps against the stand-in Label Studio (:mod:`labelstudio_standin`): the
 synthetic demo is imported with ``valve-id import``'s code, seeded, and read back the way a
@@ -9,6 +10,8 @@ very PNG the run trains on.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +89,7 @@ def test_demo_images_carry_the_true_centre_and_the_image_size(demo: Path) -> Non
         assert (image.label, image.patient_id) == (row["label"], row["patient_id"])
         assert image.valve_xy == (float(row["valve_x"]), float(row["valve_y"]))
         assert (image.width_px, image.height_px) == (int(row["columns"]), int(row["rows"]))
+        assert image.setting == row["valve_setting"] and image.setting
 
 
 def test_seed_result_is_the_class_plus_the_keypoint_in_percent() -> None:
@@ -107,6 +111,31 @@ def test_seed_result_is_the_class_plus_the_keypoint_in_percent() -> None:
     assert len(seed_result(old, image, keypoint=True)) == 1
 
 
+def test_seed_result_adds_the_true_setting_on_the_models_scale() -> None:
+    image = DemoImage("proGAV 2.0", "p1", valve_xy=(50.0, 30.0), width_px=200, height_px=120)
+    with_setting = DemoImage("proGAV 2.0", "p1", setting="7")
+    assert seed_result(CONFIG, with_setting, keypoint=False) == [
+        {"value": {"choices": ["proGAV 2.0"]}, "from_name": "valve", "to_name": "image",
+         "type": "choices"},
+        {"value": {"choices": ["7"]}, "from_name": "setting_progav", "to_name": "image",
+         "type": "choices"},
+    ]  # fmt: skip
+    both = seed_result(CONFIG, dataclasses.replace(image, setting="20"), keypoint=True)
+    assert [r["type"] for r in both] == ["choices", "keypointlabels", "choices"]
+    hakim = seed_result(CONFIG, DemoImage("Codman Hakim", "p1", setting="30"), keypoint=False)
+    assert hakim[1]["from_name"] == "setting_hakim" and hakim[1]["value"]["choices"] == ["30"]
+    # No setting: asked not to, none known, off the model's scale, no scale for the class,
+    # or a config without scales.
+    assert len(seed_result(CONFIG, with_setting, keypoint=False, setting=False)) == 1
+    assert len(seed_result(CONFIG, image, keypoint=False)) == 1
+    off_scale = DemoImage("proGAV 2.0", "p1", setting="21")
+    assert len(seed_result(CONFIG, off_scale, keypoint=False)) == 1
+    other = DemoImage("Other valve", "p1", setting="7")
+    assert len(seed_result(CONFIG, other, keypoint=False)) == 1
+    old = parse_label_config(OLD_CONFIG_XML)
+    assert len(seed_result(old, with_setting, keypoint=False)) == 1
+
+
 def test_seeded_centres_read_back_as_the_true_centre_of_the_imported_png(
     standin: StandInLabelStudio, demo: Path, tmp_path: Path
 ) -> None:
@@ -123,7 +152,8 @@ def test_seeded_centres_read_back_as_the_true_centre_of_the_imported_png(
     assert len(annotated) == created
     for task in annotated:
         (annotation,) = task["annotations"]
-        assert [r["type"] for r in annotation["result"]] == ["choices", "keypointlabels"]
+        types = [r["type"] for r in annotation["result"]]
+        assert types == ["choices", "keypointlabels", "choices"]  # class, centre, setting
 
     # Read back as a training run does: the centre is in the imported PNG's pixels.
     items = load_project_items(
@@ -134,6 +164,7 @@ def test_seeded_centres_read_back_as_the_true_centre_of_the_imported_png(
         choices_name=CONFIG.choices_name,
         keypoint_name=CONFIG.keypoint_name,
         keypoint_label=CONFIG.keypoint_label,
+        settings=CONFIG.settings,
         source=LabelStudioSource(standin.url, standin.api_key),
     )
     rows = manifest_rows(demo)
@@ -144,6 +175,7 @@ def test_seeded_centres_read_back_as_the_true_centre_of_the_imported_png(
         assert item.label == row["label"]
         assert load_image(item.path).shape == (int(row["rows"]), int(row["columns"]))
         assert item.valve_xy == pytest.approx((float(row["valve_x"]), float(row["valve_y"])))
+        assert item.setting == row["valve_setting"]
     prepared = prepare_images(items, PreprocessParams(size_px=32))
     assert np.isfinite(prepared.centres).all()
     assert prepared.centres.min() >= 0.0 and prepared.centres.max() <= 1.0
@@ -166,6 +198,32 @@ def test_a_project_made_before_the_keypoint_tag_is_seeded_with_classes_only(
     ]
     assert len(results) == created
     assert all([r["type"] for r in result] == ["choices"] for result in results)
+
+
+def test_a_project_without_a_models_scale_is_seeded_without_its_setting(
+    standin: StandInLabelStudio, demo: Path
+) -> None:
+    """The project's own config decides, per model: one made before the Hakim's scale was
+    added gets Hakim labels without a setting, and the other models' with theirs."""
+    shipped = DEFAULT_LABEL_CONFIG.read_text(encoding="utf-8")
+    without_hakim = re.sub(r'<Choices name="setting_hakim".*?</Choices>', "", shipped, flags=re.S)
+    assert parse_label_config(without_hakim).setting_scale("Codman Hakim") is None
+    pid = imported_project(standin, demo, without_hakim)
+    truth = bootstrap.demo_images(demo, KEY)
+    admin = LabelStudioAdmin(standin.url, standin.api_key)
+    try:
+        created = bootstrap.seed_annotations(admin, pid, truth, CONFIG, target=8)
+    finally:
+        admin.close()
+    assert created == 8
+    labels = set()
+    for task in standin.project_tasks(pid):
+        (annotation,) = task["annotations"]
+        label = truth[task["data"]["source_uid"]].label
+        labels.add(label)
+        settings = [r for r in annotation["result"] if r["from_name"].startswith("setting_")]
+        assert len(settings) == (0 if label == "Codman Hakim" else 1), label
+    assert "Codman Hakim" in labels and len(labels) > 1
 
 
 def test_seed_line_says_how_its_number_came_about() -> None:

@@ -140,6 +140,32 @@ def test_labelled_image_travels_as_json_with_its_centre() -> None:
         LabelledImage("/x/a.png", "Codman Hakim", "P1", "a", valve_xy=(float("nan"), 1.0))
 
 
+def test_manifest_valve_setting_column_is_optional(tmp_path: Path) -> None:
+    _png(tmp_path / "a.png")
+    _manifest(
+        tmp_path,
+        ["a.png,Codman Hakim,P1,120", "a.png,Codman Hakim,P2,", "a.png,Codman Hakim,P3, 30 "],
+        header="file,label,patient_id,valve_setting",
+    )
+    items = load_manifest(tmp_path, classes=["Codman Hakim"])
+    assert [i.setting for i in items] == ["120", None, "30"]
+    _manifest(tmp_path, ["a.png,Codman Hakim,P1"])  # no such column at all
+    assert load_manifest(tmp_path)[0].setting is None
+
+
+def test_labelled_image_travels_as_json_with_its_setting() -> None:
+    import json
+
+    item = LabelledImage("/x/a.png", "Codman Hakim", "P1", "a", setting="120")
+    as_json = json.loads(json.dumps(item.to_dict()))
+    assert as_json["setting"] == "120"
+    assert LabelledImage.from_dict(as_json) == item
+    plain = LabelledImage("/x/b.png", "Codman Hakim", "P1", "b")
+    assert plain.setting is None and plain.to_dict()["setting"] is None
+    old = {"path": "/x/b.png", "label": "Codman Hakim", "group": "P1", "key": "b"}
+    assert LabelledImage.from_dict(old) == plain  # written before settings existed
+
+
 def _items_with_centres(tmp_path: Path) -> list[LabelledImage]:
     # _png: 40 x 60, foreground rows 10..30, columns 10..50 (the crop).
     path = str(_png(tmp_path / "a.png"))

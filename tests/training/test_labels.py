@@ -34,6 +34,10 @@ def test_project_config_is_valid_for_label_studio_and_the_keypoint_is_optional()
         "valve": "Choices",
         "valve_centre": "KeyPointLabels",
         "model_note": "TextArea",
+        "setting_hakim": "Choices",
+        "setting_certas": "Choices",
+        "setting_sophy": "Choices",
+        "setting_progav": "Choices",
     }
     assert parse_label_config(xml).note_name == "model_note"
     # The class stays required; the keypoint is not (annotators may skip it).
@@ -156,7 +160,7 @@ def test_each_valve_model_has_one_reading_guide_shown_only_when_it_is_chosen() -
     guides = [
         el
         for el in ET.fromstring((ROOT / "label_config.xml").read_text()).iter()
-        if el.get("visibleWhen") == "choice-selected"
+        if el.tag == "View" and el.get("visibleWhen") == "choice-selected"
     ]
     assert all(g.get("whenTagName") == config.choices_name for g in guides)
     shown_for = [g.get("whenChoiceValue") for g in guides]
@@ -178,3 +182,63 @@ def test_guide_images_do_not_change_which_image_is_classified() -> None:
         <Image name="guide_x" value="/data/local-files/?d=g/x.png"/></View></View>"""
     config = parse_label_config(xml)
     assert (config.image_name, config.image_key) == ("xray", "img")
+
+
+def test_each_paper_model_has_its_setting_scale_lowest_first() -> None:
+    config = load_label_config(ROOT / "label_config.xml")
+    scales = {s.valve: s for s in config.settings}
+    assert tuple(scales) == PAPER_CLASSES
+    assert scales["Codman Hakim"].values == tuple(str(v) for v in range(30, 201, 10))
+    assert scales["Codman Certas Plus"].values == tuple(str(v) for v in range(1, 9))
+    assert scales["Sophysa Sophy SM8"].values == tuple(str(v) for v in range(1, 9))
+    assert scales["proGAV 2.0"].values == tuple(str(v) for v in range(21))
+    assert config.setting_scale("proGAV 2.0").name == "setting_progav"
+    assert config.setting_scale("Other valve") is None
+    # The valve classes are still the first <Choices>, not a scale's values.
+    assert config.choices_name == "valve" and "30" not in config.classes
+
+
+SCALED = """<View><Image name="xray" value="$img"/>
+  <Choices name="valve" toName="xray"><Choice value="x"/><Choice value="y"/></Choices>
+  {extra}</View>"""
+
+
+def test_a_setting_scale_is_a_choices_shown_only_for_one_valve_model() -> None:
+    shown = (
+        '<Choices name="sx" toName="xray" visibleWhen="choice-selected" whenTagName="valve" '
+        'whenChoiceValue="x"><Choice value="low"/><Choice value="high"/></Choices>'
+    )
+    always = (
+        '<Choices name="quality" toName="xray"><Choice value="ok"/><Choice value="bad"/></Choices>'
+    )
+    config = parse_label_config(SCALED.format(extra=shown + always))
+    assert [(s.valve, s.name, s.values) for s in config.settings] == [("x", "sx", ("low", "high"))]
+    assert config.setting_scale("y") is None
+    assert parse_label_config(SCALED.format(extra=always)).settings == ()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            '<Choices name="s" toName="xray" visibleWhen="choice-selected" whenTagName="valve" '
+            'whenChoiceValue="z"><Choice value="1"/><Choice value="2"/></Choices>',
+            "not a valve <Choice>",
+        ),
+        (
+            '<Choices name="s" toName="xray" visibleWhen="choice-selected" whenTagName="valve" '
+            'whenChoiceValue="x"><Choice value="1"/><Choice value="1"/></Choices>',
+            "unique",
+        ),
+        (
+            '<Choices name="s" toName="xray" visibleWhen="choice-selected" whenTagName="valve" '
+            'whenChoiceValue="x"><Choice value="1"/><Choice value="2"/></Choices>'
+            '<Choices name="t" toName="xray" visibleWhen="choice-selected" whenTagName="valve" '
+            'whenChoiceValue="x"><Choice value="1"/><Choice value="2"/></Choices>',
+            "two setting",
+        ),
+    ],
+)
+def test_a_broken_setting_scale_is_refused_with_what_to_fix(extra: str, message: str) -> None:
+    with pytest.raises(LabelConfigError, match=message):
+        parse_label_config(SCALED.format(extra=extra))

@@ -33,6 +33,7 @@ from training.labelstudio.export import (
 from training.shared.dataset import LabelledImage
 from training.shared.dicom import load_image
 from training.shared.errors import DatasetError
+from training.shared.labels import SettingScale
 
 CLASSES = ("Codman Hakim", "Codman Certas Plus", "Sophysa Sophy SM8", "proGAV 2.0")
 CONFIG = '<View><Image name="image" value="$image"/><Choices name="valve" toName="image">' + (
@@ -538,3 +539,85 @@ def test_snapshot_items_carry_the_valve_centre_when_marked(standin, tmp_path, mo
     assert all(item.valve_xy is None for item in other)
     default = load_items(f"labelstudio:{pid}", CLASSES, tmp_path / "dl3")
     assert {i.key: i.valve_xy for i in default}[str(marked)] == pytest.approx((3.5, 4.5))
+
+
+# ------------------------------------------------------------------------------ pressure settings
+
+HAKIM_SCALE = SettingScale(
+    "Codman Hakim", "setting_hakim", tuple(str(v) for v in range(30, 210, 10))
+)
+PROGAV_SCALE = SettingScale("proGAV 2.0", "setting_progav", tuple(str(v) for v in range(21)))
+SCALES = (HAKIM_SCALE, PROGAV_SCALE)
+
+
+def with_setting(base: dict, value: object, name: str = "setting_hakim") -> dict:
+    """``base`` plus a setting result, as Label Studio stores a ``<Choices>`` answer."""
+    result = {
+        "from_name": name,
+        "to_name": "image",
+        "type": "choices",
+        "value": {"choices": [value]},
+    }
+    return dict(base, result=[*base["result"], result])
+
+
+def test_setting_comes_from_the_same_annotation_on_its_models_scale():
+    older = with_setting(annotation(1, "Codman Hakim", "2026-11-25T10:00:00Z"), "120")
+    found = latest_annotation([older], "valve", settings=SCALES)
+    assert (found.label, found.setting) == ("Codman Hakim", "120")
+    assert latest_annotation([older], "valve").setting is None  # no scales given
+    # The corrected class has no setting: the older annotation's is not borrowed.
+    newer = annotation(2, "proGAV 2.0", "2026-11-26T10:00:00Z")
+    found = latest_annotation([older, newer], "valve", settings=SCALES)
+    assert (found.label, found.setting) == ("proGAV 2.0", None)
+    # A setting answered in another model's tag (left from before the class changed) is not it.
+    stale = with_setting(annotation(3, "proGAV 2.0", "2026-11-27T10:00:00Z"), "120")
+    assert latest_annotation([stale], "valve", settings=SCALES).setting is None
+    progav = with_setting(annotation(4, "proGAV 2.0", "t"), "0", name="setting_progav")
+    assert latest_annotation([progav], "valve", settings=SCALES).setting == "0"
+    # A model without a scale has no setting.
+    certas = with_setting(annotation(5, "Codman Certas Plus", "t"), "3", name="setting_certas")
+    assert latest_annotation([certas], "valve", settings=SCALES).setting is None
+
+
+def test_a_setting_off_the_scale_is_dropped_with_a_warning_naming_the_task(caplog):
+    off = with_setting(annotation(1, "Codman Hakim", "t"), "205")
+    with caplog.at_level("WARNING", logger=labelstudio_source.__name__):
+        found = latest_annotation([off], "valve", settings=SCALES, task_id=77)
+    assert (found.label, found.setting) == ("Codman Hakim", None)  # the type still trains
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "task 77" in warnings[0] and "'205'" in warnings[0]
+
+
+def test_snapshot_items_carry_the_setting_when_chosen(standin, tmp_path, caplog):
+    pid = standin.add_project(CONFIG)
+    answered = standin.add_task(
+        pid,
+        {"image": upload(standin, pid, "s.png", png_bytes(90)), "patient": "pt-1"},
+        [with_setting(annotation(1, "Codman Hakim", "2026-11-25T10:00:00Z"), "70")],
+    )
+    typo = standin.add_task(
+        pid,
+        {"image": upload(standin, pid, "t.png", png_bytes(60)), "patient": "pt-2"},
+        [with_setting(annotation(2, "Codman Hakim", "2026-11-25T10:00:00Z"), "75")],
+    )
+    unanswered = standin.add_task(
+        pid,
+        {"image": upload(standin, pid, "u.png", png_bytes(30)), "patient": "pt-3"},
+        [annotation(3, "proGAV 2.0", "2026-11-25T10:00:00Z")],
+    )
+    with caplog.at_level("WARNING", logger=labelstudio_source.__name__):
+        items = load_project_items(
+            pid,
+            CLASSES,
+            tmp_path / "dl",
+            choices_name="valve",
+            settings=SCALES,
+            source=source_for(standin),
+        )
+    by_key = {item.key: item for item in items}
+    assert by_key[str(answered)].setting == "70"
+    assert (by_key[str(typo)].label, by_key[str(typo)].setting) == ("Codman Hakim", None)
+    assert by_key[str(unanswered)].setting is None
+    assert any(f"task {typo}" in r.getMessage() for r in caplog.records)

@@ -26,6 +26,7 @@ from training.synthetic import (
     OTHER_VALVE_GEOMETRIES,
     PAPER_CLASS_COUNTS,
     PAPER_CLASS_MIX,
+    SETTING_SCALES,
     VALVE_CLASSES,
     allocate_class_counts,
     draw_patient_traits,
@@ -37,6 +38,7 @@ from training.synthetic.valves import (
     draw_valve,
     other_valve_geometry,
     render_valve,
+    setting_angle,
     valve_matrix,
 )
 
@@ -81,6 +83,26 @@ def test_classes_are_label_config_choices() -> None:
     assert sum(PAPER_CLASS_COUNTS.values()) == 959
     assert math.isclose(sum(PAPER_CLASS_MIX.values()), 1.0)
     assert round(PAPER_CLASS_MIX["Codman Hakim"], 2) == 0.81
+
+
+def test_setting_scales_are_the_label_configs() -> None:
+    """The generator draws exactly the settings the labeling config asks for, per model."""
+    config = load_label_config(REPO_ROOT / "label_config.xml")
+    assert {s.valve: s.values for s in config.settings} == SETTING_SCALES
+    assert tuple(SETTING_SCALES) == VALVE_CLASSES
+    assert SETTING_SCALES["Codman Hakim"][:2] == ("30", "40")
+    assert [len(v) for v in SETTING_SCALES.values()] == [18, 8, 8, 21]
+
+
+def test_setting_k_of_n_is_k_nths_of_a_turn() -> None:
+    assert setting_angle("Codman Hakim", 0) == 0.0
+    assert setting_angle("Codman Hakim", 1) == pytest.approx(math.radians(20))
+    assert setting_angle("proGAV 2.0", 20) == pytest.approx(2 * math.pi * 20 / 21)
+    for bad in (-1, 8):
+        with pytest.raises(ValueError, match="settings 0..7"):
+            setting_angle("Codman Certas Plus", bad)
+    with pytest.raises(KeyError):
+        setting_angle(OTHER_VALVE, 0)
 
 
 def test_paper_mix_gives_paper_counts() -> None:
@@ -281,11 +303,61 @@ def test_render_xray_contract(label: str) -> None:
         x0, y0, x1, y1 = info["valve_bbox"]
         assert left <= x0 < x1 <= right and top <= y0 < y1 <= bottom
         assert x0 <= info["valve_x"] < x1 and y0 <= info["valve_y"] < y1
+        k, scale = info["valve_setting_index"], SETTING_SCALES[label]
+        assert info["valve_setting"] == scale[k]
+        assert info["valve_setting_deg"] == pytest.approx(360.0 * k / len(scale))
 
 
 def test_render_xray_refuses_unknown_class() -> None:
     with pytest.raises(ValueError, match="unknown valve class"):
         render_xray(np.random.default_rng(0), "Not assessable")
+
+
+# ------------------------------------------------------------------------------ settings
+
+
+def test_manifest_settings_are_on_each_models_scale(balanced) -> None:
+    _, rows = balanced
+    for row in rows:
+        assert row["valve_setting"] in SETTING_SCALES[row["label"]], row["file"]
+    for label in VALVE_CLASSES:
+        assert len({r["valve_setting"] for r in rows if r["label"] == label}) >= 5, label
+
+
+def _setting_image(label: str, index: int, mirror: bool) -> np.ndarray:
+    """The valve at setting ``index``, flow to the right, seen from the front or (``mirror``)
+    from the back, peak 1 (as the renderer scales it), on a 320² canvas."""
+    drawing = draw_valve(label, setting_angle(label, index), 0.9)
+    matrix = valve_matrix(120.0, 0.0, 0.0, 0.0, mirror)
+    patch, x0, y0 = render_valve(drawing, matrix, (160.5, 160.5))
+    canvas = np.zeros((320, 320), dtype=np.float32)
+    canvas[y0 : y0 + patch.shape[0], x0 : x0 + patch.shape[1]] = patch
+    return canvas / canvas.max()
+
+
+def _look_different(a: np.ndarray, b: np.ndarray) -> bool:
+    """Some part differs by a fifth of the peak, two pixels' worth of it in all: a marker or
+    a rotor part moved, not an anti-aliased edge."""
+    diff = np.abs(a - b)
+    return bool(diff.max() >= 0.2 and diff.sum() >= 2.0)
+
+
+@pytest.mark.parametrize("label", VALVE_CLASSES)
+def test_every_setting_and_its_mirror_image_look_different(label: str) -> None:
+    """The setting is readable: no two settings are drawn alike (a rotor part with a
+    half-turn symmetry alone would make k and k + n/2 alike), and a valve seen from its
+    back (mirrored, as the generator draws half of them) looks like no setting seen from
+    the front (a body symmetric about its axis would make setting k look like n - k)."""
+    scale = SETTING_SCALES[label]
+    front = [_setting_image(label, k, mirror=False) for k in range(len(scale))]
+    back = [_setting_image(label, k, mirror=True) for k in range(len(scale))]
+    for j, image in enumerate(front):
+        for k in range(j + 1, len(scale)):
+            assert _look_different(image, front[k]), (scale[j], scale[k])
+    for j, mirrored in enumerate(back):
+        for k, image in enumerate(front):
+            assert _look_different(mirrored, image), (f"mirrored {scale[j]}", scale[k])
+    assert not _look_different(front[0], _setting_image(label, 0, mirror=False))
 
 
 # ------------------------------------------------------------------------- hard enough
@@ -458,15 +530,27 @@ def _tree_digest(root: Path) -> str:
 @pytest.mark.parametrize(
     ("mix", "expected"),
     [
-        (None, "454854c0a2b6d183abe3cc05f3b2942570d9978168c4080eb43040d9e8826410"),
-        (BALANCED_CLASS_MIX, "3e454af0b31c0c6bec8bdfef24a72ab43ef5404c0d27f687d68428bfb561a1dc"),
+        (None, "d6667022fe4e0197a6c8925dad938c1f2fcfc0fd7dbf72e1ed757e4ac4a888d1"),
+        (BALANCED_CLASS_MIX, "2b531c5bcbd49fd0fae6fa4db15ae7d5663c243deb8a0a9f46b208b20fcd09ad"),
     ],
 )
 def test_four_class_output_unchanged_by_other_valves(tmp_path: Path, mix, expected) -> None:
     """The default and the balanced mix write what they wrote before "Other valve" existed
-    (digests taken from that code, seed 3; whole files were byte-identical too)."""
+    (digests taken from that code, seed 3; whole files were byte-identical too). Retaken
+    when the settings became discrete: the manifest gained ``valve_setting``, the rotors
+    turn in steps and the bodies gained their off-axis marks."""
     generate_dataset(tmp_path, 8, seed=3, class_mix=mix, size_range_px=TINY_SIZES_PX)
     assert _tree_digest(tmp_path) == expected
+
+
+def test_discrete_settings_draw_nothing_else_differently(tmp_path: Path) -> None:
+    """The setting is still one uniform draw, only quantised: without its new column the
+    manifest is byte for byte what the code with continuous settings wrote (seed 3)."""
+    rows = _read_manifest(generate_dataset(tmp_path, 8, seed=3, size_range_px=TINY_SIZES_PX))
+    columns = [c for c in rows[0] if c != "valve_setting"]
+    text = ",".join(columns) + "\n" + "".join(",".join(r[c] for c in columns) + "\n" for r in rows)
+    expected = "24eff92efac55e499fb16395ebe75e9a93381e94bebb153b9a9191da8e40f460"
+    assert hashlib.sha256(text.encode()).hexdigest() == expected
 
 
 def test_other_valve_allocation() -> None:
@@ -571,6 +655,7 @@ def test_render_xray_other_valve_is_deterministic() -> None:
         assert np.array_equal(a, b) and info_a == info_b
         x0, y0, x1, y1 = info_a["valve_bbox"]
         assert x0 <= info_a["valve_x"] < x1 and y0 <= info_a["valve_y"] < y1
+        assert info_a["valve_setting"] is None and info_a["valve_setting_index"] is None
 
 
 def test_other_valve_data_set(tmp_path: Path) -> None:
@@ -582,6 +667,7 @@ def test_other_valve_data_set(tmp_path: Path) -> None:
     )
     rows = _read_manifest(manifest)
     assert {r["label"] for r in rows} == {OTHER_VALVE}
+    assert {r["valve_setting"] for r in rows} == {""}  # no setting to read
     planned = plan_patients(1, allocate_class_counts(12, {OTHER_VALVE: 1.0}))
     assert {other_valve_geometry(p.traits.valve_variant) for p in planned} == set(
         OTHER_VALVE_GEOMETRIES

@@ -131,6 +131,7 @@ def plan_job(
         choices_name=label_config.choices_name,
         keypoint_name=label_config.keypoint_name,
         keypoint_label=label_config.keypoint_label,
+        settings=label_config.settings,
     )
     plan = plan_run(
         Path(staging),

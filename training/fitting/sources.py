@@ -11,6 +11,7 @@ from training.labelstudio.export import (
     parse_project_source,
 )
 from training.shared.dataset import LabelledImage, load_manifest
+from training.shared.labels import SettingScale
 
 __all__ = ["load_items"]
 
@@ -24,12 +25,14 @@ def load_items(
     choices_name: str | None = None,
     keypoint_name: str | None = None,
     keypoint_label: str | None = None,
+    settings: Sequence[SettingScale] = (),
 ) -> list[LabelledImage]:
     """A run's snapshot from its ``data``: ``labelstudio:<project id>`` or a manifest/folder.
 
     A Label Studio project is exported now and its images are copied into ``download_dir``
     (:func:`training.labelstudio.export.load_project_items`); ``image_key``,
-    ``choices_name``, ``keypoint_name`` and ``keypoint_label`` come from the label config.
+    ``choices_name``, ``keypoint_name``, ``keypoint_label`` and the setting scales
+    ``settings`` come from the label config.
     Anything else is read by :func:`load_manifest`.
     """
     if is_project_source(str(data)):
@@ -41,5 +44,6 @@ def load_items(
             choices_name=choices_name,
             keypoint_name=keypoint_name,
             keypoint_label=keypoint_label,
+            settings=settings,
         )
     return load_manifest(data, classes)

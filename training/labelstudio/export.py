@@ -14,6 +14,10 @@ see. Each labelled task becomes a :class:`~training.shared.dataset.LabelledImage
   ``<KeyPointLabels>`` (:func:`latest_annotation`), converted from Label Studio's percent of
   the image to pixels of the image file; None when that annotation has no (or more than one)
   such keypoint, or was made on a rotated view.
+* **setting**: the valve's pressure setting the *same* annotation chose in the setting
+  ``<Choices>`` of its valve model (:class:`~training.shared.labels.SettingScale`); None when
+  the model has no scale or none was chosen. A value off the scale is left out with a
+  warning naming the task: the item still trains the valve type.
 * **group**: the task's ``patient`` (the pseudonym ``valve-id import`` writes); a task
   without one is its own group, and the count is logged.
 * **key**: the task id. **path**: the image, copied into ``download_dir`` under a hash of
@@ -50,6 +54,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from training.labelstudio import ImageFetcher, LabelStudio, Retry
 from training.shared.dataset import LabelledImage
 from training.shared.errors import DatasetError, ImageFetchError, LabelStudioError
+from training.shared.labels import SettingScale
 
 __all__ = [
     "DEFAULT_IMAGE_KEY",
@@ -228,6 +233,39 @@ class AnnotatedLabel:
     """The one class it chose."""
     valve_xy: tuple[float, float] | None
     """The valve centre it marked, pixels of the image file (:func:`keypoint_centre`)."""
+    setting: str | None = None
+    """The pressure setting it chose on its valve model's scale; None when it chose none or
+    a value off the scale."""
+
+
+def _setting(
+    annotation: Mapping[str, Any], scale: SettingScale | None, task_id: object
+) -> str | None:
+    """The first choice of the annotation's ``scale.name`` result, if it is on the scale.
+
+    A value off the scale (the config's scale changed, or an import wrote a typo) is logged
+    and dropped rather than failing the snapshot: the valve type it came with still trains.
+    """
+    if scale is None:
+        return None
+    for result in annotation.get("result") or []:
+        if not isinstance(result, Mapping) or result.get("type") != "choices":
+            continue
+        if result.get("from_name") != scale.name:
+            continue
+        values = (result.get("value") or {}).get("choices")
+        if not isinstance(values, list) or not values:
+            continue
+        if values[0] in scale.values:
+            return values[0]
+        logger.warning(
+            "task %s: setting %r is not on the %s scale; trained without a setting",
+            task_id,
+            values[0],
+            scale.valve,
+        )
+        return None
+    return None
 
 
 def latest_annotation(
@@ -235,6 +273,9 @@ def latest_annotation(
     choices_name: str | None = None,
     keypoint_name: str | None = None,
     keypoint_label: str | None = None,
+    *,
+    settings: Sequence[SettingScale] = (),
+    task_id: object = None,
 ) -> AnnotatedLabel | None:
     """The one rule for a task's label: its newest non-cancelled annotation that chose a class.
 
@@ -242,8 +283,10 @@ def latest_annotation(
     the first answer. Cancelled (skipped) annotations, empty ones and ones choosing several
     classes do not count; None when no annotation counts (the task is not labelled). The
     valve centre comes from that same annotation, never from another one, so class and
-    centre always belong together (an annotation without a keypoint: ``valve_xy`` None).
-    ``None`` names match any tag.
+    centre always belong together (an annotation without a keypoint: ``valve_xy`` None);
+    so does the setting, read with the chosen class's scale among ``settings`` (the label
+    config's :attr:`~training.shared.labels.LabelConfig.settings`; ``task_id`` names the task
+    in the warning about a value off the scale). ``None`` names match any tag.
     """
     candidates = []
     for annotation in annotations:
@@ -258,7 +301,13 @@ def latest_annotation(
         return None
     _, annotation_id, chosen, annotation = max(candidates, key=lambda c: (c[0], c[1]))
     centre = keypoint_centre(annotation, keypoint_name, keypoint_label)
-    return AnnotatedLabel(annotation_id=annotation_id, label=chosen, valve_xy=centre)
+    scale = next((s for s in settings if s.valve == chosen), None)
+    return AnnotatedLabel(
+        annotation_id=annotation_id,
+        label=chosen,
+        valve_xy=centre,
+        setting=_setting(annotation, scale, task_id),
+    )
 
 
 def latest_choice(
@@ -333,6 +382,7 @@ def load_project_items(
     choices_name: str | None = None,
     keypoint_name: str | None = None,
     keypoint_label: str | None = None,
+    settings: Sequence[SettingScale] = (),
     source: LabelStudioSource | None = None,
     client: LabelStudio | None = None,
     retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
@@ -344,7 +394,8 @@ def load_project_items(
     ``classes`` is the label config's full choice list; ``choices_name`` (the ``<Choices>``
     tag's name) restricts which annotation results count, ``image_key`` is the task data key
     of the image; ``keypoint_name``/``keypoint_label`` (the ``<KeyPointLabels>`` tag and its
-    label) which keypoint is the valve centre (None: any keypoint result). ``source``
+    label) which keypoint is the valve centre (None: any keypoint result); ``settings`` (the
+    label config's setting scales) where each valve model's pressure setting is read. ``source``
     defaults to what :func:`configure` set; ``client`` to a
     :class:`~training.labelstudio.LabelStudio` for it, retrying after ``retry_delays_s``.
     A task whose image Label Studio does not have (404, 403 ...) is left out with a warning;
@@ -373,7 +424,12 @@ def load_project_items(
     unknown: dict[str, list[object]] = {}
     for task in tasks:
         found = latest_annotation(
-            task.get("annotations") or [], choices_name, keypoint_name, keypoint_label
+            task.get("annotations") or [],
+            choices_name,
+            keypoint_name,
+            keypoint_label,
+            settings=settings,
+            task_id=task.get("id"),
         )
         if found is None:
             continue
@@ -425,6 +481,7 @@ def load_project_items(
                         group=group,
                         key=str(task_id),
                         valve_xy=found.valve_xy,
+                        setting=found.setting,
                     )
                 )
             if progress is not None:
@@ -450,10 +507,12 @@ def load_project_items(
             "fetched from Label Studio"
         )
     logger.info(
-        "project %s: %d labelled task(s) of %d exported, %d with a valve centre",
+        "project %s: %d labelled task(s) of %d exported, %d with a valve centre, "
+        "%d with a pressure setting",
         project_id,
         len(items),
         len(tasks),
         sum(1 for item in items if item.valve_xy is not None),
+        sum(1 for item in items if item.setting is not None),
     )
     return items

@@ -48,6 +48,8 @@ MANIFEST_NAME = "manifest.csv"
 _REQUIRED_COLUMNS = ("file", "label", "patient_id")
 _CENTRE_COLUMNS = ("valve_x", "valve_y")
 """Optional manifest columns: the valve centre in pixels of the image file (x = column)."""
+_SETTING_COLUMN = "valve_setting"
+"""Optional manifest column: the valve's pressure setting, a value of its model's scale."""
 _HASH_CHUNK_BYTES = 1 << 20
 
 
@@ -66,6 +68,9 @@ class LabelledImage:
     valve_xy: tuple[float, float] | None = None
     """Valve centre ``(x, y)`` in pixels of the image file (x = column, y = row, origin
     top-left, continuous: pixel column ``i`` spans ``[i, i + 1)``); None when unknown."""
+    setting: str | None = None
+    """The valve's pressure setting, a value of its model's scale
+    (:meth:`~training.shared.labels.LabelConfig.setting_scale`); None when unknown."""
 
     def __post_init__(self) -> None:
         if self.valve_xy is not None:
@@ -75,25 +80,28 @@ class LabelledImage:
             object.__setattr__(self, "valve_xy", (x, y))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: ``valve_xy`` is ``[x, y]`` or None."""
+        """JSON-ready: ``valve_xy`` is ``[x, y]`` or None, ``setting`` a string or None."""
         return {
             "path": self.path,
             "label": self.label,
             "group": self.group,
             "key": self.key,
             "valve_xy": None if self.valve_xy is None else list(self.valve_xy),
+            "setting": self.setting,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LabelledImage:
-        """Rebuild from :meth:`to_dict` output (a missing ``valve_xy`` is None)."""
+        """Rebuild from :meth:`to_dict` output (a missing ``valve_xy`` or ``setting`` is None)."""
         xy = data.get("valve_xy")
+        setting = data.get("setting")
         return cls(
             path=str(data["path"]),
             label=str(data["label"]),
             group=str(data["group"]),
             key=str(data["key"]),
             valve_xy=None if xy is None else (float(xy[0]), float(xy[1])),
+            setting=None if setting is None else str(setting),
         )
 
 
@@ -121,7 +129,8 @@ def load_manifest(source: str | Path, classes: Sequence[str] | None = None) -> l
     ``source`` is the manifest or its folder. With ``classes`` given, a label outside the
     vocabulary is an error naming it (a typo must not silently become a new class). The
     optional columns ``valve_x``, ``valve_y`` (pixels of the image file, as the synthetic
-    generator writes them) become :attr:`LabelledImage.valve_xy`; empty or absent → None.
+    generator writes them) become :attr:`LabelledImage.valve_xy`, the optional
+    ``valve_setting`` :attr:`LabelledImage.setting`; empty or absent → None.
     """
     path = Path(source)
     if path.is_dir():
@@ -154,6 +163,7 @@ def load_manifest(source: str | Path, classes: Sequence[str] | None = None) -> l
                 group=group,
                 key=file,
                 valve_xy=_centre(row, f"{path}:{line}"),
+                setting=(row.get(_SETTING_COLUMN) or "").strip() or None,
             )
         )
     if unknown:

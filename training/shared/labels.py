@@ -8,6 +8,12 @@ against them.
 
 An optional ``<KeyPointLabels>`` on the image lets the annotator mark where the valve is
 (:attr:`LabelConfig.keypoint_name`); configs without one keep working.
+
+A valve model's pressure setting is a further ``<Choices>`` shown only while that model is
+chosen (``visibleWhen="choice-selected" whenTagName="<valve choices>"
+whenChoiceValue="<model>"``); its ``<Choice>`` values, in config order, are the model's
+scale (:class:`SettingScale`). A project that adds a scale for a model gets versions that
+learn and propose it, with no code change.
 """
 
 from __future__ import annotations
@@ -19,7 +25,13 @@ from pathlib import Path
 
 from training.shared.errors import LabelConfigError
 
-__all__ = ["NOTE_NAME", "LabelConfig", "load_label_config", "parse_label_config"]
+__all__ = [
+    "NOTE_NAME",
+    "LabelConfig",
+    "SettingScale",
+    "load_label_config",
+    "parse_label_config",
+]
 
 NOTE_NAME = "model_note"
 """``name`` of the ``<TextArea>`` in which a pre-annotation tells the annotator something the
@@ -27,6 +39,19 @@ classes cannot say (an X-ray unlike every learned valve model); optional in a co
 
 _MAX_CONFIG_BYTES = 1_000_000
 """A labeling config is a few hundred bytes; refuse anything absurdly large."""
+
+
+@dataclass(frozen=True)
+class SettingScale:
+    """The pressure settings of one valve model, as the labeling config lists them."""
+
+    valve: str
+    """The valve model (a class of the valve ``<Choices>``) this scale belongs to."""
+    name: str
+    """``name`` of its ``<Choices>`` tag (the ``from_name`` of a setting result)."""
+    values: tuple[str, ...]
+    """Its ``<Choice>`` values in config order: the scale, lowest setting first, so that
+    neighbouring values are one step apart."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +76,12 @@ class LabelConfig:
     ``keypointlabels``); None without a keypoint tag or label."""
     note_name: str | None = None
     """:data:`NOTE_NAME` when the config has that ``<TextArea>`` on the image, else None."""
+    settings: tuple[SettingScale, ...] = ()
+    """The valve models' setting scales, in config order; at most one per model."""
+
+    def setting_scale(self, valve: str) -> SettingScale | None:
+        """The setting scale of ``valve``, or None when the config asks for none."""
+        return next((s for s in self.settings if s.valve == valve), None)
 
 
 def _find_one(root: ET.Element, tag: str) -> ET.Element:
@@ -132,6 +163,7 @@ def parse_label_config(xml: str) -> LabelConfig:
         None,
     )
 
+    settings = _setting_scales(choices_tags, choices, classes)
     normalised = " ".join(xml.split())
     return LabelConfig(
         image_name=str(image.get("name")),
@@ -142,7 +174,39 @@ def parse_label_config(xml: str) -> LabelConfig:
         keypoint_name=None if keypoints is None else str(keypoints.get("name")),
         keypoint_label=keypoint_label,
         note_name=None if note is None else NOTE_NAME,
+        settings=settings,
     )
+
+
+def _setting_scales(
+    choices_tags: list[ET.Element], valve: ET.Element, classes: tuple[str, ...]
+) -> tuple[SettingScale, ...]:
+    """The ``<Choices>`` shown only while one valve model is chosen: that model's scale."""
+    scales: list[SettingScale] = []
+    for tag in choices_tags:
+        if tag is valve or tag.get("visibleWhen") != "choice-selected":
+            continue
+        if tag.get("whenTagName") != valve.get("name"):
+            continue
+        model = (tag.get("whenChoiceValue") or "").strip()
+        name = tag.get("name") or ""
+        where = f"setting <Choices name={name!r}>"
+        if model not in classes:
+            raise LabelConfigError(
+                f"{where} is shown for {model!r}, which is not a valve <Choice>; "
+                "set whenChoiceValue to one valve model"
+            )
+        if not name:
+            raise LabelConfigError(f"the setting <Choices> for {model!r} needs a name")
+        if any(s.valve == model for s in scales):
+            raise LabelConfigError(f"two setting <Choices> are shown for {model!r}; keep one")
+        values = tuple(
+            (el.get("value") or "").strip() for el in tag.iter() if el.tag.lower() == "choice"
+        )
+        if len(values) < 2 or any(not v for v in values) or len(set(values)) != len(values):
+            raise LabelConfigError(f"{where} needs at least two non-empty, unique <Choice> values")
+        scales.append(SettingScale(valve=model, name=name, values=values))
+    return tuple(scales)
 
 
 def load_label_config(path: str | Path) -> LabelConfig:

@@ -12,8 +12,11 @@ The valve sits anywhere in the field (sometimes a few pixels from its edge, neve
 the paper's inclusion criterion), turned in-plane and tilted out of plane, which is what
 made the paper's misclassified examples (Fig. 3) hard.
 
-Modules: :mod:`~training.synthetic.valves` (the four models' geometry, and "Other valve"
-devices unlike them),
+Each of the four models is drawn at one of its discrete pressure settings (the scale the
+labeling config lists), recorded in the manifest.
+
+Modules: :mod:`~training.synthetic.valves` (the four models' geometry and settings, and
+"Other valve" devices unlike them),
 :mod:`~training.synthetic.xray` (one radiograph, :func:`render_xray`),
 :mod:`~training.synthetic.generate` (patients, DICOM, manifest: :func:`generate_dataset`),
 :mod:`~training.synthetic.raster` (array helpers).
@@ -32,6 +35,7 @@ from training.synthetic.valves import (
     DRAWABLE_CLASSES,
     OTHER_VALVE,
     OTHER_VALVE_GEOMETRIES,
+    SETTING_SCALES,
     VALVE_CLASSES,
 )
 from training.synthetic.xray import (
@@ -49,6 +53,7 @@ __all__ = [
     "OTHER_VALVE_GEOMETRIES",
     "PAPER_CLASS_COUNTS",
     "PAPER_CLASS_MIX",
+    "SETTING_SCALES",
     "VALVE_CLASSES",
     "PatientTraits",
     "allocate_class_counts",

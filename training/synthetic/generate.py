@@ -5,7 +5,10 @@ images each, as in the paper), renders each image with
 :func:`training.synthetic.xray.render_xray`, and writes it as a CR or DX DICOM file whose
 encoding (photometric interpretation, bits stored, transfer syntax, rescale) is drawn
 independently of the class. Patient data are fake but realistic (names, IDs, dates,
-accession numbers, institutions) so that de-identification can be tested on them.
+accession numbers, institutions) so that de-identification can be tested on them. The
+manifest records what was drawn: class, patient, valve box and centre, and the pressure
+setting (``valve_setting``: a ``<Choice>`` value of the model's scale; empty for "Other
+valve").
 Everything derives from the seed: UIDs from :func:`pydicom.uid.generate_uid` with seeded
 entropy, dates from the random generator, never the clock.
 """
@@ -461,6 +464,7 @@ _MANIFEST_COLUMNS = (
     "valve_scale",
     "valve_length_px",
     "near_edge",
+    "valve_setting",
 )
 
 
@@ -561,6 +565,7 @@ def generate_dataset(
                 "valve_scale": f"{info['valve_scale']:.4f}",
                 "valve_length_px": f"{info['valve_length_px']:.1f}",
                 "near_edge": int(info["near_edge"]),
+                "valve_setting": info["valve_setting"] or "",
             }
         )
         if progress is not None:

@@ -12,6 +12,13 @@ they only need to be distinct in the way the real ones are, and equally hard to 
 four models have a similar total opacity, and the renderer scales every valve to the same
 peak, so only geometry separates them.
 
+Each model's pressure setting is discrete (:data:`SETTING_SCALES`, the ``<Choice>`` values
+of its setting in ``label_config.xml``); setting k of n turns the rotor to 2πk/n
+(:func:`setting_angle`). For the setting to be readable, no setting may look like another
+(a rotor part that looks the same half a turn on needs a companion that does not), and a
+mirrored valve (seen from its other side) may look like no setting of the unmirrored one:
+every body has a part off its axis.
+
 "Other valve" (:data:`OTHER_VALVE`) is a family of devices unlike the four, with the same
 conventions and a similar total opacity: a fixed-pressure in-line tubular valve, a round
 reservoir with a needle-stop plate, and a flat paddle with a bar magnet
@@ -33,11 +40,13 @@ __all__ = [
     "DRAWABLE_CLASSES",
     "OTHER_VALVE",
     "OTHER_VALVE_GEOMETRIES",
+    "SETTING_SCALES",
     "VALVE_CLASSES",
     "ValveDrawing",
     "draw_valve",
     "other_valve_geometry",
     "render_valve",
+    "setting_angle",
     "valve_matrix",
 ]
 
@@ -49,6 +58,15 @@ VALVE_CLASSES: tuple[str, ...] = (
 )
 """The four learnable valve models, spelled exactly as the ``<Choice>`` values of
 ``label_config.xml``: the default class mix and every demo draw only these."""
+
+SETTING_SCALES: dict[str, tuple[str, ...]] = {
+    "Codman Hakim": tuple(str(p) for p in range(30, 201, 10)),  # mmH2O
+    "Codman Certas Plus": tuple(str(k) for k in range(1, 9)),
+    "Sophysa Sophy SM8": tuple(str(k) for k in range(1, 9)),  # rotor positions
+    "proGAV 2.0": tuple(str(p) for p in range(21)),  # cmH2O
+}
+"""Each learnable model's settings, lowest first, spelled exactly as the ``<Choice>`` values of
+its setting in ``label_config.xml``; the generator draws setting k at :func:`setting_angle`."""
 
 OTHER_VALVE = "Other valve"
 """The ``<Choice>`` value for a valve that is none of :data:`VALVE_CLASSES`; drawn as one of
@@ -182,6 +200,16 @@ def _polar(r: float, angle: float, cx: float = 0.0, cy: float = 0.0) -> tuple[fl
     return cx + r * math.cos(angle), cy + r * math.sin(angle)
 
 
+def setting_angle(label: str, index: int) -> float:
+    """The rotor angle (rad, valve-local) of setting ``index`` of a ``label`` valve: a full
+    turn shared evenly by its :data:`SETTING_SCALES` (k of n → 2πk/n), so neighbouring settings
+    are one step apart and the highest is one step short of the lowest."""
+    n = len(SETTING_SCALES[label])
+    if not 0 <= index < n:
+        raise ValueError(f"{label} has settings 0..{n - 1}, got {index}")
+    return 2 * math.pi * index / n
+
+
 def _connectors(x_body_in: float, x_body_out: float, x_out: float = 0.5) -> list[_Part]:
     """Inflow and outflow connector stubs, identical for every model."""
     return [
@@ -221,8 +249,10 @@ def _codman_hakim(setting: float, variant: float) -> ValveDrawing:
 
 def _codman_certas_plus(setting: float, variant: float) -> ValveDrawing:
     """Similar footprint to the Hakim, but a round titanium base with a coded ring of eight
-    tantalum dots (one elongated reference mark), a twin magnet bar through the rotor hub,
-    and a chevron pointing to the outlet."""
+    tantalum dots (one elongated reference mark), a twin magnet bar through the rotor hub
+    with a tantalum ball in the sector it points to (the bar alone reads the same half a
+    turn on), a chevron pointing to the outlet, and a right-hand marker off the valve axis
+    (tells the valve from its mirror image)."""
     rc = (0.12, 0.0)
     parts = [
         _Part(_box(-0.05, 0.0, 0.36, 0.125, 0.12), _SILICONE * 1.3, 0.12),  # housing
@@ -230,6 +260,7 @@ def _codman_certas_plus(setting: float, variant: float) -> ValveDrawing:
         _Part(_ring(*rc, 0.093, 0.013), _METAL * 0.8),  # rotor rim
         _Part(_circle(*rc, 0.016), _MARKER),  # hub
         _Part(_segment(-0.22, 0.0, -0.08, 0.0, 0.012), _METAL * 0.5),  # inflow channel
+        _Part(_box(-0.15, 0.075, 0.02, 0.008, 0.004), _MARKER),  # right-hand marker
     ]
     for k in range(8):
         angle = k * math.pi / 4
@@ -244,6 +275,7 @@ def _codman_certas_plus(setting: float, variant: float) -> ValveDrawing:
         ox, oy = _polar(0.024 * side, normal)
         parts.append(_Part(_box(rc[0] + ox, rc[1] + oy, 0.068, 0.012, 0.004, setting), _METAL))
     parts += [
+        _Part(_circle(*_polar(0.076, setting, *rc), 0.01), _MARKER),  # the rotor's ball
         _Part(_segment(0.255, -0.035, 0.29, 0.0, 0.007), _MARKER),
         _Part(_segment(0.255, 0.035, 0.29, 0.0, 0.007), _MARKER),
     ]
@@ -252,8 +284,9 @@ def _codman_certas_plus(setting: float, variant: float) -> ValveDrawing:
 
 def _sophysa_sophy_sm8(setting: float, variant: float) -> ValveDrawing:
     """An oval housing around a round rotor: a semicircular magnet arc with bright
-    micro-magnets at both ends, a pointer from the pivot opposite the arc, and a ring-shaped
-    ball seat on the inflow side."""
+    micro-magnets at both ends, a pointer from the pivot opposite the arc, a ring-shaped
+    ball seat on the inflow side, and a short orientation bar off the valve axis on the
+    outflow side (tells the valve from its mirror image)."""
     rc = (0.04, 0.0)
     end_a, end_b = setting - math.pi / 2, setting + math.pi / 2
     pointer = _polar(0.12, setting + math.pi, *rc)
@@ -268,14 +301,17 @@ def _sophysa_sophy_sm8(setting: float, variant: float) -> ValveDrawing:
         _Part(_circle(*pointer, 0.017), _MARKER),
         _Part(_circle(*rc, 0.018), _MARKER),  # pivot
         _Part(_ring(-0.2, 0.0, 0.03, 0.011), _METAL * 0.9),  # ball seat
+        _Part(_box(0.22, 0.09, 0.022, 0.008, 0.004), _MARKER),  # orientation bar
     ]
     return ValveDrawing(parts + _connectors(-0.33, 0.33), (-0.5, 0.5, -0.245, 0.245), 0.5)
 
 
 def _progav_2(setting: float, variant: float) -> ValveDrawing:
     """A small titanium disc with a toothed rotor ring, four magnet dots in two pairs, two
-    dark orientation holes and a dark crescent on the inflow side, held by a T-shaped
-    bracket; for half the patients a gravitational unit (capsule with balls) follows in line."""
+    dark holes on the rotor's back side only (the magnets alone read the same half a turn
+    on), and a dark crescent on the inflow side whose horns point to one side (tells the
+    valve from its mirror image), held by a T-shaped bracket; for half the patients a
+    gravitational unit (capsule with balls) follows in line."""
     front, back = setting, setting + math.pi
     titanium = _TITANIUM * 0.45  # thin sheet: keeps the valve's total opacity like the others
     parts = [
@@ -292,7 +328,7 @@ def _progav_2(setting: float, variant: float) -> ValveDrawing:
             parts.append(_Part(_circle(*_polar(0.062, base + side * 0.5), 0.018), _MARKER))
     for side in (-1, 1):
         parts.append(_Part(_circle(*_polar(0.07, back + side * 1.25), 0.015), -titanium))
-    crescent = _subtract(_circle(-0.12, 0.0, 0.032), _circle(-0.1, 0.0, 0.03))
+    crescent = _subtract(_circle(-0.12, 0.0, 0.032), _circle(*_polar(0.02, 1.0, -0.12), 0.03))
     parts.append(_Part(crescent, -titanium))
 
     extent = (-0.5, 0.5, -0.2, 0.2)
@@ -411,8 +447,9 @@ _DRAWERS: Mapping[str, Callable[[float, float], ValveDrawing]] = {
 
 
 def draw_valve(label: str, setting: float, variant: float) -> ValveDrawing:
-    """The parts of a ``label`` valve: rotor/pointer at ``setting`` (rad, the pressure
-    setting), model variant chosen by ``variant`` in [0, 1) (per patient); for
+    """The parts of a ``label`` valve: rotor/pointer at ``setting`` (rad; a model's own
+    settings are at :func:`setting_angle`, "Other valve" devices have none to read), model
+    variant chosen by ``variant`` in [0, 1) (per patient); for
     :data:`OTHER_VALVE` the variant also picks the device (:func:`other_valve_geometry`)."""
     try:
         drawer = _DRAWERS[label]

@@ -28,7 +28,14 @@ from training.synthetic.raster import (
     rotation,
     smooth_noise,
 )
-from training.synthetic.valves import DRAWABLE_CLASSES, draw_valve, render_valve, valve_matrix
+from training.synthetic.valves import (
+    DRAWABLE_CLASSES,
+    SETTING_SCALES,
+    draw_valve,
+    render_valve,
+    setting_angle,
+    valve_matrix,
+)
 
 __all__ = [
     "DEFAULT_SIZE_RANGE_PX",
@@ -406,7 +413,10 @@ def render_xray(
     right), the valve centre ``valve_x``/``valve_y`` (pixels, x = column), the half-open
     pixel box ``valve_bbox`` (x0, y0, x1, y1) of everything drawn for it (connectors
     included, tubing not), ``valve_angle_deg``, ``valve_tilt_deg``,
-    ``valve_length_px``, ``valve_scale`` (length / image width), ``near_edge``, ``view``...
+    ``valve_length_px``, ``valve_scale`` (length / image width), ``near_edge``, ``view``,
+    the pressure setting ``valve_setting`` (its ``<Choice>`` value, :data:`SETTING_SCALES`)
+    with its ``valve_setting_index`` (None for "Other valve", which has none) and
+    ``valve_setting_deg``, the rotor angle drawn...
     """
     if label not in DRAWABLE_CLASSES:
         raise ValueError(f"unknown valve class {label!r}; expected one of {DRAWABLE_CLASSES}")
@@ -438,6 +448,15 @@ def render_xray(
     tilt_axis = rng.uniform(0.0, math.pi)
     mirror = bool(rng.random() < 0.5)
     setting = rng.uniform(0.0, 2 * math.pi)
+    # The setting is discrete: the same draw picks one of the model's settings (so the random
+    # stream, and everything else drawn, is what it was when the angle was continuous).
+    scale = SETTING_SCALES.get(label)
+    setting_index: int | None = None
+    setting_value: str | None = None
+    if scale is not None:
+        setting_index = min(int(setting / (2 * math.pi) * len(scale)), len(scale) - 1)
+        setting_value = scale[setting_index]
+        setting = setting_angle(label, setting_index)
     drawing = draw_valve(label, setting, traits.valve_variant)
     matrix = valve_matrix(length_px, angle, tilt, tilt_axis, mirror)
     # Draw around a random sub-pixel origin, then shift by whole pixels into the field, so
@@ -505,6 +524,8 @@ def render_xray(
         "valve_tilt_deg": math.degrees(tilt),
         "valve_tilt_axis_deg": math.degrees(tilt_axis),
         "valve_mirrored": mirror,
+        "valve_setting": setting_value,
+        "valve_setting_index": setting_index,
         "valve_setting_deg": math.degrees(setting),
         "valve_length_px": length_px,
         "valve_scale": length_px / w,

@@ -9,7 +9,8 @@ Each step looks before it writes, so ``valve-id up`` can run any number of times
    and the reading guides' pictures (:mod:`backend.tools.guides`);
 3. :func:`seed_annotations` — a few labels from the demo manifest's true classes, whole
    patients across all classes, so the first training run has enough patients for its folds;
-   each with the true valve centre as a keypoint when the project's config has one;
+   each with the true valve centre as a keypoint and the true setting when the project's
+   config has the keypoint tag and that model's setting scale;
 4. :func:`connect_backend` — the ML backend with basic auth, and the webhook Label Studio
    creates for it given the same credentials (it has none by default: docs/PROTOCOL.md);
 5. the review view (:meth:`training.labelstudio.LabelStudio.ensure_review_view`);
@@ -35,7 +36,12 @@ from typing import Any
 
 import httpx
 
-from backend.service.labelstudio import choice_result, keypoint_result, label_studio_client
+from backend.service.labelstudio import (
+    choice_result,
+    keypoint_result,
+    label_studio_client,
+    setting_result,
+)
 from backend.settings import Settings
 from backend.tools.importer import ImportReport, import_folder, source_uid
 from training.labelstudio import LabelStudio
@@ -242,8 +248,8 @@ def import_demo(
 
 @dataclass(frozen=True)
 class DemoImage:
-    """A demo DICOM's true class, patient and valve centre, keyed by the ``source_uid`` its
-    task carries."""
+    """A demo DICOM's true class, patient, valve centre and setting, keyed by the
+    ``source_uid`` its task carries."""
 
     label: str
     patient_id: str
@@ -254,6 +260,9 @@ class DemoImage:
     imported PNG's width too."""
     height_px: int | None = None
     """Image height (DICOM Rows), likewise."""
+    setting: str | None = None
+    """True pressure setting (the manifest's ``valve_setting``, a ``<Choice>`` value of the
+    model's scale); None if the manifest has none."""
 
 
 def _manifest_centre(row: Mapping[str, str]) -> tuple[float, float] | None:
@@ -287,18 +296,24 @@ def demo_images(demo_dir: Path, pseudonym_key: str) -> dict[str, DemoImage]:
                 valve_xy=_manifest_centre(row),
                 width_px=None if columns is None else int(columns),
                 height_px=None if rows is None else int(rows),
+                setting=(row.get("valve_setting") or "").strip() or None,
             )
     return out
 
 
-def _project_keypoint(admin: LabelStudioAdmin, project_id: int, config: LabelConfig) -> bool:
-    """Whether the project's own config has ``config``'s keypoint tag (a project created
-    before the tag was added keeps its old config: it gets classes only)."""
-    if config.keypoint_name is None or config.keypoint_label is None:
-        return False
+def _project_config(admin: LabelStudioAdmin, project_id: int) -> LabelConfig | None:
+    """The project's own config (a project created before a tag was added keeps its old
+    config), or None when it does not parse."""
     try:
-        stored = parse_label_config(str(admin.project(project_id).get("label_config") or ""))
+        return parse_label_config(str(admin.project(project_id).get("label_config") or ""))
     except LabelConfigError:
+        return None
+
+
+def _has_keypoint(stored: LabelConfig | None, config: LabelConfig) -> bool:
+    """Whether the project's ``stored`` config has ``config``'s keypoint tag (else the seed
+    labels carry classes only)."""
+    if stored is None or config.keypoint_name is None or config.keypoint_label is None:
         return False
     return (stored.keypoint_name, stored.keypoint_label) == (
         config.keypoint_name,
@@ -306,14 +321,28 @@ def _project_keypoint(admin: LabelStudioAdmin, project_id: int, config: LabelCon
     )
 
 
-def seed_result(config: LabelConfig, image: DemoImage, *, keypoint: bool) -> list[dict[str, Any]]:
-    """An annotation's ``result``: the true class, plus the true valve centre as a keypoint
-    when ``keypoint`` and the centre and image size are known and the centre is inside."""
+def _scaled_valves(stored: LabelConfig | None, config: LabelConfig) -> frozenset[str]:
+    """The valve models whose setting scale the project's ``stored`` config has as ``config``
+    has it: only their seed labels carry the setting."""
+    if stored is None:
+        return frozenset()
+    return frozenset(s.valve for s in config.settings if stored.setting_scale(s.valve) == s)
+
+
+def seed_result(
+    config: LabelConfig, image: DemoImage, *, keypoint: bool, setting: bool = True
+) -> list[dict[str, Any]]:
+    """An annotation's ``result``: the true class; the true valve centre as a keypoint when
+    ``keypoint`` and the centre and image size are known and the centre is inside; and the
+    true setting when ``setting``, the image has one and it is on the config's scale for its
+    valve model."""
     result = choice_result(config, image.label)
     if keypoint and image.valve_xy is not None and image.width_px and image.height_px:
         # A centre outside the image (ValueError): the class alone.
         with contextlib.suppress(ValueError, LabelConfigError):
             result += keypoint_result(config, *image.valve_xy, image.width_px, image.height_px)
+    if setting and image.setting is not None:
+        result += setting_result(config, image.label, image.setting)
     return result
 
 
@@ -329,8 +358,8 @@ def seed_annotations(
 
     Whole patients are taken, one class after another, so the labelled set spans every class
     and as many patients as possible (the folds are patient-grouped). Each annotation also
-    marks the true valve centre (:func:`seed_result`) if the project's config has the
-    keypoint tag.
+    marks the true valve centre and the true setting (:func:`seed_result`) where the
+    project's config has the keypoint tag and that model's setting scale.
     """
     tasks = list(admin.tasks(project_id, fields="task_only"))
     labelled = sum(1 for t in tasks if (t.get("total_annotations") or 0) > 0)
@@ -346,14 +375,19 @@ def seed_annotations(
         if image is not None and image.label in config.classes:
             by_class[image.label][image.patient_id].append((int(task["id"]), image))
     queues = {c: list(p.values()) for c, p in sorted(by_class.items())}
-    keypoint = any(queues.values()) and _project_keypoint(admin, project_id, config)
+    stored = _project_config(admin, project_id) if any(queues.values()) else None
+    keypoint = _has_keypoint(stored, config)
+    scaled = _scaled_valves(stored, config)
     created = 0
     while labelled + created < target and any(queues.values()):
         for patients in queues.values():
             if not patients or labelled + created >= target:
                 continue
             for task_id, image in patients.pop(0):
-                admin.create_annotation(task_id, seed_result(config, image, keypoint=keypoint))
+                result = seed_result(
+                    config, image, keypoint=keypoint, setting=image.label in scaled
+                )
+                admin.create_annotation(task_id, result)
                 created += 1
     logger.info("project %s: %d seed annotation(s) created", project_id, created)
     return created
