@@ -8,7 +8,10 @@ scores it on X-rays it never saw, drawn by the same generator with other seeds:
 * localisation: distance from the served valve keypoint to the generator's true centre
   (pixels of the original image, median and 95th percentile);
 * novelty: AUROC of the served novelty between those X-rays and "Other valve" X-rays (geometries
-  the version never saw), and the share of each that is flagged.
+  the version never saw), and the share of each that is flagged;
+* pressure setting, per valve model: exact and within-one-step accuracy of the setting the
+  version reads under the true model, a confusion matrix, and how often the whole reading
+  (model and setting) is right.
 
 A quality measurement, not a speed one: it prints what the served product would tell an
 annotator on data the run did not train on. Synthetic X-rays only; nothing here says how a
@@ -150,6 +153,7 @@ def run(options: HeldoutOptions, work: Path) -> tuple[list[Table], dict[str, Any
     novelty_in = np.array([a.novelty for _, a in known if a.novelty is not None])
     novelty_out = np.array([a.novelty for _, a in unknown if a.novelty is not None])
     sources = sorted({a.centre_source for _, a in known if a.centre_source})
+    settings = _setting_results(known)
     result = {
         "options": {k: v for k, v in options.__dict__.items() if k != "overrides"},
         "n_known": len(known),
@@ -162,6 +166,7 @@ def run(options: HeldoutOptions, work: Path) -> tuple[list[Table], dict[str, Any
         "novelty_auroc": _auroc(novelty_in, novelty_out),
         "flagged_known": float(np.mean([a.unfamiliar for _, a in known])) if known else None,
         "flagged_other": float(np.mean([a.unfamiliar for _, a in unknown])) if unknown else None,
+        "settings": settings,
     }
     table = Table(
         f"Held-out synthetic X-rays: {options.profile} profile trained on {options.n_train}, "
@@ -182,11 +187,45 @@ def run(options: HeldoutOptions, work: Path) -> tuple[list[Table], dict[str, Any
     for name, key in (("four models", "flagged_known"), ("other valves", "flagged_other")):
         value = result[key]
         table.add_row(f"flagged as unfamiliar: {name}", "—" if value is None else f"{value:.2f}")
+    for valve, found in settings.items():
+        table.add_row(
+            f"setting, {valve}: exact / within one step / whole reading right (n={found['n']})",
+            f"{found['exact']:.2f} / {found['within_one']:.2f} / {found['reading_right']:.2f}",
+        )
     table.notes.append(
         "Synthetic X-rays from the demo generator (other seeds than training); the valve "
-        "location is the served keypoint against the generator's true centre."
+        "location is the served keypoint against the generator's true centre. Settings are "
+        "read under the true valve model; 'whole reading right' needs the proposed model and "
+        "its setting both right. Settings were validated on synthetic images only."
     )
     return [table], result
+
+
+def _setting_results(known: list[tuple[dict[str, str], Any]]) -> dict[str, dict[str, Any]]:
+    """Per valve model: :func:`setting_metrics` of the setting read under the true model,
+    plus the share of X-rays whose proposed model and setting are both right."""
+    from training.fitting.evaluation import setting_metrics
+    from training.shared.labels import load_label_config
+
+    config = load_label_config(ROOT / "label_config.xml")
+    rows = [(row, a) for row, a in known if row.get("valve_setting")]
+    valves = [row["label"] for row, _ in rows]
+    truth = [row["valve_setting"] for row, _ in rows]
+    read = [a.settings.get(row["label"], (None, 0.0))[0] for row, a in rows]
+    found = setting_metrics(config.settings, valves, truth, read)
+    for valve, entry in found.items():
+        mine = [(row, a) for row, a in rows if row["label"] == valve]
+        entry["reading_right"] = float(
+            np.mean(
+                [
+                    a.label == valve
+                    and a.setting is not None
+                    and a.setting[0] == row["valve_setting"]
+                    for row, a in mine
+                ]
+            )
+        )
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

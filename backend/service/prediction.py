@@ -4,7 +4,7 @@ that consume answers load light; :mod:`backend.service.predictor` produces them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["Prediction", "PredictionError"]
 
@@ -39,6 +39,14 @@ class Prediction:
     unfamiliar: bool = False
     """Novelty at or above the version's flag quantile (0.95): possibly a valve model the
     version never learned ("Other valve"); such X-rays lead the review queue."""
+    settings: dict[str, tuple[str, float]] = field(default_factory=dict)
+    """Per valve model the version reads the setting of: its most probable setting (a value
+    of the config's scale) and that probability. Empty when the version reads none."""
+
+    @property
+    def setting(self) -> tuple[str, float] | None:
+        """The setting read under the proposed valve model, with its probability; or None."""
+        return self.settings.get(self.label)
 
 
 @dataclass(frozen=True)

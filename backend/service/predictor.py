@@ -60,10 +60,16 @@ import torch
 from torch import nn
 
 from backend.service.prediction import Prediction, PredictionError
-from backend.service.ranking import resolve_acquisition, score, validate_acquisition
+from backend.service.ranking import (
+    resolve_acquisition,
+    score,
+    validate_acquisition,
+    with_setting,
+)
 from training.shared.dicom import load_image
 from training.shared.errors import ModelLoadError, ValveIdError
 from training.shared.inference import autocast_dtype, autocast_for, iter_batches, to_network_input
+from training.shared.locate_classify import LocateClassifyNet, SettingLayout
 from training.shared.model import load_fold_models
 from training.shared.novelty import NOVELTY_FILE, Novelty, features_and_logits
 from training.shared.preprocess import (
@@ -117,6 +123,9 @@ class _Served:
     explainer: nn.Module | None = None
     """The first fold's network, uncompiled: Grad-CAM needs its hooks and gradients. None for
     locate-then-classify versions, whose locator answers where the valve is."""
+    settings: SettingLayout = ()
+    """The setting scales the version reads (a locate-then-classify version trained on a
+    config with scales); empty: it proposes no setting."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,8 @@ class _Outputs:
     """``(n, 2)`` valve centres, fractions of the prepared square (NaN: none found)."""
     novelty: np.ndarray
     """``(n,)`` novelty in [0, 1] (NaN: the version has no novelty model)."""
+    setting_logits: np.ndarray | None = None
+    """``(members, n, T)`` float32 setting logits; None when the version reads no setting."""
 
 
 @dataclass(frozen=True)
@@ -425,6 +436,8 @@ class Predictor:
         logits = np.empty((len(state.models), n, len(state.classes)), dtype=np.float32)
         centres = np.full((n, 2), np.nan, dtype=np.float64)
         novelty = np.full(n, np.nan, dtype=np.float64)
+        total = sum(len(values) for _, values in state.settings)
+        readings = np.empty((len(state.models), n, total), dtype=np.float32) if total else None
         for part in iter_batches(n, self._batch_size):
             batch = to_network_input(
                 images[part].to(self._device), state.params, channels_last=self._fast_path
@@ -441,7 +454,12 @@ class Predictor:
                         where = locate(batch) if locate is not None else None
                         if where is not None:
                             located.append(where.float().cpu().numpy())
-                        if state.novelty is None:
+                        if readings is not None:  # one pass: class, features and setting
+                            crop = model.answer(batch, where)  # type: ignore[operator]
+                            features.append(crop.features.float().cpu().numpy())
+                            readings[m, part] = crop.setting_logits.float().cpu().numpy()
+                            answer = crop.logits
+                        elif state.novelty is None:
                             answer = model(batch) if where is None else model(batch, where)
                         else:
                             found, answer = features_and_logits(model, batch, where)
@@ -453,7 +471,7 @@ class Predictor:
                     centres[part] = _saliency_centres(state.explainer, batch)
                 if state.novelty is not None:
                     novelty[part] = state.novelty.score(features)
-        return _Outputs(logits, centres, novelty)
+        return _Outputs(logits, centres, novelty, readings)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -510,10 +528,16 @@ def _load_served(
         # _for_serving prepared models[0] in place; compiling wrapped it, not replaced it.
         explainer=None if hasattr(models[0], "locate") else models[0],
         novelty=_load_novelty(path, len(models)),
+        settings=_setting_layout(models[0]),
     )
     if compile:  # compile now, while the previous version still serves
         _warm_up(served, device, warmup_batch, fast_path)
     return served
+
+
+def _setting_layout(model: nn.Module) -> SettingLayout:
+    """The scales a fold network reads: a locate-then-classify network's, else none."""
+    return model.params.settings if isinstance(model, LocateClassifyNet) else ()
 
 
 def _load_novelty(path: Path, n_folds: int) -> Novelty | None:
@@ -616,6 +640,12 @@ def _to_predictions(
     # An X-ray unlike every learned model goes to the top of the review queue, the most
     # unusual first, whatever the classes' probabilities say.
     scores = np.where(unfamiliar, np.minimum(scores, 1.0 - novelty), scores)
+    readings = _setting_readings(state.settings, outputs.setting_logits, len(images))
+    labels = [state.classes[int(c)] for c in np.argmax(probs, axis=1)]
+    sure = np.array(
+        [r.get(label, (None, 1.0))[1] for r, label in zip(readings, labels, strict=True)]
+    )
+    scores = with_setting(scores, sure)
     measures = {
         "entropy": entropy(probs),
         "normalized_entropy": normalized_entropy(probs),
@@ -629,7 +659,7 @@ def _to_predictions(
         found = bool(np.isfinite(centres[i]).all())
         predictions.append(
             Prediction(
-                label=state.classes[int(np.argmax(probs[i]))],
+                label=labels[i],
                 probs={c: float(p) for c, p in zip(state.classes, probs[i], strict=True)},
                 score=float(scores[i]),
                 uncertainty={name: float(values[i]) for name, values in measures.items()},
@@ -644,9 +674,28 @@ def _to_predictions(
                 centre_source=source if found else None,
                 novelty=float(novelty[i]) if np.isfinite(novelty[i]) else None,
                 unfamiliar=bool(unfamiliar[i]),
+                settings=readings[i],
             )
         )
     return predictions
+
+
+def _setting_readings(
+    layout: SettingLayout, logits: np.ndarray | None, n: int
+) -> list[dict[str, tuple[str, float]]]:
+    """Per image, each scale's most probable setting and its probability: the fold members'
+    mean softmax within the valve model's block (``logits`` ``(members, n, T)``)."""
+    if logits is None or not layout:
+        return [{} for _ in range(n)]
+    readings: list[dict[str, tuple[str, float]]] = [{} for _ in range(n)]
+    start = 0
+    for valve, values in layout:
+        block = softmax(logits[:, :, start : start + len(values)], 1.0).mean(axis=0)
+        start += len(values)
+        for i in range(n):
+            best = int(np.argmax(block[i]))
+            readings[i][valve] = (values[best], float(block[i, best]))
+    return readings
 
 
 def _reason(exc: BaseException) -> str:

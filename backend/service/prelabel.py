@@ -17,7 +17,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from backend.service.labelstudio import choice_result, keypoint_result
+from backend.service.labelstudio import choice_result, keypoint_result, setting_result
 from backend.service.prediction import Prediction, PredictionError
 from training.shared.labels import LabelConfig
 
@@ -28,8 +28,9 @@ __all__ = [
     "PredictorLike",
     "label_in_config",
     "location_result",
-    "novelty_result",
+    "note_result",
     "prelabel",
+    "setting_of",
     "task_id",
 ]
 
@@ -151,25 +152,48 @@ def _answer(
         model_version=prediction.model_version or served,
         result=(
             choice_result(config, label)
+            + setting_of(prediction, config, label)
             + location_result(prediction, config)
-            + novelty_result(prediction, config)
+            + note_result(prediction, config, label)
         ),
     )
 
 
-def novelty_result(prediction: Prediction, config: LabelConfig) -> list[dict[str, Any]]:
-    """A note in the config's ``model_note`` text area when the X-ray looks unlike every valve
-    model the version learned; else nothing. The proposed class stays the model's best guess:
-    the note asks the annotator to consider "Other valve"."""
-    if config.note_name is None or not prediction.unfamiliar or prediction.novelty is None:
+def setting_of(prediction: Prediction, config: LabelConfig, label: str) -> list[dict[str, Any]]:
+    """The pressure setting the version read under the proposed model ``label``, selected in
+    that model's setting ``<Choices>`` with its probability as the result's score; nothing when
+    the version reads no setting for it or the config has no scale for it."""
+    reading = prediction.settings.get(label)
+    if reading is None:
         return []
-    text = (
-        f"Unlike every valve model this version learned: more unusual than "
-        f"{prediction.novelty:.0%} of the labelled X-rays. Check whether it is another valve."
-    )
+    value, probability = reading
+    return setting_result(config, label, value, probability)
+
+
+def note_result(
+    prediction: Prediction, config: LabelConfig, label: str | None = None
+) -> list[dict[str, Any]]:
+    """valve-id's note in the config's ``model_note`` text area: how sure the proposed
+    setting is, and, when the X-ray looks unlike every valve model the version learned, a
+    request to consider "Other valve" (the proposed class stays the model's best guess).
+    Nothing when there is neither, or the config has no note."""
+    if config.note_name is None:
+        return []
+    lines = []
+    label = prediction.label if label is None else label
+    reading = prediction.settings.get(label)
+    if reading is not None and setting_of(prediction, config, label):
+        lines.append(f"Setting {reading[0]}: probability {reading[1]:.0%}. Check it on the X-ray.")
+    if prediction.unfamiliar and prediction.novelty is not None:
+        lines.append(
+            f"Unlike every valve model this version learned: more unusual than "
+            f"{prediction.novelty:.0%} of the labelled X-rays. Check whether it is another valve."
+        )
+    if not lines:
+        return []
     return [
         {
-            "value": {"text": [text]},
+            "value": {"text": [" ".join(lines)]},
             "from_name": config.note_name,
             "to_name": config.image_name,
             "type": "textarea",

@@ -4,7 +4,8 @@ Label Studio sorts the review queue by ``predictions_score`` ascending, so the s
 ``1 - uncertainty`` (:func:`training.shared.uncertainty.ranking_score`): the task the model knows
 least about comes first. This module only adds what serving needs around that function:
 resolving the ``auto`` setting from a version's training report, BALD's fallback when there
-is no ensemble to disagree, and a deterministic task order.
+is no ensemble to disagree, the pressure setting's own uncertainty (:func:`with_setting`),
+and a deterministic task order.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "resolve_acquisition",
     "score",
     "validate_acquisition",
+    "with_setting",
 ]
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,17 @@ def score(name: str, probs: np.ndarray, member_probs: np.ndarray | None = None) 
             )
         name = FALLBACK_ACQUISITION
     return ranking_score(name, probs, member_probs)
+
+
+def with_setting(scores: np.ndarray, setting_probability: np.ndarray) -> np.ndarray:
+    """Scores that also count the pressure setting's uncertainty: each score times the
+    probability of the setting read under the proposed valve model (1 where none is read).
+
+    The reading the radiologist needs is model *and* setting; an X-ray whose model is clear
+    but whose setting is a guess still has something to teach, so it moves up the queue.
+    """
+    sure = np.clip(np.nan_to_num(np.asarray(setting_probability, float), nan=1.0), 0.0, 1.0)
+    return np.asarray(scores, float) * sure
 
 
 def rank_tasks(scores: Mapping[TaskId, float]) -> list[TaskId]:

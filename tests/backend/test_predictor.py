@@ -863,11 +863,15 @@ def test_a_locator_s_centre_is_answered_in_pixels_of_the_original_image(
     assert result.centre_px == pytest.approx((15 + 0.25 * 35, 10 + 0.75 * 20), abs=1e-4)
 
 
-def _publish_two_stage(registry: ModelRegistry, version: str) -> None:
+def _publish_two_stage(
+    registry: ModelRegistry, version: str, settings: tuple[tuple[str, tuple[str, ...]], ...] = ()
+) -> None:
     from training.shared.locate_classify import LocateClassifyNet, TwoStageParams
 
     staging = registry.staging(version)
-    params = TwoStageParams(backbone=TINY_ARCH, locator_px=16, crop_fraction=0.5, crop_px=16)
+    params = TwoStageParams(
+        backbone=TINY_ARCH, locator_px=16, crop_fraction=0.5, crop_px=16, settings=settings
+    )
     torch.manual_seed(5)
     for k in range(2):
         model = LocateClassifyNet(len(CLASSES), params)
@@ -904,3 +908,26 @@ def test_a_locate_then_classify_version_is_served_like_any_other(
     for a, b in zip(fast, exact, strict=True):
         assert sum(a.probs.values()) == pytest.approx(1.0, abs=1e-4)
         assert max(abs(a.probs[c] - b.probs[c]) for c in CLASSES) < 0.05
+
+
+def test_a_version_that_reads_settings_answers_each_scale_and_ranks_by_both(
+    registry: ModelRegistry,
+) -> None:
+    """Each scale's most probable setting and its probability (the members' mean softmax
+    within the block); the score is the class score times the proposed model's setting
+    probability, so an uncertain setting moves the X-ray up the review queue."""
+    from backend.service.ranking import score
+
+    scale = ("1", "2", "3")
+    _publish_two_stage(registry, "vset", settings=((CLASSES[0], scale),))
+    images = [_png(seed) for seed in range(4)]
+    with _predictor(registry, fast_path=False, acquisition="least_confidence") as predictor:
+        results = predictor.predict(images)
+    for r in results:
+        assert isinstance(r, Prediction) and set(r.settings) == {CLASSES[0]}
+        value, probability = r.settings[CLASSES[0]]
+        assert value in scale and 1 / 3 <= probability <= 1.0
+        sure = probability if r.label == CLASSES[0] else 1.0
+        assert r.setting == (r.settings.get(r.label))
+        probs = np.array([[r.probs[c] for c in CLASSES]])
+        assert r.score == pytest.approx(float(score("least_confidence", probs)[0]) * sure, abs=1e-4)

@@ -170,7 +170,7 @@ def prelabel_result(prediction: Prediction, config: LabelConfig = CONFIG) -> lis
 def test_an_unfamiliar_valve_gets_a_note_and_keeps_the_model_s_best_class() -> None:
     from dataclasses import replace
 
-    from backend.service.prelabel import novelty_result
+    from backend.service.prelabel import note_result
     from training.shared.labels import NOTE_NAME
 
     with_note = replace(CONFIG, note_name=NOTE_NAME)
@@ -184,5 +184,30 @@ def test_an_unfamiliar_valve_gets_a_note_and_keeps_the_model_s_best_class() -> N
     )
     assert "99%" in note["value"]["text"][0]
     # Ordinary X-rays, and configs without the note, get no note.
-    assert novelty_result(replace(odd, unfamiliar=False, novelty=0.5), with_note) == []
-    assert novelty_result(odd, replace(CONFIG, note_name=None)) == []
+    assert note_result(replace(odd, unfamiliar=False, novelty=0.5), with_note) == []
+    assert note_result(odd, replace(CONFIG, note_name=None)) == []
+
+
+def test_the_setting_read_under_the_proposed_model_is_pre_selected_with_its_probability() -> None:
+    """Label Studio shows a model's setting <Choices> while that model is chosen: the result
+    selects the read value there, scored by its probability, and the note says how sure."""
+    from dataclasses import replace
+
+    from training.shared.labels import NOTE_NAME
+
+    scale = CONFIG.setting_scale(HAKIM)
+    assert scale is not None
+    reading = replace(_located(None), settings={HAKIM: ("120", 0.64), "proGAV 2.0": ("7", 0.9)})
+    choice, setting, note = prelabel_result(reading, replace(CONFIG, note_name=NOTE_NAME))
+    assert choice["value"] == {"choices": [HAKIM]}
+    assert setting == {
+        "value": {"choices": ["120"]},
+        "from_name": scale.name,
+        "to_name": CONFIG.image_name,
+        "type": "choices",
+        "score": pytest.approx(0.64),
+    }
+    assert "Setting 120: probability 64%" in note["value"]["text"][0]
+    # A value off the project's scale, or a model the config has no scale for: no setting.
+    off_scale = replace(reading, settings={HAKIM: ("999", 0.9)})
+    assert [r["from_name"] for r in prelabel_result(off_scale, CONFIG)] == ["valve"]

@@ -113,3 +113,12 @@ def test_rank_tasks_orders_ascending_with_ties_by_id_and_nan_last() -> None:
     scores = {7: 0.5, 3: 0.1, 5: 0.5, 1: float("nan"), 2: 0.9, 4: 0.1}
     assert rank_tasks(scores) == [3, 4, 5, 7, 2, 1]
     assert rank_tasks({}) == []
+
+
+def test_an_uncertain_setting_moves_an_x_ray_up_the_queue() -> None:
+    from backend.service.ranking import with_setting
+
+    scores = np.array([0.9, 0.9, 0.5])
+    adjusted = with_setting(scores, np.array([1.0, 0.3, np.nan]))
+    assert adjusted.tolist() == pytest.approx([0.9, 0.27, 0.5])  # NaN: no setting read
+    assert rank_tasks(dict(enumerate(adjusted))) == [1, 2, 0]

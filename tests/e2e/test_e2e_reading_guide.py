@@ -24,7 +24,7 @@ from PIL import Image
 
 from backend.service.labelstudio import choice_result
 from backend.service.prediction import Prediction
-from backend.service.prelabel import location_result, novelty_result
+from backend.service.prelabel import location_result, note_result
 from backend.tools.guides import GUIDE_URL_PREFIX, install_guides
 from backend.tools.stack.bootstrap import LabelStudioAdmin, ensure_project
 from training.shared.labels import load_label_config
@@ -126,7 +126,7 @@ def test_the_pre_annotated_models_guide_shows_and_follows_a_click(
         novelty=0.99,
         unfamiliar=True,
     )
-    note = novelty_result(answer, config)
+    note = note_result(answer, config)
     assert note, "label_config.xml has no model_note text area"
     admin.request(
         "POST",

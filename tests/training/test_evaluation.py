@@ -21,9 +21,11 @@ from training.fitting.evaluation import (
     fit_temperature,
     most_missed,
     reliability_bins,
+    setting_metrics,
     temperature_bound,
     write_metrics,
 )
+from training.shared.labels import SettingScale
 from training.shared.uncertainty import ACQUISITIONS, entropy, margin, softmax
 
 CLASSES = ["hakim", "certas", "sm8"]
@@ -456,3 +458,54 @@ def test_best_acquisition_falls_back_to_the_best_non_degenerate_measure() -> Non
     assert "bald" not in unc["degenerate_measures"]
     assert unc["error_detection_auroc"]["bald"] < unc["error_detection_auroc"]["entropy"]
     assert unc["best_acquisition"] == "bald"
+
+
+# --- pressure settings ------------------------------------------------------------------
+
+HAKIM = SettingScale("Codman Hakim", "setting_hakim", ("30", "40", "50", "60"))
+PROGAV = SettingScale("proGAV 2.0", "setting_progav", ("0", "1", "2"))
+
+
+def test_setting_metrics_exact_within_one_step_and_confusion() -> None:
+    valves = ["Codman Hakim"] * 5 + ["proGAV 2.0"] * 2
+    true = ["30", "40", "50", "60", "30", "0", "2"]
+    pred = ["30", "50", "40", "30", "30", "0", "2"]  # exact, +1, -1, -3 steps, exact
+    out = setting_metrics([HAKIM, PROGAV], valves, true, pred)
+    hakim = out["Codman Hakim"]
+    assert hakim["n"] == 5
+    assert hakim["exact"] == pytest.approx(2 / 5)
+    assert hakim["within_one"] == pytest.approx(4 / 5)  # scale neighbours count as within one
+    assert hakim["mean_abs_steps"] == pytest.approx((0 + 1 + 1 + 3 + 0) / 5)
+    assert hakim["values"] == ["30", "40", "50", "60"]
+    assert hakim["confusion"] == [  # rows true, columns predicted
+        [2, 0, 0, 0],
+        [0, 0, 1, 0],
+        [0, 1, 0, 0],
+        [1, 0, 0, 0],
+    ]
+    assert out["proGAV 2.0"] == {
+        "n": 2,
+        "exact": 1.0,
+        "within_one": 1.0,
+        "mean_abs_steps": 0.0,
+        "values": ["0", "1", "2"],
+        "confusion": [[1, 0, 0], [0, 0, 0], [0, 0, 1]],
+    }
+    json.dumps(out, allow_nan=False)  # plain JSON for metrics.json
+
+
+def test_setting_metrics_count_only_items_with_both_settings() -> None:
+    valves = ["Codman Hakim", "Codman Hakim", "Codman Hakim", "proGAV 2.0", "Other valve"]
+    true = ["40", None, "50", None, "1"]
+    pred = [None, "40", "60", "1", "1"]
+    out = setting_metrics([HAKIM, PROGAV], valves, true, pred)
+    assert list(out) == ["Codman Hakim"]  # proGAV has no scored item, Other valve no scale
+    assert (out["Codman Hakim"]["n"], out["Codman Hakim"]["within_one"]) == (1, 1.0)
+    assert setting_metrics([HAKIM], [], [], []) == {}
+
+
+def test_setting_metrics_refuse_values_off_the_scale_and_ragged_input() -> None:
+    with pytest.raises(ValueError, match="not on the Codman Hakim scale"):
+        setting_metrics([HAKIM], ["Codman Hakim"], ["35"], ["30"])
+    with pytest.raises(ValueError, match="one entry per item"):
+        setting_metrics([HAKIM], ["Codman Hakim"], ["30", "40"], ["30"])

@@ -261,3 +261,37 @@ def test_where_the_valve_is_and_how_unfamiliar_valves_are_flagged(
     assert "crop around the predicted" in _section(
         _write(tmp_path, {**metrics, "localisation": located}), "Valve location"
     )
+
+
+def test_pressure_settings_are_reported_per_model_with_their_confusion(
+    tmp_path: Path, metrics: dict
+) -> None:
+    from training.fitting.evaluation import setting_metrics
+    from training.shared.labels import SettingScale
+
+    scales = [
+        SettingScale("Codman Hakim", "setting_hakim", ("30", "40", "50")),
+        SettingScale(EVIL, "setting_evil", ("1", EVIL)),
+    ]
+    settings = setting_metrics(
+        scales,
+        ["Codman Hakim"] * 4 + [EVIL],
+        ["30", "40", "50", "50", "1"],
+        ["30", "50", "50", "30", "1"],
+    )
+    assert "Pressure setting" not in _write(tmp_path, metrics)  # no key, no section
+    text = _write(tmp_path, {**metrics, "settings": settings})
+    assert "<script" not in text.lower()
+    section = _section(text, "Pressure setting (validated on synthetic images only)")
+    assert "synthetic images only" in section and "true valve model" in section
+    assert "class errors are reported above" in section
+    # n, exact, within one step, mean |steps|: exact 2/4, within one 3/4, steps (0+1+0+2)/4
+    assert '<td class="l">Codman Hakim</td><td>4</td><td>50 %</td><td>75 %</td><td>0.75</td>' in (
+        section
+    )
+    hakim = section.split("<h3>Codman Hakim</h3>")[1].split("</table>")[0]
+    assert hakim.count("<tr>") == 4  # header + one row per value of the scale
+    assert '<th class="l">50</th><td>1</td><td></td><td class="best">1</td>' in hakim
+    assert "&lt;script&gt;" in section
+    empty = _section(_write(tmp_path, {**metrics, "settings": {}}), "Pressure setting")
+    assert "No X-ray with a labelled setting" in empty

@@ -89,3 +89,67 @@ def test_localisation_error_is_in_pixels_of_the_original_image() -> None:
     assert found["n"] == 2
     assert found["median_px"] == 10.0  # (20 + 0) / 2: 0.1 of a 200-px width, and a hit
     assert found["p95_px"] == 19.0
+
+
+def test_one_fold_also_learns_to_read_a_setting() -> None:
+    """Rings carry a setting (a bright hub: "lo"; none: "hi"), crosses have no scale. The
+    reader learns it from the rings that have one; a ring without a label still trains."""
+    from training.fitting.two_stage import setting_mask, setting_targets
+
+    images, labels, centres = ring_or_cross(64, seed=5)
+    side = images.shape[-1]
+    yy, xx = np.mgrid[0:side, 0:side]
+    settings: list[str | None] = []
+    for i in range(len(images)):
+        if labels[i] != 0:
+            settings.append(None)
+            continue
+        hub = i % 4 < 2
+        if hub:
+            cx, cy = centres[i] * side
+            images[i][np.hypot(xx - cx, yy - cy) < 3] = 0.95
+        settings.append("lo" if hub else "hi")
+    settings[0] = None  # a ring without a labelled setting
+    classes, layout = ["ring", "cross"], (("ring", ("lo", "hi")),)
+    targets = setting_targets(classes, labels, settings, layout)
+    assert targets[0] == -1 and set(targets[labels == 1]) == {-1}
+    assert setting_mask(classes, layout).tolist() == [[True, True], [False, False]]
+    train_idx, val_idx = np.arange(49), np.arange(49, 64)
+    result = train_two_stage_fold(
+        images,
+        labels,
+        centres,
+        train_idx,
+        val_idx,
+        2,
+        toy_recipe(design="locate_classify"),
+        device=torch.device("cpu"),
+        settings=targets,
+        setting_layout=layout,
+        classes=classes,
+    )
+    assert result.val_setting_logits is not None and result.val_setting_logits.shape == (15, 2)
+    rings = [i for i, j in enumerate(val_idx) if labels[j] == 0]
+    read = result.val_setting_logits[rings].argmax(1)
+    truth = targets[val_idx[rings]]
+    assert float((read == truth).mean()) >= 0.8, (read, truth)
+    assert result.model.params.settings == layout
+
+
+def test_a_setting_reader_survives_the_checkpoint(tmp_path: Path) -> None:
+    layout = (("a", ("1", "2", "3")), ("c", ("x", "y")))
+    params = TwoStageParams(locator_px=64, crop_fraction=0.3, crop_px=48, settings=layout)
+    model = LocateClassifyNet(3, params).eval()
+    assert model.setting_blocks() == {"a": slice(0, 3), "c": slice(3, 5)}
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        before = model.answer(x)
+    assert before.setting_logits is not None and before.setting_logits.shape == (2, 5)
+    path = tmp_path / "fold_0.pt"
+    save_checkpoint(model, path, classes=["a", "b", "c"])
+    loaded = load_checkpoint(path)
+    assert isinstance(loaded, LocateClassifyNet) and loaded.params.settings == layout
+    with torch.no_grad():
+        after = loaded.answer(x)
+    assert torch.allclose(after.setting_logits, before.setting_logits, atol=1e-5)
+    assert torch.allclose(after.logits, model(x), atol=1e-5)

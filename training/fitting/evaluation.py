@@ -48,6 +48,11 @@ How each number is computed (where the paper is silent, the choice is stated her
   ``below_chance`` (mean accuracy or macro-F1 at or below ``1/k`` for the ``k`` classes
   with images; one entry per metric), ``temperature_at_bound`` (calibration unreliable) and
   ``degenerate_uncertainty``. A healthy model has an empty list.
+* **Pressure setting** (``settings``, only for versions that read settings): per valve
+  model, how the setting read under the *true* model compares with the labelled one
+  (:func:`setting_metrics`), so class errors (above) are not counted twice. Neighbouring
+  values of a scale are one step apart, so ``within_one`` and ``mean_abs_steps`` measure
+  how far off a wrong reading is.
 
 All values are plain JSON: Python floats/ints/str, ``null`` instead of NaN.
 """
@@ -70,6 +75,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from training.shared.labels import SettingScale
 from training.shared.uncertainty import (
     ACQUISITIONS,
     bald,
@@ -92,6 +98,7 @@ __all__ = [
     "fit_temperature",
     "most_missed",
     "reliability_bins",
+    "setting_metrics",
     "temperature_bound",
     "write_metrics",
 ]
@@ -224,6 +231,59 @@ def write_metrics(metrics: Mapping[str, Any], path: Path) -> Path:
     path = Path(path)
     path.write_text(json.dumps(_json_clean(metrics), indent=2, allow_nan=False) + "\n")
     return path
+
+
+def setting_metrics(
+    scales: Sequence[SettingScale],
+    valves: Sequence[str],
+    true_settings: Sequence[str | None],
+    predicted_settings: Sequence[str | None],
+) -> dict[str, dict[str, Any]]:
+    """Per valve model, the pressure setting read against the labelled one.
+
+    ``valves`` is each item's *true* valve model, ``true_settings`` its labelled setting and
+    ``predicted_settings`` the setting read under that true model (None: unknown / not
+    read). Only items with both settings count. Returns, per model with at least one such
+    item (in ``scales`` order; models without are absent): ``n``, ``exact`` (accuracy),
+    ``within_one`` (share at most one scale step off), ``mean_abs_steps`` (mean
+    ``|index difference|`` on the scale), ``values`` (the scale) and ``confusion``
+    (``len(values)`` rows = true × columns = predicted, counts). A setting that is not a
+    value of its model's scale is a :class:`ValueError` (the reader and the labels disagree).
+    """
+    n = len(valves)
+    if len(true_settings) != n or len(predicted_settings) != n:
+        raise ValueError(
+            f"valves ({n}), true_settings ({len(true_settings)}) and predicted_settings "
+            f"({len(predicted_settings)}) must have one entry per item"
+        )
+    out: dict[str, dict[str, Any]] = {}
+    for scale in scales:
+        index = {value: i for i, value in enumerate(scale.values)}
+        pairs = [
+            (t, p)
+            for v, t, p in zip(valves, true_settings, predicted_settings, strict=True)
+            if v == scale.valve and t is not None and p is not None
+        ]
+        if not pairs:
+            continue
+        off = sorted({s for pair in pairs for s in pair if s not in index})
+        if off:
+            raise ValueError(f"setting(s) {off} are not on the {scale.valve} scale")
+        true_idx = np.array([index[t] for t, _ in pairs], dtype=np.int64)
+        pred_idx = np.array([index[p] for _, p in pairs], dtype=np.int64)
+        steps = np.abs(true_idx - pred_idx)
+        k = len(scale.values)
+        confusion = np.zeros((k, k), dtype=np.int64)
+        np.add.at(confusion, (true_idx, pred_idx), 1)
+        out[scale.valve] = {
+            "n": len(pairs),
+            "exact": float(np.mean(steps == 0)),
+            "within_one": float(np.mean(steps <= 1)),
+            "mean_abs_steps": float(steps.mean()),
+            "values": list(scale.values),
+            "confusion": confusion.tolist(),
+        }
+    return out
 
 
 # --- calibration ------------------------------------------------------------------------

@@ -5,7 +5,8 @@ PNG, so it can be mailed, archived with the model version, or opened offline. It
 what :func:`training.fitting.evaluation.evaluate_oof` measured, laid out like the paper (Vach et
 al. 2025): per-split table (Table 2), per-class and uncertainty tables (Table 3),
 normalised confusion matrix (Fig. 4), saliency maps (Fig. 5), plus what the paper did not
-report: error detection by uncertainty and calibration (temperature scaling).
+report: error detection by uncertainty, calibration (temperature scaling) and, for versions
+that read it, the valve's pressure setting.
 
 Numbers that must not be read at face value carry a visible warning next to them, rendered
 from ``metrics["warnings"]`` (see :mod:`training.fitting.evaluation`): a mean accuracy or macro-F1
@@ -67,6 +68,7 @@ font-weight:600;margin:1em 0}
 table{border-collapse:collapse;margin:.6em 0}th,td{border:1px solid #ccc;padding:.25em .6em;
 text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}tr.mean td{font-weight:700}
 .best{background:#e6f6e6}.note{color:#555;font-size:.9em}
+table.cm td,table.cm th{padding:.1em .35em;font-size:.85em}
 .gallery{display:flex;flex-wrap:wrap;gap:1em}.card{border:1px solid #ddd;padding:.4em;
 width:min(100%,520px)}.card img{width:100%;height:auto}.wrong{border-color:#d9480f}
 figure{margin:.5em 0}img.plot{max-width:100%;height:auto}
@@ -104,6 +106,7 @@ def write_report(
         _per_class_section(metrics, classes),
         _confusion_section(metrics),
         _localisation_section(metrics),
+        _settings_section(metrics),
         _novelty_section(metrics),
         _uncertainty_section(metrics, classes, oof),
         _calibration_section(metrics),
@@ -259,6 +262,59 @@ def _localisation_section(metrics: Mapping[str, Any]) -> str:
         f"image: median <b>{_fmt(found['median_px'])}</b>, 95th percentile "
         f"<b>{_fmt(found['p95_px'])}</b>. {how}</p>"
     )
+
+
+def _settings_section(metrics: Mapping[str, Any]) -> str:
+    """How well the version reads the pressure setting (``metrics["settings"]``, from
+    :func:`training.fitting.evaluation.setting_metrics`), per valve model."""
+    found = metrics.get("settings")
+    if found is None:
+        return ""
+    heading = "<h2>Pressure setting (validated on synthetic images only)</h2>"
+    note = (
+        '<p class="note">Settings were validated on synthetic images only; how well they are '
+        "read on real X-rays is not known yet. The setting is read under the true valve "
+        "model, so a wrongly identified model does not count again here (class errors are "
+        "reported above). One step = one value up or down the model's scale.</p>"
+    )
+    if not found:
+        return f"{heading}<p>No X-ray with a labelled setting was scored.</p>{note}"
+    rows = "".join(
+        f'<tr><td class="l">{_esc(name)}</td><td>{_esc(row["n"])}</td>'
+        f"<td>{_pct(row['exact'])}</td><td>{_pct(row['within_one'])}</td>"
+        f"<td>{_fmt(row['mean_abs_steps'])}</td></tr>"
+        for name, row in found.items()
+    )
+    matrices = "".join(
+        f"<h3>{_esc(name)}</h3>{_setting_confusion(row['values'], row['confusion'])}"
+        for name, row in found.items()
+    )
+    return (
+        f"{heading}{note}"
+        '<table><tr><th class="l">Valve model</th><th>X-rays</th><th>Exact</th>'
+        f"<th>Within one step</th><th>Mean |steps|</th></tr>{rows}</table>"
+        '<p class="note">Confusion of the settings, all splits pooled. Rows: labelled '
+        "setting; columns: setting read; each cell counts X-rays (empty = none), the "
+        "diagonal (exact) highlighted.</p>"
+        f"{matrices}"
+    )
+
+
+def _setting_confusion(values: Sequence[str], counts: Sequence[Sequence[int]]) -> str:
+    """A compact count table over one scale (rows true, columns read)."""
+    head = '<tr><th class="l">labelled ↓ read →</th>' + "".join(
+        f"<th>{_esc(v)}</th>" for v in values
+    )
+    rows = "".join(
+        f'<tr><th class="l">{_esc(value)}</th>'
+        + "".join(
+            f"<td{_BEST_ROW if i == j else ''}>{_esc(c) if c else ''}</td>"
+            for j, c in enumerate(counts[i])
+        )
+        + "</tr>"
+        for i, value in enumerate(values)
+    )
+    return f'<table class="cm">{head}</tr>{rows}</table>'
 
 
 def _novelty_section(metrics: Mapping[str, Any]) -> str:

@@ -142,9 +142,14 @@ def plan_run(
             "group": _pseudonym(it.group),
             "sha256": h,
             "valve_xy": list(it.valve_xy) if it.valve_xy is not None else None,
+            "setting": it.setting,
         }
         for it, h in zip(prepared.items, prepared.hashes, strict=True)
     ]
+    # The setting scales of this run's classes; only the crop network reads settings.
+    scales = [s for s in label_config.settings if s.valve in classes]
+    if config.design != "locate_classify":
+        scales = []
     plan = {
         "run_id": run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -154,6 +159,7 @@ def plan_run(
         "classes": classes,
         "unused_classes": [c for c in label_config.classes if c not in present],
         "label_config_hash": label_config.config_hash,
+        "settings": [{"valve": s.valve, "name": s.name, "values": list(s.values)} for s in scales],
         "snapshot": snapshot,
         "paths": [it.path for it in prepared.items],
         "failures": prepared.failures,
@@ -186,6 +192,7 @@ def _load_plan(run_dir: Path, cache_dir: Path | None) -> tuple[dict, PreparedIma
             group=s["group"],
             key=s["key"],
             valve_xy=tuple(s["valve_xy"]) if s.get("valve_xy") else None,
+            setting=s.get("setting"),
         )
         for p, s in zip(plan["paths"], plan["snapshot"], strict=True)
     ]
@@ -205,6 +212,35 @@ def _fold_indices(run_dir: Path, plan: dict, fold: int) -> tuple[np.ndarray, np.
     )
 
 
+def _setting_layout(plan: dict) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The run's setting scales as the network lays them out (plans before settings: none)."""
+    return tuple((s["valve"], tuple(s["values"])) for s in plan.get("settings", []))
+
+
+def _setting_metrics(plan: dict, y: np.ndarray, readings: np.ndarray) -> dict[str, Any]:
+    """Out-of-fold setting accuracy per valve model, each setting read under the true model
+    (the class errors are in the class metrics)."""
+    from training.fitting.evaluation import setting_metrics
+    from training.shared.labels import SettingScale
+
+    layout = _setting_layout(plan)
+    scales = [SettingScale(s["valve"], s["name"], tuple(s["values"])) for s in plan["settings"]]
+    blocks, start = {}, 0
+    for valve, values in layout:
+        blocks[valve] = (start, values)
+        start += len(values)
+    valves = [plan["classes"][int(c)] for c in y]
+    predicted: list[str | None] = []
+    for i, valve in enumerate(valves):
+        if valve not in blocks or not np.isfinite(readings[i]).all():
+            predicted.append(None)
+            continue
+        first, values = blocks[valve]
+        predicted.append(values[int(np.argmax(readings[i, first : first + len(values)]))])
+    truth = [s.get("setting") for s in plan["snapshot"]]
+    return setting_metrics(scales, valves, truth, predicted)
+
+
 def train_fold_stage(
     run_dir: Path, fold: int, *, cache_dir: Path | None, progress: ProgressFn | None = None
 ) -> dict[str, Any]:
@@ -220,12 +256,24 @@ def train_fold_stage(
     fold_args = (train_idx, val_idx, len(plan["classes"]), config)
     result: FoldResult | TwoStageFoldResult
     if config.design == "locate_classify":
-        from training.fitting.two_stage import train_two_stage_fold
+        from training.fitting.two_stage import setting_targets, train_two_stage_fold
 
+        layout = _setting_layout(plan)
+        settings = [s.get("setting") for s in plan["snapshot"]]
         result = train_two_stage_fold(
-            prepared.arrays, labels, prepared.centres, *fold_args, fold=fold, progress=progress
+            prepared.arrays,
+            labels,
+            prepared.centres,
+            *fold_args,
+            fold=fold,
+            progress=progress,
+            settings=setting_targets(plan["classes"], labels, settings, layout),
+            setting_layout=layout,
+            classes=plan["classes"],
         )
         extra["centres"] = result.val_centres
+        if result.val_setting_logits is not None:
+            extra["setting_logits"] = result.val_setting_logits
     elif config.design == "whole_image":
         result = train_fold(prepared.arrays, labels, *fold_args, fold=fold, progress=progress)
         if not np.isnan(prepared.centres[val_idx]).all():  # annotated centres to compare with
@@ -315,6 +363,8 @@ def finalize_run(
     logits = np.zeros((len(y), len(plan["classes"])), dtype=np.float32)
     centres = np.full((len(y), 2), np.nan, dtype=np.float32)
     novelty_distance = np.full(len(y), np.nan)
+    total = sum(len(values) for _, values in _setting_layout(plan))
+    readings = np.full((len(y), total), np.nan, dtype=np.float32)
     fold_of = np.full(len(y), -1)
     histories = []
     for k in range(n_folds):
@@ -328,6 +378,8 @@ def finalize_run(
                 centres[data["val_idx"]] = data["centres"]
             if "novelty_distance" in data:
                 novelty_distance[data["val_idx"]] = data["novelty_distance"]
+            if "setting_logits" in data:
+                readings[data["val_idx"]] = data["setting_logits"]
         histories.append(read_json(run_dir / "history" / f"fold_{k}.json"))
     if (fold_of < 0).any():
         raise DatasetError("some images have no out-of-fold prediction; the splits are incomplete")
@@ -342,6 +394,8 @@ def finalize_run(
         }
     if np.isfinite(novelty_distance).all():
         metrics["novelty"] = _write_novelty(run_dir, n_folds, novelty_distance)
+    if total and np.isfinite(readings).any():
+        metrics["settings"] = _setting_metrics(plan, y, readings)
     write_metrics(metrics, run_dir / METRICS_FILE)
     temperature = float(metrics["calibration"]["temperature"])
     oof = {"fold": fold_of, "probs": softmax(logits)}

@@ -20,13 +20,14 @@ from torch import nn
 from training.shared.inference import autocast_for
 from training.shared.locate_classify import (
     LocateClassifyNet,
+    SettingLayout,
     TwoStageParams,
     crop_around,
     soft_argmax,
 )
 from training.shared.model import InitInfo, build_model
 
-__all__ = ["TwoStageFoldResult", "train_two_stage_fold"]
+__all__ = ["TwoStageFoldResult", "setting_mask", "setting_targets", "train_two_stage_fold"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,39 @@ class TwoStageFoldResult:
     history: list[dict[str, Any]]
     init: InitInfo
     class_weights: np.ndarray
+    val_setting_logits: np.ndarray | None = None
+    """``(n_val, T)`` out-of-fold setting logits; None when the run reads no settings."""
+
+
+def setting_targets(
+    classes: list[str], labels: np.ndarray, settings: list[str | None], layout: SettingLayout
+) -> np.ndarray:
+    """Each image's setting as a column of the setting logits; -1 where it has none (or its
+    valve model has no scale, or the value is not on it): it still trains the valve type."""
+    columns: dict[tuple[str, str], int] = {}
+    for valve, values in layout:
+        for value in values:
+            columns[(valve, value)] = len(columns)
+    return np.array(
+        [
+            -1 if setting is None else columns.get((classes[int(y)], setting), -1)
+            for y, setting in zip(labels, settings, strict=True)
+        ],
+        dtype=np.int64,
+    )
+
+
+def setting_mask(classes: list[str], layout: SettingLayout) -> np.ndarray:
+    """``(K, T)`` bool: which setting columns belong to each class's scale (none for a class
+    without one). A setting is read under its valve model: softmax over that block only."""
+    total = sum(len(values) for _, values in layout)
+    mask = np.zeros((len(classes), total), dtype=bool)
+    start = 0
+    for valve, values in layout:
+        if valve in classes:
+            mask[classes.index(valve), start : start + len(values)] = True
+        start += len(values)
+    return mask
 
 
 def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -75,6 +109,9 @@ def train_two_stage_fold(
     fold: int = 0,
     device: torch.device | None = None,
     progress: ProgressFn | None = None,
+    settings: np.ndarray | None = None,
+    setting_layout: SettingLayout = (),
+    classes: list[str] | None = None,
 ) -> TwoStageFoldResult:
     """Train the locator head, then the crop classifier, of one fold; score its validation.
 
@@ -95,6 +132,7 @@ def train_two_stage_fold(
         locator_px=config.locator_px,
         crop_fraction=config.crop_fraction,
         crop_px=config.crop_px,
+        settings=setting_layout,
     )
     classifier, init = build_model(num_classes, pretrained=config.pretrained, arch=config.arch)
     locator_base, _ = build_model(1, pretrained=config.pretrained, arch=config.arch)
@@ -161,10 +199,21 @@ def train_two_stage_fold(
     jitter = max(float(np.median(residual)), config.crop_jitter)
     logger.info("fold %d: locator trained (%d images with a centre)", fold, len(loc_train))
 
-    # 2. Classifier on crops: weighted CE, AdamW one-cycle, dihedral + brightness augmentation.
+    # 2. Classifier (and setting reader) on crops: weighted CE, AdamW one-cycle, dihedral +
+    # brightness augmentation. A setting is physical: flips and turns of the crop keep it
+    # (every synthetic valve body is chiral, so a mirrored valve is still readable).
     clf = model.classifier.to(memory_format=torch.channels_last).train()
+    reader = model.setting_head
     loss_fn = nn.CrossEntropyLoss(weight=torch.from_numpy(weights).to(device))
-    optimizer = torch.optim.AdamW(clf.parameters(), lr=config.lr_max, weight_decay=1e-4)
+    trained = list(clf.parameters())
+    if reader is not None:
+        if classes is None or settings is None:
+            raise ValueError("a setting layout needs the classes and each image's setting")
+        reader.train()
+        trained += list(reader.parameters())
+        allowed = torch.from_numpy(setting_mask(classes, setting_layout)).to(device)
+        targets = torch.from_numpy(settings.astype(np.int64))
+    optimizer = torch.optim.AdamW(trained, lr=config.lr_max, weight_decay=1e-4)
     bs = config.batch_size
     steps = config.epochs * math.ceil(len(train_idx) / bs)
     schedule: torch.optim.lr_scheduler.LRScheduler = (
@@ -193,9 +242,18 @@ def train_two_stage_fold(
             crops = _dihedral(crops, int(torch.randint(8, (1,), generator=generator)))
             gain = 1 + (torch.rand(len(pick), 1, 1, generator=generator) - 0.5) * 0.4
             crops = (crops * gain).clamp(0, 1)
+            y = y_all[pick].to(device)
             with autocast:
-                logits = clf(network_input(crops).contiguous(memory_format=torch.channels_last))
-            loss = loss_fn(logits.float(), y_all[pick].to(device))
+                body = clf.body(network_input(crops).contiguous(memory_format=torch.channels_last))
+                logits = clf.head(body)
+                reading = None if reader is None else reader(body)
+            loss = loss_fn(logits.float(), y)
+            if reading is not None:
+                target = targets[pick].to(device)
+                has = target >= 0
+                if bool(has.any()):
+                    blocked = reading.float().masked_fill(~allowed[y], float("-inf"))
+                    loss = loss + F.cross_entropy(blocked[has], target[has])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -215,22 +273,20 @@ def train_two_stage_fold(
 
     # 3. Out-of-fold: crops at the predicted centres, as serving does.
     model.eval()
-    val_logits = []
+    val_logits, val_readings = [], []
     with torch.inference_mode():
         for start in range(0, len(val_idx), bs):
             pick = val_idx[start : start + bs]
-            crops = crop_around(
-                all_images[pick].float(),
-                torch.from_numpy(val_centres[start : start + bs]),
-                params.crop_fraction,
-                params.crop_px,
-            )
+            batch = network_input(all_images[pick].float())
             with autocast:
-                val_logits.append(
-                    clf(network_input(crops).contiguous(memory_format=torch.channels_last))
-                    .float()
-                    .cpu()
-                )
+                answer = model.answer(batch, torch.from_numpy(val_centres[start : start + bs]))
+            val_logits.append(answer.logits.float().cpu())
+            if answer.setting_logits is not None:
+                val_readings.append(answer.setting_logits.float().cpu())
     logits = torch.cat(val_logits).numpy() if val_logits else np.zeros((0, num_classes), np.float32)
+    readings = None
+    if reader is not None:
+        total = int(allowed.shape[1])
+        readings = torch.cat(val_readings).numpy() if val_readings else np.zeros((0, total))
     model = model.to("cpu").eval().requires_grad_(True)
-    return TwoStageFoldResult(model, logits, val_centres, history, init, weights)
+    return TwoStageFoldResult(model, logits, val_centres, history, init, weights, readings)

@@ -17,7 +17,11 @@ so checkpoints, the fold ensemble, out-of-fold evaluation and serving treat it e
   the centre (differentiable, sub-cell precise);
 * crop: a ``crop_fraction`` × ``crop_fraction`` window of the prepared image around the
   centre, resampled to ``crop_px`` (``grid_sample``);
-* classifier: a :class:`~training.shared.model.ValveNet` on the crop, fine-tuned.
+* classifier: a :class:`~training.shared.model.ValveNet` on the crop, fine-tuned;
+* setting reader (when the labeling config has setting scales): a second head on the
+  classifier's body, one logit per setting of every scale laid end to end; a valve model's
+  setting is the softmax over its own block (:meth:`LocateClassifyNet.setting_blocks`).
+  It shares the crop and the body, so reading costs one small head more.
 
 Its recipe for one fold is :func:`training.fitting.two_stage.train_two_stage_fold`.
 """
@@ -26,15 +30,23 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.shared.model import ValveNet, get_arch
+from training.shared.model import ValveNet, get_arch, make_head
 
-__all__ = ["DESIGN", "LocateClassifyNet", "TwoStageParams", "crop_around", "soft_argmax"]
+__all__ = [
+    "DESIGN",
+    "CropAnswer",
+    "LocateClassifyNet",
+    "SettingLayout",
+    "TwoStageParams",
+    "crop_around",
+    "soft_argmax",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +54,9 @@ DESIGN = "locate_classify"
 """Checkpoint ``design`` name of :class:`LocateClassifyNet`."""
 LOCATOR_HIDDEN = 64
 """Channels of the locator head's hidden layer."""
+
+SettingLayout = tuple[tuple[str, tuple[str, ...]], ...]
+"""``((valve model, its setting values lowest first), ...)``: the setting head's blocks."""
 
 
 @dataclass(frozen=True)
@@ -59,9 +74,29 @@ class TwoStageParams:
     """Body modules the locator keeps: Lite0's stem + stages 0-4, stride 16. Its 24 × 24 cells
     (at 384 px) placed centres within 6 px (median) on 768-px synthetic X-rays where the last,
     stride-32 map managed 24 px (docs/TRAINING.md, "The cpu profile")."""
+    settings: SettingLayout = ()
+    """The setting scales the network reads (empty: it reads none)."""
+
+    def __post_init__(self) -> None:
+        # A checkpoint stores the layout as lists; keep it hashable and comparable.
+        layout = tuple((str(v), tuple(str(x) for x in values)) for v, values in self.settings)
+        object.__setattr__(self, "settings", layout)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class CropAnswer(NamedTuple):
+    """Everything one pass over the valve's crop gives."""
+
+    centres: torch.Tensor
+    """``(B, 2)`` where the crop was taken, (x, y) in [0, 1] of the prepared image."""
+    features: torch.Tensor
+    """``(B, D)`` the classifier head's penultimate features (the novelty model's input)."""
+    logits: torch.Tensor
+    """``(B, K)`` class logits."""
+    setting_logits: torch.Tensor | None
+    """``(B, T)`` setting logits, the scales' blocks end to end; None without a reader."""
 
 
 def soft_argmax(scores: torch.Tensor) -> torch.Tensor:
@@ -129,6 +164,26 @@ class LocateClassifyNet(nn.Module):
             nn.Conv2d(LOCATOR_HIDDEN, 1, 3, padding=1),
         )
         self.classifier = classifier or ValveNet(num_classes, arch=self.params.backbone)
+        total = sum(len(values) for _, values in self.params.settings)
+        self.setting_head = make_head(spec.num_features, total) if total else None
+
+    def setting_blocks(self) -> dict[str, slice]:
+        """Each valve model's block of the setting logits."""
+        blocks, start = {}, 0
+        for valve, values in self.params.settings:
+            blocks[valve] = slice(start, start + len(values))
+            start += len(values)
+        return blocks
+
+    def answer(self, x: torch.Tensor, centres: torch.Tensor | None = None) -> CropAnswer:
+        """One pass: locate (unless ``centres`` are given), crop, classify and read."""
+        if centres is None:
+            centres = self.locate(x)
+        body = self.classifier.body(self.crop(x, centres))
+        head = self.classifier.head
+        features = head[:-1](body)
+        reading = None if self.setting_head is None else self.setting_head(body)
+        return CropAnswer(centres, features, head[-1](features), reading)
 
     @property
     def body(self) -> nn.Sequential:
