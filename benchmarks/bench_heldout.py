@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     add_common_arguments(parser)
     parser.add_argument("--n-train", type=int, default=None)
+    parser.add_argument("--n-test", type=int, default=None)
     parser.add_argument("--n-folds", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -239,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     options = QUICK if args.quick else HeldoutOptions()
     if args.n_train:
         options = replace(options, n_train=args.n_train)
+    if args.n_test:
+        options = replace(options, n_test=args.n_test)
     if args.n_folds:
         options = replace(options, n_folds=args.n_folds)
     if args.seed is not None:

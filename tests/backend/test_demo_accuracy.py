@@ -68,3 +68,26 @@ def test_the_valve_keypoint_is_scored_against_the_true_centre() -> None:
     assert "valve located" in scored.line() and "2 X-rays" in scored.line()
     # Without a keypoint tag to read, nothing is claimed about the location.
     assert demo_accuracy(tasks, truth, "v2", "valve").location_line() == ""
+
+
+def test_the_proposed_setting_is_scored_in_steps_where_the_model_is_right() -> None:
+    from training.shared.labels import SettingScale
+
+    scale = SettingScale("A", "setting_a", ("1", "2", "3", "4"))
+    truth = {
+        "a": SimpleNamespace(label="A", setting="2"),
+        "b": SimpleNamespace(label="A", setting="4"),
+        "c": SimpleNamespace(label="A", setting="1"),  # model wrong: its setting is not scored
+        "d": SimpleNamespace(label="B", setting=None),  # no scale for B
+    }
+    tasks = [_task("a", v2="A"), _task("b", v2="A"), _task("c", v2="B"), _task("d", v2="B")]
+    for task, read in zip(tasks, ("2", "3", "1", None), strict=True):
+        if read is not None:
+            task["predictions"][0]["result"].append(
+                {"from_name": "setting_a", "type": "choices", "value": {"choices": [read]}}
+            )
+    scored = demo_accuracy(tasks, truth, "v2", "valve", settings=(scale,))
+    assert scored.setting_steps == (0, -1)
+    assert "setting right on 1 of 2 with the right model (1.00 within one step" in scored.line()
+    # A config without scales claims nothing about settings.
+    assert demo_accuracy(tasks, truth, "v2", "valve").setting_line() == ""

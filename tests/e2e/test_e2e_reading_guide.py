@@ -1,15 +1,16 @@
-"""What a pre-annotation shows in a real Label Studio: the model's guide, the valve's
-keypoint and, for an unfamiliar valve, valve-id's note.
+"""What a pre-annotation shows in a real Label Studio: the model's guide, its proposed
+pressure setting, the valve's keypoint and valve-id's note.
 
 A real Label Studio (the suite's pinned server), the shipped ``label_config.xml``, the
 guide pictures installed the way ``valve-id up`` installs them
 (:func:`backend.tools.guides.install_guides`), and one task whose only prediction is built
 by the backend's own result builders (:mod:`backend.service.prelabel`): "proGAV 2.0", the
-valve's centre, and the note of an X-ray flagged as unfamiliar. Headless Chromium opens the
-task as an annotator would and must show the proGAV 2.0 guide and no other, with its picture
+proposed setting with its probability, the valve's centre, and the note of an X-ray flagged as
+unfamiliar. Headless Chromium opens the task as an annotator would and must show the proGAV
+2.0 guide and no other, its setting scale with the proposed setting selected, the picture
 loaded through Label Studio (HTTP 200), the keypoint region and the note; clicking another
-model then swaps the guide. The screenshot goes to ``docs/images/reading-guide.png`` (the
-README shows it).
+model then swaps the guide and the scale. The screenshot goes to
+``docs/images/reading-guide.png`` (the README shows it).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from PIL import Image
 
 from backend.service.labelstudio import choice_result
 from backend.service.prediction import Prediction
-from backend.service.prelabel import location_result, note_result
+from backend.service.prelabel import location_result, note_result, setting_of
 from backend.tools.guides import GUIDE_URL_PREFIX, install_guides
 from backend.tools.stack.bootstrap import LabelStudioAdmin, ensure_project
 from training.shared.labels import load_label_config
@@ -49,6 +50,7 @@ SCREENSHOT = REPO / "docs" / "images" / "reading-guide.png"
 MODEL_VERSION = "guide-test"
 PRE_ANNOTATED = "proGAV 2.0"
 CLICKED = "Codman Hakim"
+PROPOSED_SETTING = ("12", 0.64)
 
 _GUIDES_JS = """
 const shown = e => e.getClientRects().length > 0;
@@ -125,7 +127,10 @@ def test_the_pre_annotated_models_guide_shows_and_follows_a_click(
         centre_source="locator",
         novelty=0.99,
         unfamiliar=True,
+        settings={PRE_ANNOTATED: PROPOSED_SETTING},
     )
+    setting = setting_of(answer, config, PRE_ANNOTATED)
+    assert setting, "label_config.xml has no proGAV 2.0 setting scale"
     note = note_result(answer, config)
     assert note, "label_config.xml has no model_note text area"
     admin.request(
@@ -133,7 +138,12 @@ def test_the_pre_annotated_models_guide_shows_and_follows_a_click(
         "/api/predictions/",
         json={
             "task": task_id,
-            "result": choice_result(config, PRE_ANNOTATED) + location_result(answer, config) + note,
+            "result": (
+                choice_result(config, PRE_ANNOTATED)
+                + setting
+                + location_result(answer, config)
+                + note
+            ),
             "score": 0.9,
             "model_version": MODEL_VERSION,
         },
@@ -206,7 +216,9 @@ def test_the_pre_annotated_models_guide_shows_and_follows_a_click(
         )
         driver.quit()
 
-    assert selected == [PRE_ANNOTATED], (selected, SCREENSHOT)
+    # The proposed model and, in its scale, the proposed setting.
+    assert selected == [PRE_ANNOTATED, PROPOSED_SETTING[0]], (selected, SCREENSHOT)
+    assert "Setting 12: probability 64%" in page_text, page_text[-2000:]
     # The note and the keypoint region are on screen with the choice.
     assert note[0]["value"]["text"][0] in page_text, page_text[-2000:]
     assert "Valve" in page_text.split("Regions", 1)[-1], page_text[-2000:]

@@ -9,11 +9,13 @@ loop: ``valve-id up`` and ``valve-id status`` print it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from training.shared.labels import SettingScale
 
 __all__ = ["DemoAccuracy", "demo_accuracy"]
 
@@ -29,6 +31,19 @@ class DemoAccuracy:
     unlabelled: int
     location_errors_px: tuple[float, ...] = ()
     """Distance from each predicted valve keypoint to the true centre, pixels of the image."""
+    setting_steps: tuple[int, ...] = ()
+    """For each X-ray whose model was proposed right and whose true setting is known: how
+    many steps of the scale the proposed setting is off (0: right)."""
+
+    def setting_line(self) -> str:
+        """How right the proposed settings are (empty if the version proposed none)."""
+        steps = np.abs(np.asarray(self.setting_steps))
+        if not len(steps):
+            return ""
+        return (
+            f"; setting right on {int((steps == 0).sum())} of {len(steps)} with the right model "
+            f"({float(np.mean(steps <= 1)):.2f} within one step; synthetic settings)"
+        )
 
     @property
     def accuracy(self) -> float | None:
@@ -63,6 +78,7 @@ class DemoAccuracy:
         return (
             f"{self.version} is right on {self.correct} of {self.scored} unlabelled demo "
             f"X-rays (accuracy {self.accuracy:.2f}{pending}){self.location_line()}"
+            f"{self.setting_line()}"
         )
 
 
@@ -97,12 +113,16 @@ def demo_accuracy(
     version: str,
     choices_name: str,
     keypoint_name: str | None = None,
+    settings: Sequence[SettingScale] = (),
 ) -> DemoAccuracy:
     """Score ``version``'s predictions on the unlabelled ``tasks`` (Label Studio task dicts
     with ``predictions``) against ``truth`` (``source_uid`` → an object with ``label`` and,
-    if known, ``valve_xy``): the class, and where its keypoint put the valve."""
+    if known, ``valve_xy`` and ``setting``): the class, where its keypoint put the valve,
+    and, on the config's setting scales, how far the proposed setting is off."""
     correct = scored = unlabelled = 0
     errors: list[float] = []
+    steps: list[int] = []
+    scales = {s.valve: s for s in settings}
     for task in tasks:
         if (task.get("total_annotations") or 0) > 0:
             continue
@@ -120,4 +140,10 @@ def demo_accuracy(
         true_xy = getattr(image, "valve_xy", None)
         if point is not None and true_xy is not None:
             errors.append(math.dist(point, true_xy))
-    return DemoAccuracy(version, correct, scored, unlabelled, tuple(errors))
+        scale = scales.get(image.label) if answer == image.label else None
+        true_setting = getattr(image, "setting", None)
+        if scale is not None and true_setting in scale.values:
+            read = _choice(ours[-1], scale.name)
+            if read in scale.values:
+                steps.append(scale.values.index(read) - scale.values.index(true_setting))
+    return DemoAccuracy(version, correct, scored, unlabelled, tuple(errors), tuple(steps))

@@ -599,6 +599,7 @@ def _bootstrap(
                     served,
                     config.choices_name,
                     config.keypoint_name,
+                    config.settings,
                 )
                 training += f"\n{'':16}{scored.line()}"
         finally:
@@ -676,7 +677,9 @@ def served_demo_accuracy(options: StackOptions) -> DemoAccuracy | None:
     finally:
         admin.close()
     truth = bootstrap.demo_images(paths.demo, values["VALVE_ID_PSEUDONYM_KEY"])
-    return demo_accuracy(tasks, truth, served, config.choices_name, config.keypoint_name)
+    return demo_accuracy(
+        tasks, truth, served, config.choices_name, config.keypoint_name, config.settings
+    )
 
 
 def backend_jobs(options: StackOptions) -> dict[str, Any] | None:
