@@ -183,7 +183,7 @@ def note_result(
     label = prediction.label if label is None else label
     reading = prediction.settings.get(label)
     if reading is not None and setting_of(prediction, config, label):
-        lines.append(f"Setting {reading[0]}: probability {reading[1]:.0%}. Check it on the X-ray.")
+        lines.append(f"Setting {reading[0]}: probability {reading[1]:.0%}.")
     if prediction.unfamiliar and prediction.novelty is not None:
         lines.append(
             f"Unlike every valve model this version learned: more unusual than "

@@ -216,8 +216,10 @@ def test_the_pre_annotated_models_guide_shows_and_follows_a_click(
         )
         driver.quit()
 
-    # The proposed model and, in its scale, the proposed setting.
-    assert selected == [PRE_ANNOTATED, PROPOSED_SETTING[0]], (selected, SCREENSHOT)
+    # The proposed model and, in its scale (a drop-down under the guide's title), the proposed
+    # setting; the note gives its probability.
+    assert selected == [PRE_ANNOTATED], (selected, SCREENSHOT)
+    assert f"How to read: {PRE_ANNOTATED}\nSetting (cmH2O)\n12\n" in page_text, page_text[-2000:]
     assert "Setting 12: probability 64%" in page_text, page_text[-2000:]
     # The note and the keypoint region are on screen with the choice.
     assert note[0]["value"]["text"][0] in page_text, page_text[-2000:]
