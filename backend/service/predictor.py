@@ -79,6 +79,7 @@ from training.shared.preprocess import (
 )
 from training.shared.registry import Registry, open_registry
 from training.shared.saliency import grad_cam, saliency_peaks
+from training.shared.setting_gate import proposed_settings
 from training.shared.uncertainty import (
     bald,
     entropy,
@@ -125,7 +126,10 @@ class _Served:
     locate-then-classify versions, whose locator answers where the valve is."""
     settings: SettingLayout = ()
     """The setting scales the version reads (a locate-then-classify version trained on a
-    config with scales); empty: it proposes no setting."""
+    config with scales); empty: it reads none."""
+    proposed: frozenset[str] = frozenset()
+    """The valve models whose settings it reads well enough to propose
+    (:mod:`training.shared.setting_gate`)."""
 
 
 @dataclass(frozen=True)
@@ -505,7 +509,7 @@ def _load_served(
     try:
         metrics = read_version_file(path / "metrics.json")
     except ModelLoadError:
-        metrics = {}  # only used to pick the acquisition; entropy is a fine default
+        metrics = {}  # picks the acquisition and the settings to propose; defaults are safe
     models = load_fold_models(path / "weights", map_location=device)
     if config.folds is not None and len(config.folds) != len(models):
         raise ModelLoadError(
@@ -529,6 +533,7 @@ def _load_served(
         explainer=None if hasattr(models[0], "locate") else models[0],
         novelty=_load_novelty(path, len(models)),
         settings=_setting_layout(models[0]),
+        proposed=proposed_settings(metrics),
     )
     if compile:  # compile now, while the previous version still serves
         _warm_up(served, device, warmup_batch, fast_path)
@@ -640,7 +645,9 @@ def _to_predictions(
     # An X-ray unlike every learned model goes to the top of the review queue, the most
     # unusual first, whatever the classes' probabilities say.
     scores = np.where(unfamiliar, np.minimum(scores, 1.0 - novelty), scores)
-    readings = _setting_readings(state.settings, outputs.setting_logits, len(images))
+    readings = _setting_readings(
+        state.settings, state.proposed, outputs.setting_logits, len(images)
+    )
     labels = [state.classes[int(c)] for c in np.argmax(probs, axis=1)]
     sure = np.array(
         [r.get(label, (None, 1.0))[1] for r, label in zip(readings, labels, strict=True)]
@@ -681,17 +688,19 @@ def _to_predictions(
 
 
 def _setting_readings(
-    layout: SettingLayout, logits: np.ndarray | None, n: int
+    layout: SettingLayout, proposed: frozenset[str], logits: np.ndarray | None, n: int
 ) -> list[dict[str, tuple[str, float]]]:
-    """Per image, each scale's most probable setting and its probability: the fold members'
-    mean softmax within the valve model's block (``logits`` ``(members, n, T)``)."""
-    if logits is None or not layout:
-        return [{} for _ in range(n)]
+    """Per image, each ``proposed`` scale's most probable setting and its probability: the
+    fold members' mean softmax within the valve model's block (``logits`` ``(members, n, T)``)."""
     readings: list[dict[str, tuple[str, float]]] = [{} for _ in range(n)]
+    if logits is None or not layout:
+        return readings
     start = 0
     for valve, values in layout:
         block = softmax(logits[:, :, start : start + len(values)], 1.0).mean(axis=0)
         start += len(values)
+        if valve not in proposed:
+            continue
         for i in range(n):
             best = int(np.argmax(block[i]))
             readings[i][valve] = (values[best], float(block[i, best]))

@@ -864,7 +864,10 @@ def test_a_locator_s_centre_is_answered_in_pixels_of_the_original_image(
 
 
 def _publish_two_stage(
-    registry: ModelRegistry, version: str, settings: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    registry: ModelRegistry,
+    version: str,
+    settings: tuple[tuple[str, tuple[str, ...]], ...] = (),
+    read: dict[str, dict[str, float]] | None = None,
 ) -> None:
     from training.shared.locate_classify import LocateClassifyNet, TwoStageParams
 
@@ -888,6 +891,8 @@ def _publish_two_stage(
     }
     (staging / "config.json").write_text(json.dumps(config))
     metrics = {"mean": {"f1_macro": 0.5}, "classes": CLASSES, "uncertainty": {}}
+    if read is not None:
+        metrics["settings"] = read
     (staging / "metrics.json").write_text(json.dumps(metrics))
     registry.publish(staging, version_id=version)
 
@@ -914,12 +919,16 @@ def test_a_version_that_reads_settings_answers_each_scale_and_ranks_by_both(
     registry: ModelRegistry,
 ) -> None:
     """Each scale's most probable setting and its probability (the members' mean softmax
-    within the block); the score is the class score times the proposed model's setting
-    probability, so an uncertain setting moves the X-ray up the review queue."""
+    within the block), for the models the version read well out of fold; the score is the
+    class score times the proposed model's setting probability, so an uncertain setting
+    moves the X-ray up the review queue."""
     from backend.service.ranking import score
 
     scale = ("1", "2", "3")
-    _publish_two_stage(registry, "vset", settings=((CLASSES[0], scale),))
+    layout = ((CLASSES[0], scale), (CLASSES[1], scale))
+    # Out of fold it read the first model's settings well, the second's no better than chance.
+    read = {CLASSES[0]: {"n": 30, "exact": 0.8}, CLASSES[1]: {"n": 30, "exact": 0.3}}
+    _publish_two_stage(registry, "vset", settings=layout, read=read)
     images = [_png(seed) for seed in range(4)]
     with _predictor(registry, fast_path=False, acquisition="least_confidence") as predictor:
         results = predictor.predict(images)

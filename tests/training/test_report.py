@@ -286,9 +286,12 @@ def test_pressure_settings_are_reported_per_model_with_their_confusion(
     assert "synthetic images only" in section and "true valve model" in section
     assert "class errors are reported above" in section
     # n, exact, within one step, mean |steps|: exact 2/4, within one 3/4, steps (0+1+0+2)/4
-    assert '<td class="l">Codman Hakim</td><td>4</td><td>50 %</td><td>75 %</td><td>0.75</td>' in (
-        section
+    # Proposed: 4 scored X-rays are too few for the setting gate, however right.
+    assert (
+        '<td class="l">Codman Hakim</td><td>4</td><td>50 %</td><td>75 %</td><td>0.75</td>'
+        "<td>no</td>" in section
     )
+    assert "left for the annotator" in section
     hakim = section.split("<h3>Codman Hakim</h3>")[1].split("</table>")[0]
     assert hakim.count("<tr>") == 4  # header + one row per value of the scale
     assert '<th class="l">50</th><td>1</td><td></td><td class="best">1</td>' in hakim

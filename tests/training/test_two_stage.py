@@ -122,7 +122,7 @@ def test_one_fold_also_learns_to_read_a_setting() -> None:
         train_idx,
         val_idx,
         2,
-        toy_recipe(design="locate_classify"),
+        toy_recipe(design="locate_classify", reader_fraction=0.12, reader_px=48, reader_epochs=40),
         device=torch.device("cpu"),
         settings=targets,
         setting_layout=layout,
@@ -134,6 +134,26 @@ def test_one_fold_also_learns_to_read_a_setting() -> None:
     truth = targets[val_idx[rings]]
     assert float((read == truth).mean()) >= 0.8, (read, truth)
     assert result.model.params.settings == layout
+    (read,) = [row for row in result.history if row.get("stage") == "read"]
+    assert read["n_train"] == int((targets[train_idx] >= 0).sum())
+
+
+def test_reader_epochs_zero_reads_no_setting() -> None:
+    images, labels, centres = ring_or_cross(24, seed=2)
+    result = train_two_stage_fold(
+        images,
+        labels,
+        centres,
+        np.arange(18),
+        np.arange(18, 24),
+        2,
+        toy_recipe(design="locate_classify", epochs=1, locator_epochs=2, reader_epochs=0),
+        device=torch.device("cpu"),
+        settings=np.zeros(24, dtype=np.int64),
+        setting_layout=(("ring", ("lo", "hi")),),
+        classes=["ring", "cross"],
+    )
+    assert result.model.reader is None and result.val_setting_logits is None
 
 
 def test_a_setting_reader_survives_the_checkpoint(tmp_path: Path) -> None:

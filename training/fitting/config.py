@@ -60,6 +60,9 @@ class RecipeConfig:
     crop_fraction: float = 0.18  # crop side / prepared image side (measured: 0.18 > 0.25)
     crop_px: int = 160  # crop side the classifier sees
     crop_jitter: float = 0.01  # least centre jitter of training crops (fraction of the side)
+    reader_epochs: int = 12  # locate_classify: epochs of the setting reader (0: read none)
+    reader_fraction: float = 0.08  # its crop: side / prepared image side, about one valve
+    reader_px: int = 128  # side of the (magnified) crop the setting reader sees
     refit_all: bool = False  # also train one model on all data (off: serve the fold ensemble)
     gradcam_per_class: int = 2  # saliency examples per class in the report
 

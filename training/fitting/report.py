@@ -35,6 +35,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
+from training.shared.setting_gate import MIN_EXACT, MIN_SCORED, proposed_settings
 from training.shared.uncertainty import normalized_entropy, softmax
 
 __all__ = ["GALLERY_IMAGE_PX", "GALLERY_PER_CLASS", "PLOT_DPI", "write_report"]
@@ -279,11 +280,19 @@ def _settings_section(metrics: Mapping[str, Any]) -> str:
     )
     if not found:
         return f"{heading}<p>No X-ray with a labelled setting was scored.</p>{note}"
+    proposed = proposed_settings(metrics)
     rows = "".join(
         f'<tr><td class="l">{_esc(name)}</td><td>{_esc(row["n"])}</td>'
         f"<td>{_pct(row['exact'])}</td><td>{_pct(row['within_one'])}</td>"
-        f"<td>{_fmt(row['mean_abs_steps'])}</td></tr>"
+        f"<td>{_fmt(row['mean_abs_steps'])}</td>"
+        f"<td>{'yes' if name in proposed else 'no'}</td></tr>"
         for name, row in found.items()
+    )
+    gate = (
+        f'<p class="note">Proposed: whether the pre-annotation selects this model\'s setting. '
+        f"Only a model read exactly right on at least {MIN_EXACT:.0%} of at least "
+        f"{MIN_SCORED} X-rays is; the others are left for the annotator "
+        "(training/shared/setting_gate.py).</p>"
     )
     matrices = "".join(
         f"<h3>{_esc(name)}</h3>{_setting_confusion(row['values'], row['confusion'])}"
@@ -292,7 +301,8 @@ def _settings_section(metrics: Mapping[str, Any]) -> str:
     return (
         f"{heading}{note}"
         '<table><tr><th class="l">Valve model</th><th>X-rays</th><th>Exact</th>'
-        f"<th>Within one step</th><th>Mean |steps|</th></tr>{rows}</table>"
+        f"<th>Within one step</th><th>Mean |steps|</th><th>Proposed</th></tr>{rows}</table>"
+        f"{gate}"
         '<p class="note">Confusion of the settings, all splits pooled. Rows: labelled '
         "setting; columns: setting read; each cell counts X-rays (empty = none), the "
         "diagonal (exact) highlighted.</p>"

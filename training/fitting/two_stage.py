@@ -97,6 +97,75 @@ def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.flip(-1) if k >= 4 else x
 
 
+class _CropTrainer:
+    """The crop networks' fitting loop: AdamW one-cycle over crops around each image's centre
+    (jittered by about the locator's error), dihedral + brightness augmentation."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        centres: np.ndarray,
+        jitter: float,
+        config: Any,
+        network_input: Callable[[torch.Tensor], torch.Tensor],
+        autocast: Any,
+        generator: torch.Generator,
+        device: torch.device,
+    ) -> None:
+        self.images, self.centres, self.jitter = images, centres, jitter
+        self.config, self.network_input, self.autocast = config, network_input, autocast
+        self.generator, self.device = generator, device
+
+    def fit(
+        self,
+        net: nn.Module,
+        train_idx: np.ndarray,
+        loss_of: Callable[[torch.Tensor, np.ndarray], torch.Tensor],
+        crop: tuple[float, int],
+        epochs: int,
+        on_epoch: Callable[[int, float], None],
+    ) -> None:
+        """``epochs`` passes over ``train_idx``; ``loss_of(float outputs, picked rows)``."""
+        config, generator = self.config, self.generator
+        optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr_max, weight_decay=1e-4)
+        bs = config.batch_size
+        steps = epochs * math.ceil(len(train_idx) / bs)
+        schedule: torch.optim.lr_scheduler.LRScheduler = (
+            torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, config.lr_max, total_steps=steps, pct_start=0.25
+            )
+            if steps >= MIN_ONE_CYCLE_STEPS
+            else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+        )
+        for epoch in range(epochs):
+            order = train_idx[torch.randperm(len(train_idx), generator=generator).numpy()]
+            total, seen = 0.0, 0
+            for start in range(0, len(order), bs):
+                pick = order[start : start + bs]
+                if len(pick) < 2:  # the head's BatchNorm needs two images (fastai drops it too)
+                    continue
+                shift = torch.randn(len(pick), 2, generator=generator) * self.jitter
+                crops = crop_around(
+                    self.images[pick].float(),
+                    torch.from_numpy(self.centres[pick]) + shift,
+                    *crop,
+                )
+                crops = _dihedral(crops, int(torch.randint(8, (1,), generator=generator)))
+                gain = 1 + (torch.rand(len(pick), 1, 1, generator=generator) - 0.5) * 0.4
+                crops = (crops * gain).clamp(0, 1)
+                batch = self.network_input(crops).contiguous(memory_format=torch.channels_last)
+                with self.autocast:
+                    out = net(batch)
+                loss = loss_of(out.float(), pick)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total += loss.item() * len(pick)
+                seen += len(pick)
+            on_epoch(epoch + 1, total / max(seen, 1))
+
+
 def train_two_stage_fold(
     images: np.ndarray,
     labels: np.ndarray,
@@ -132,12 +201,18 @@ def train_two_stage_fold(
         locator_px=config.locator_px,
         crop_fraction=config.crop_fraction,
         crop_px=config.crop_px,
-        settings=setting_layout,
+        settings=setting_layout if config.reader_epochs > 0 else (),
+        reader_fraction=config.reader_fraction,
+        reader_px=config.reader_px,
     )
     classifier, init = build_model(num_classes, pretrained=config.pretrained, arch=config.arch)
     locator_base, _ = build_model(1, pretrained=config.pretrained, arch=config.arch)
     model = LocateClassifyNet(num_classes, params, classifier=classifier)
     model.locator_body = nn.Sequential(*list(locator_base.body)[: params.locator_depth])
+    if model.reader is not None:  # ImageNet-initialised too (the net builds it blank)
+        model.reader, _ = build_model(
+            model.reader.num_classes, pretrained=config.pretrained, arch=config.arch
+        )
     model = model.to(device)
     weights = class_weights(labels[train_idx], num_classes)
     autocast = autocast_for(device, config.mixed_precision)
@@ -199,80 +274,65 @@ def train_two_stage_fold(
     jitter = max(float(np.median(residual)), config.crop_jitter)
     logger.info("fold %d: locator trained (%d images with a centre)", fold, len(loc_train))
 
-    # 2. Classifier (and setting reader) on crops: weighted CE, AdamW one-cycle, dihedral +
-    # brightness augmentation. A setting is physical: flips and turns of the crop keep it
-    # (every synthetic valve body is chiral, so a mirrored valve is still readable).
+    # 2. Classifier on crops: weighted CE, AdamW one-cycle, dihedral + brightness augmentation.
     clf = model.classifier.to(memory_format=torch.channels_last).train()
-    reader = model.setting_head
     loss_fn = nn.CrossEntropyLoss(weight=torch.from_numpy(weights).to(device))
-    trained = list(clf.parameters())
-    if reader is not None:
-        if classes is None or settings is None:
-            raise ValueError("a setting layout needs the classes and each image's setting")
-        reader.train()
-        trained += list(reader.parameters())
-        allowed = torch.from_numpy(setting_mask(classes, setting_layout)).to(device)
-        targets = torch.from_numpy(settings.astype(np.int64))
-    optimizer = torch.optim.AdamW(trained, lr=config.lr_max, weight_decay=1e-4)
-    bs = config.batch_size
-    steps = config.epochs * math.ceil(len(train_idx) / bs)
-    schedule: torch.optim.lr_scheduler.LRScheduler = (
-        torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, config.lr_max, total_steps=steps, pct_start=0.25
-        )
-        if steps >= MIN_ONE_CYCLE_STEPS
-        else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
-    )
     y_all = torch.from_numpy(labels.astype(np.int64))
     generator = torch.Generator().manual_seed(config.seed + fold)
-    for epoch in range(config.epochs):
-        order = train_idx[torch.randperm(len(train_idx), generator=generator).numpy()]
-        total, seen = 0.0, 0
-        for start in range(0, len(order), bs):
-            pick = order[start : start + bs]
-            if len(pick) < 2:  # the head's BatchNorm needs two images (fastai drops it too)
-                continue
-            shift = torch.randn(len(pick), 2, generator=generator) * jitter
-            crops = crop_around(
-                all_images[pick].float(),
-                torch.from_numpy(crop_centres[pick]) + shift,
-                params.crop_fraction,
-                params.crop_px,
-            )
-            crops = _dihedral(crops, int(torch.randint(8, (1,), generator=generator)))
-            gain = 1 + (torch.rand(len(pick), 1, 1, generator=generator) - 0.5) * 0.4
-            crops = (crops * gain).clamp(0, 1)
-            y = y_all[pick].to(device)
-            with autocast:
-                body = clf.body(network_input(crops).contiguous(memory_format=torch.channels_last))
-                logits = clf.head(body)
-                reading = None if reader is None else reader(body)
-            loss = loss_fn(logits.float(), y)
-            if reading is not None:
-                target = targets[pick].to(device)
-                has = target >= 0
-                if bool(has.any()):
-                    blocked = reading.float().masked_fill(~allowed[y], float("-inf"))
-                    loss = loss + F.cross_entropy(blocked[has], target[has])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.item() * len(pick)
-            seen += len(pick)
-        row = {
-            "fold": fold,
-            "epoch": epoch + 1,
-            "epochs": config.epochs,
-            "train_loss": total / max(seen, 1),
-        }
+    crops = _CropTrainer(
+        all_images, crop_centres, jitter, config, network_input, autocast, generator, device
+    )
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        row = {"fold": fold, "epoch": epoch, "epochs": config.epochs, "train_loss": loss}
         history.append(row)
-        logger.info("fold %d epoch %d/%d %s", fold, epoch + 1, config.epochs, row)
+        logger.info("fold %d epoch %d/%d %s", fold, epoch, config.epochs, row)
         if progress is not None:
             progress(row)
 
+    crops.fit(
+        clf,
+        train_idx,
+        lambda out, pick: loss_fn(out, y_all[pick].to(device)),
+        (params.crop_fraction, params.crop_px),
+        config.epochs,
+        on_epoch,
+    )
+
+    # 2b. Setting reader: its own network on a tighter, magnified crop, trained on the images
+    # that have a setting; cross-entropy within the true valve model's block. A setting is
+    # physical: flips and turns of the crop keep it (the synthetic bodies are chiral, so a
+    # mirrored valve stays readable).
+    reader = model.reader
+    if reader is not None:
+        if classes is None or settings is None:
+            raise ValueError("a setting layout needs the classes and each image's setting")
+        allowed = torch.from_numpy(setting_mask(classes, setting_layout)).to(device)
+        targets = torch.from_numpy(settings.astype(np.int64))
+        readable = train_idx[settings[train_idx] >= 0]
+        losses: list[float] = []
+
+        def read_loss(out: torch.Tensor, pick: np.ndarray) -> torch.Tensor:
+            blocked = out.masked_fill(~allowed[y_all[pick].to(device)], float("-inf"))
+            return F.cross_entropy(blocked, targets[pick].to(device))
+
+        crops.fit(
+            reader.to(memory_format=torch.channels_last).train(),
+            readable,
+            read_loss,
+            (params.reader_fraction, params.reader_px),
+            config.reader_epochs if len(readable) >= 2 else 0,
+            lambda _epoch, loss: losses.append(loss),
+        )
+        history.append(
+            {"fold": fold, "stage": "read", "n_train": len(readable), "train_loss": losses[-1]}
+            if losses
+            else {"fold": fold, "stage": "read", "n_train": len(readable)}
+        )
+
     # 3. Out-of-fold: crops at the predicted centres, as serving does.
     model.eval()
+    bs = config.batch_size
     val_logits, val_readings = [], []
     with torch.inference_mode():
         for start in range(0, len(val_idx), bs):
@@ -286,7 +346,7 @@ def train_two_stage_fold(
     logits = torch.cat(val_logits).numpy() if val_logits else np.zeros((0, num_classes), np.float32)
     readings = None
     if reader is not None:
-        total = int(allowed.shape[1])
-        readings = torch.cat(val_readings).numpy() if val_readings else np.zeros((0, total))
+        columns = sum(len(values) for _, values in setting_layout)
+        readings = torch.cat(val_readings).numpy() if val_readings else np.zeros((0, columns))
     model = model.to("cpu").eval().requires_grad_(True)
     return TwoStageFoldResult(model, logits, val_centres, history, init, weights, readings)
