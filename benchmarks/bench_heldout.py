@@ -114,7 +114,10 @@ def _predict(registry: Any, data: Path) -> list[tuple[dict[str, str], Any]]:
     from backend.service.predictor import Predictor
 
     rows = _read_manifest(data)
-    with Predictor(registry.root, device="cpu", refresh_interval_s=0.0) as predictor:
+    # Every setting the version reads, proposed or not: this measures the reader.
+    with Predictor(
+        registry.root, device="cpu", refresh_interval_s=0.0, gate_settings=False
+    ) as predictor:
         answers = predictor.predict([(data / row["file"]).read_bytes() for row in rows])
     return list(zip(rows, answers, strict=True))
 

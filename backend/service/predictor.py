@@ -197,6 +197,8 @@ class Predictor:
     ``refresh_interval_s`` throttles :meth:`refresh` (tests set 0). ``locate`` (default on)
     also answers where the valve is: a locate-then-classify version's locator costs nothing
     extra; a whole-image version's Grad-CAM peak costs one backward pass of one fold network.
+    ``gate_settings`` (default on) answers only the settings the version read well out of fold
+    (:mod:`training.shared.setting_gate`); off, every scale it reads (for measuring them).
     """
 
     def __init__(
@@ -211,6 +213,7 @@ class Predictor:
         compile: bool = False,
         refresh_interval_s: float = REFRESH_INTERVAL_S,
         locate: bool = True,
+        gate_settings: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -226,6 +229,7 @@ class Predictor:
         self._compile = compile
         self._refresh_interval_s = refresh_interval_s
         self._locate = locate
+        self._gate_settings = gate_settings
         self._cache = _LRUCache(cache_size)
         self._workers = os.cpu_count() or 1
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="valve-id-decode")
@@ -351,6 +355,7 @@ class Predictor:
                 fast_path=self._fast_path,
                 compile=self._compile,
                 warmup_batch=self._batch_size,
+                gate_settings=self._gate_settings,
             )
         except Exception as exc:  # any failure to load means "keep the old one", never crash
             self._failed_version = version_id
@@ -502,6 +507,7 @@ def _load_served(
     fast_path: bool,
     compile: bool,
     warmup_batch: int,
+    gate_settings: bool = True,
 ) -> _Served:
     """Build the complete state for ``version_id``; :class:`ModelLoadError` if it is unusable."""
     path = registry.version_path(version_id)
@@ -533,7 +539,11 @@ def _load_served(
         explainer=None if hasattr(models[0], "locate") else models[0],
         novelty=_load_novelty(path, len(models)),
         settings=_setting_layout(models[0]),
-        proposed=proposed_settings(metrics),
+        proposed=(
+            proposed_settings(metrics)
+            if gate_settings
+            else frozenset(valve for valve, _ in _setting_layout(models[0]))
+        ),
     )
     if compile:  # compile now, while the previous version still serves
         _warm_up(served, device, warmup_batch, fast_path)

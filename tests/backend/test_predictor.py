@@ -940,3 +940,13 @@ def test_a_version_that_reads_settings_answers_each_scale_and_ranks_by_both(
         assert r.setting == (r.settings.get(r.label))
         probs = np.array([[r.probs[c] for c in CLASSES]])
         assert r.score == pytest.approx(float(score("least_confidence", probs)[0]) * sure, abs=1e-4)
+
+
+def test_without_the_gate_every_scale_is_answered(registry: ModelRegistry) -> None:
+    """For measuring a reader (benchmarks), the version's own gate can be switched off."""
+    scale = ("1", "2", "3")
+    read = {CLASSES[0]: {"n": 30, "exact": 0.8}, CLASSES[1]: {"n": 30, "exact": 0.3}}
+    _publish_two_stage(registry, "vall", ((CLASSES[0], scale), (CLASSES[1], scale)), read)
+    with _predictor(registry, fast_path=False, gate_settings=False) as predictor:
+        (result,) = predictor.predict([_png(1)])
+    assert isinstance(result, Prediction) and set(result.settings) == set(CLASSES[:2])
