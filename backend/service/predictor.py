@@ -69,7 +69,7 @@ from backend.service.ranking import (
 from training.shared.dicom import load_image
 from training.shared.errors import ModelLoadError, ValveIdError
 from training.shared.inference import autocast_dtype, autocast_for, iter_batches, to_network_input
-from training.shared.locate_classify import LocateClassifyNet, SettingLayout
+from training.shared.locate_classify import LocateClassifyNet, SettingLayout, setting_blocks
 from training.shared.model import load_fold_models
 from training.shared.novelty import NOVELTY_FILE, Novelty, features_and_logits
 from training.shared.preprocess import (
@@ -705,12 +705,11 @@ def _setting_readings(
     readings: list[dict[str, tuple[str, float]]] = [{} for _ in range(n)]
     if logits is None or not layout:
         return readings
-    start = 0
+    blocks = setting_blocks(layout)
     for valve, values in layout:
-        block = softmax(logits[:, :, start : start + len(values)], 1.0).mean(axis=0)
-        start += len(values)
         if valve not in proposed:
             continue
+        block = softmax(logits[:, :, blocks[valve]], 1.0).mean(axis=0)
         for i in range(n):
             best = int(np.argmax(block[i]))
             readings[i][valve] = (values[best], float(block[i, best]))

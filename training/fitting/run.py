@@ -222,21 +222,18 @@ def _setting_metrics(plan: dict, y: np.ndarray, readings: np.ndarray) -> dict[st
     (the class errors are in the class metrics)."""
     from training.fitting.evaluation import setting_metrics
     from training.shared.labels import SettingScale
+    from training.shared.locate_classify import setting_blocks
 
-    layout = _setting_layout(plan)
     scales = [SettingScale(s["valve"], s["name"], tuple(s["values"])) for s in plan["settings"]]
-    blocks, start = {}, 0
-    for valve, values in layout:
-        blocks[valve] = (start, values)
-        start += len(values)
+    blocks = setting_blocks(_setting_layout(plan))
+    values_of = {s.valve: s.values for s in scales}
     valves = [plan["classes"][int(c)] for c in y]
     predicted: list[str | None] = []
     for i, valve in enumerate(valves):
         if valve not in blocks or not np.isfinite(readings[i]).all():
             predicted.append(None)
             continue
-        first, values = blocks[valve]
-        predicted.append(values[int(np.argmax(readings[i, first : first + len(values)]))])
+        predicted.append(values_of[valve][int(np.argmax(readings[i, blocks[valve]]))])
     truth = [s.get("setting") for s in plan["snapshot"]]
     return setting_metrics(scales, valves, truth, predicted)
 

@@ -23,6 +23,7 @@ from training.shared.locate_classify import (
     SettingLayout,
     TwoStageParams,
     crop_around,
+    setting_blocks,
     soft_argmax,
 )
 from training.shared.model import InitInfo, build_model
@@ -83,11 +84,9 @@ def setting_mask(classes: list[str], layout: SettingLayout) -> np.ndarray:
     without one). A setting is read under its valve model: softmax over that block only."""
     total = sum(len(values) for _, values in layout)
     mask = np.zeros((len(classes), total), dtype=bool)
-    start = 0
-    for valve, values in layout:
+    for valve, block in setting_blocks(layout).items():
         if valve in classes:
-            mask[classes.index(valve), start : start + len(values)] = True
-        start += len(values)
+            mask[classes.index(valve), block] = True
     return mask
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "SettingLayout",
     "TwoStageParams",
     "crop_around",
+    "setting_blocks",
     "soft_argmax",
 ]
 
@@ -59,6 +60,15 @@ LOCATOR_HIDDEN = 64
 
 SettingLayout = tuple[tuple[str, tuple[str, ...]], ...]
 """``((valve model, its setting values lowest first), ...)``: the setting head's blocks."""
+
+
+def setting_blocks(layout: SettingLayout) -> dict[str, slice]:
+    """Each valve model's block of the setting logits, the scales laid end to end."""
+    blocks, start = {}, 0
+    for valve, values in layout:
+        blocks[valve] = slice(start, start + len(values))
+        start += len(values)
+    return blocks
 
 
 @dataclass(frozen=True)
@@ -175,11 +185,7 @@ class LocateClassifyNet(nn.Module):
 
     def setting_blocks(self) -> dict[str, slice]:
         """Each valve model's block of the setting logits."""
-        blocks, start = {}, 0
-        for valve, values in self.params.settings:
-            blocks[valve] = slice(start, start + len(values))
-            start += len(values)
-        return blocks
+        return setting_blocks(self.params.settings)
 
     def answer(self, x: torch.Tensor, centres: torch.Tensor | None = None) -> CropAnswer:
         """One pass: locate (unless ``centres`` are given), crop, classify and read."""
