@@ -122,7 +122,13 @@ def test_one_fold_also_learns_to_read_a_setting() -> None:
         train_idx,
         val_idx,
         2,
-        toy_recipe(design="locate_classify", reader_fraction=0.12, reader_px=48, reader_epochs=40),
+        toy_recipe(
+            design="locate_classify",
+            reader_fraction=0.12,
+            reader_px=48,
+            reader_epochs=40,
+            reader_upright=False,  # the toy's hub reads either way; unturned is the older path
+        ),
         device=torch.device("cpu"),
         settings=targets,
         setting_layout=layout,
@@ -154,6 +160,32 @@ def test_reader_epochs_zero_reads_no_setting() -> None:
         classes=["ring", "cross"],
     )
     assert result.model.reader is None and result.val_setting_logits is None
+
+
+def test_a_version_reads_upright_crops_as_its_recipe_says() -> None:
+    """The recipe's ``reader_upright`` reaches the trained network (its checkpoint's design)."""
+    images, labels, centres = ring_or_cross(12, seed=3)
+    for upright in (True, False):
+        result = train_two_stage_fold(
+            images,
+            labels,
+            centres,
+            np.arange(8),
+            np.arange(8, 12),
+            2,
+            toy_recipe(
+                design="locate_classify",
+                epochs=1,
+                locator_epochs=2,
+                reader_epochs=1,
+                reader_upright=upright,
+            ),
+            device=torch.device("cpu"),
+            settings=np.where(labels == 0, 0, -1),
+            setting_layout=(("ring", ("lo", "hi")),),
+            classes=["ring", "cross"],
+        )
+        assert result.model.params.reader_upright is upright
 
 
 def test_a_setting_reader_survives_the_checkpoint(tmp_path: Path) -> None:

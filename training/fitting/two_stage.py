@@ -19,12 +19,14 @@ from torch import nn
 
 from training.shared.inference import autocast_for
 from training.shared.locate_classify import (
+    UPRIGHT_VIEWS,
     LocateClassifyNet,
     SettingLayout,
     TwoStageParams,
     crop_around,
     setting_blocks,
     soft_argmax,
+    upright_crop,
 )
 from training.shared.model import InitInfo, build_model
 
@@ -120,11 +122,14 @@ class _CropTrainer:
         net: nn.Module,
         train_idx: np.ndarray,
         loss_of: Callable[[torch.Tensor, np.ndarray], torch.Tensor],
-        crop: tuple[float, int],
+        crop: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         epochs: int,
         on_epoch: Callable[[int, float], None],
+        views: tuple[int, ...] = tuple(range(8)),
     ) -> None:
-        """``epochs`` passes over ``train_idx``; ``loss_of(float outputs, picked rows)``."""
+        """``epochs`` passes over ``train_idx``; ``loss_of(float outputs, picked rows)``.
+        ``crop(images, centres)`` cuts the network's input; each batch is seen in one of
+        ``views`` (:func:`_dihedral` indices)."""
         config, generator = self.config, self.generator
         optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr_max, weight_decay=1e-4)
         bs = config.batch_size
@@ -144,12 +149,10 @@ class _CropTrainer:
                 if len(pick) < 2:  # the head's BatchNorm needs two images (fastai drops it too)
                     continue
                 shift = torch.randn(len(pick), 2, generator=generator) * self.jitter
-                crops = crop_around(
-                    self.images[pick].float(),
-                    torch.from_numpy(self.centres[pick]) + shift,
-                    *crop,
-                )
-                crops = _dihedral(crops, int(torch.randint(8, (1,), generator=generator)))
+                at = torch.from_numpy(self.centres[pick]) + shift
+                crops = crop(self.images[pick].float(), at)
+                view = views[int(torch.randint(len(views), (1,), generator=generator))]
+                crops = _dihedral(crops, view)
                 gain = 1 + (torch.rand(len(pick), 1, 1, generator=generator) - 0.5) * 0.4
                 crops = (crops * gain).clamp(0, 1)
                 batch = self.network_input(crops).contiguous(memory_format=torch.channels_last)
@@ -203,6 +206,7 @@ def train_two_stage_fold(
         settings=setting_layout if config.reader_epochs > 0 else (),
         reader_fraction=config.reader_fraction,
         reader_px=config.reader_px,
+        reader_upright=config.reader_upright,
     )
     classifier, init = build_model(num_classes, pretrained=config.pretrained, arch=config.arch)
     locator_base, _ = build_model(1, pretrained=config.pretrained, arch=config.arch)
@@ -293,7 +297,7 @@ def train_two_stage_fold(
         clf,
         train_idx,
         lambda out, pick: loss_fn(out, y_all[pick].to(device)),
-        (params.crop_fraction, params.crop_px),
+        lambda images, at: crop_around(images, at, params.crop_fraction, params.crop_px),
         config.epochs,
         on_epoch,
     )
@@ -301,7 +305,8 @@ def train_two_stage_fold(
     # 2b. Setting reader: its own network on a tighter, magnified crop, trained on the images
     # that have a setting; cross-entropy within the true valve model's block. A setting is
     # physical: flips and turns of the crop keep it (the synthetic bodies are chiral, so a
-    # mirrored valve stays readable).
+    # mirrored valve stays readable); an upright crop is seen only in the views that keep
+    # its axis horizontal.
     reader = model.reader
     if reader is not None:
         if classes is None or settings is None:
@@ -315,13 +320,15 @@ def train_two_stage_fold(
             blocked = out.masked_fill(~allowed[y_all[pick].to(device)], float("-inf"))
             return F.cross_entropy(blocked, targets[pick].to(device))
 
+        cut = upright_crop if params.reader_upright else crop_around
         crops.fit(
             reader.to(memory_format=torch.channels_last).train(),
             readable,
             read_loss,
-            (params.reader_fraction, params.reader_px),
+            lambda images, at: cut(images, at, params.reader_fraction, params.reader_px),
             config.reader_epochs if len(readable) >= 2 else 0,
             lambda _epoch, loss: losses.append(loss),
+            UPRIGHT_VIEWS if params.reader_upright else tuple(range(8)),
         )
         history.append(
             {"fold": fold, "stage": "read", "n_train": len(readable), "train_loss": losses[-1]}
