@@ -32,10 +32,12 @@ EXPECTED_TITLES = {
     "paper_profile": ["Paper profile on"],
     "learning": ["Learning curves (macro-F1 on the held-out split)"],
     "heldout": ["Held-out synthetic X-rays"],
+    "setting_reader": ["Setting reader alone (true centres)"],
 }
-NOT_IN_RUN_ALL = ("paper_profile", "learning", "heldout")
+NOT_IN_RUN_ALL = ("paper_profile", "learning", "heldout", "setting_reader")
 """Benchmarks ``run_all`` leaves out: paper_profile needs a GPU, learning runs for hours,
-heldout trains a whole version (about 20 minutes on 2 cores)."""
+heldout trains a whole version (about 20 minutes on 2 cores), setting_reader twelve readers
+(about 30 minutes)."""
 
 
 @pytest.mark.parametrize("name", [*BENCHMARKS, *NOT_IN_RUN_ALL])
