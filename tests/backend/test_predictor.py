@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from tiny_arch import TINY_ARCH
 from torch import nn
-from torchvision.models import ResNet18_Weights
 
 from backend.service import predictor as predictor_module
 from backend.service.predictor import Prediction, PredictionError, Predictor
@@ -34,9 +34,7 @@ from training.shared.dicom import load_image
 from training.shared.errors import ImageFetchError
 from training.shared.model import (
     ValveNet,
-    available_archs,
     load_checkpoint,
-    register_arch,
     save_checkpoint,
 )
 from training.shared.preprocess import PreprocessParams, prepare_image
@@ -46,17 +44,6 @@ from training.shared.uncertainty import margin, normalized_entropy, softmax
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["Codman Hakim", "Codman Certas Plus", "Sophysa Sophy SM8", "proGAV 2.0"]
 SIZE_PX = 32
-TINY_ARCH = "tiny-test"
-
-if TINY_ARCH not in available_archs():
-
-    @register_arch(TINY_ARCH, weights=ResNet18_Weights.IMAGENET1K_V1, num_features=8, body_split=1)
-    def _tiny_trunk() -> nn.Module:
-        # ValveNet keeps all children but the last two (a ResNet's avgpool and fc).
-        return nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Identity(),
-            nn.Identity(),
-        )  # fmt: skip
 
 
 # --- helpers ------------------------------------------------------------------------------

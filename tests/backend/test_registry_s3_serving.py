@@ -16,30 +16,19 @@ import pytest
 import torch
 import typer
 from PIL import Image
-from torch import nn
-from torchvision.models import ResNet18_Weights
+from tiny_arch import TINY_ARCH
 from typer.testing import CliRunner
 
 from backend.service.predictor import Prediction, Predictor
 from backend.settings import Settings
 from backend.tools.commands.models import models_app
-from training.shared.model import ValveNet, available_archs, register_arch, save_checkpoint
+from training.shared.model import ValveNet, save_checkpoint
 from training.shared.preprocess import PreprocessParams
 from training.shared.registry import Registry
 from training.shared.registry_s3 import S3Registry
 
 CLASSES = ["Codman Hakim", "Codman Certas Plus", "Sophysa Sophy SM8", "proGAV 2.0"]
 SIZE_PX = 32
-TINY_ARCH = "tiny-test"
-
-if TINY_ARCH not in available_archs():
-
-    @register_arch(TINY_ARCH, weights=ResNet18_Weights.IMAGENET1K_V1, num_features=8, body_split=1)
-    def _tiny_trunk() -> nn.Module:
-        return nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Identity(),
-            nn.Identity(),
-        )  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
