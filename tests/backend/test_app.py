@@ -35,8 +35,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 from rq import Queue
-from torch import nn
-from torchvision.models import ResNet18_Weights
+from tiny_arch import TINY_ARCH
 
 from backend.loop.jobs import JobQueue
 from backend.loop.retraining import Retrainer
@@ -46,7 +45,7 @@ from backend.service.predictor import Prediction, PredictionError, Predictor
 from backend.settings import Settings
 from training.shared.errors import ImageFetchError, LabelStudioError
 from training.shared.loop_state import DEFAULT_QUEUE, TRAINING_QUEUE
-from training.shared.model import ValveNet, available_archs, register_arch, save_checkpoint
+from training.shared.model import ValveNet, save_checkpoint
 from training.shared.preprocess import PreprocessParams
 from training.shared.registry import ModelRegistry
 
@@ -787,16 +786,6 @@ def test_the_app_never_imports_fastai() -> None:
 
 # --------------------------------------------------------------------------------------------
 # The real predictor behind the app
-
-TINY_ARCH = "tiny-app-test"
-if TINY_ARCH not in available_archs():
-
-    @register_arch(TINY_ARCH, weights=ResNet18_Weights.IMAGENET1K_V1, num_features=8, body_split=1)
-    def _tiny_trunk() -> nn.Module:
-        return nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Identity(),
-            nn.Identity(),
-        )  # fmt: skip
 
 
 def publish_version(registry: ModelRegistry, version_id: str, seed: int) -> None:
