@@ -14,7 +14,10 @@ learnt (out-of-fold accuracy and macro-F1, localisation and setting reading wher
 profile has them), so a fast run that learns nothing cannot pass for a result.
 ``--profile cpu`` times the CPU profile's recipe on the same data and device; ``--keep DIR``
 copies the version's ``metrics.json``, ``config.json`` and report there. Each stage's time is
-also printed as it ends, so a run stopped at a time limit still tells how far it got.
+also printed as it ends, so a run stopped at a time limit still tells how far it got, and with
+``--workdir DIR`` a second call resumes it: finished stages (data, plan, folds) are kept there
+with their times and not run again — the way to fit the run into sessions whose commands are
+limited to a few minutes each.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class PaperProfileOptions:
     """Reuse a generated data set (else one is generated into a temporary folder)."""
     keep_dir: Path | None = None
     """Copy the version's metrics.json, config.json and report.html here."""
+    resumable: bool = False
+    """Keep finished stages in ``workdir`` and skip them when called again."""
 
 
 QUICK = PaperProfileOptions(
@@ -98,10 +103,25 @@ def run(options: PaperProfileOptions, workdir: Path) -> list[Table]:
     label_config = load_label_config(LABEL_CONFIG_PATH)
     data = options.data_dir or workdir / "data"
     stages: list[tuple[str, float]] = []
+    done_file = workdir / f"stages-{options.profile}.json"
+    done: dict[str, float] = {}
+    if options.resumable and done_file.is_file():
+        done = json.loads(done_file.read_text(encoding="utf-8"))
 
     def stage_done(name: str, began: float) -> None:
         stages.append((name, time.perf_counter() - began))
         print(f"[paper-profile] {name}: {stages[-1][1]:.1f} s", file=sys.stderr, flush=True)
+        if options.resumable:
+            done[name] = stages[-1][1]
+            done_file.write_text(json.dumps(done), encoding="utf-8")
+
+    def earlier(name: str) -> bool:
+        """True (and the earlier time counted) where a previous call finished this stage."""
+        if name not in done:
+            return False
+        stages.append((name, done[name]))
+        print(f"[paper-profile] {name}: done earlier ({done[name]:.1f} s)", file=sys.stderr)
+        return True
 
     started = time.perf_counter()
     if not (data / "manifest.csv").exists():
@@ -119,22 +139,29 @@ def run(options: PaperProfileOptions, workdir: Path) -> list[Table]:
     if recipe.pretrained and not imagenet:
         recipe = recipe.with_overrides(epochs_from_scratch=recipe.freeze_epochs + recipe.epochs)
     items = load_manifest(data, label_config.classes)
-    registry = ModelRegistry(workdir / "models")
-    staging = registry.staging("paper")
+    if options.resumable:
+        staging = workdir / f"run-{options.profile}"
+        staging.mkdir(parents=True, exist_ok=True)
+    else:
+        staging = ModelRegistry(workdir / "models").staging("paper")
     cache_dir = workdir / "cache"
 
-    began = time.perf_counter()
-    plan_run(
-        staging,
-        items,
-        label_config,
-        recipe,
-        source="synthetic",
-        cache_dir=cache_dir,
-        run_id="paper-profile",
-    )
-    stage_done("plan (decode + cache every image once)", began)
+    plan_stage = "plan (decode + cache every image once)"
+    if not earlier(plan_stage):
+        began = time.perf_counter()
+        plan_run(
+            staging,
+            items,
+            label_config,
+            recipe,
+            source="synthetic",
+            cache_dir=cache_dir,
+            run_id="paper-profile",
+        )
+        stage_done(plan_stage, began)
     for fold in range(recipe.n_folds):
+        if earlier(f"fold {fold}"):
+            continue
         began = time.perf_counter()
         train_fold_stage(staging, fold, cache_dir=cache_dir)
         stage_done(f"fold {fold}", began)
@@ -143,6 +170,8 @@ def run(options: PaperProfileOptions, workdir: Path) -> list[Table]:
     stage_done("finalise (evaluation, report)", began)
     total = sum(seconds for _, seconds in stages)
     metrics = json.loads((staging / METRICS_FILE).read_text(encoding="utf-8"))
+    if options.resumable:
+        done_file.unlink()  # finished: a new call starts a new run
     if options.keep_dir is not None:
         options.keep_dir.mkdir(parents=True, exist_ok=True)
         for name in (METRICS_FILE, CONFIG_FILE, REPORT_FILE):
@@ -211,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep", type=Path, default=None, help="copy metrics.json, config.json, report here"
     )
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="keep finished stages here; resume from them"
+    )
     args = parser.parse_args(argv)
     options = QUICK if args.quick else PaperProfileOptions()
     if args.allow_cpu:
@@ -223,8 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         options = replace(options, n_images=args.images)
     if args.keep:
         options = replace(options, keep_dir=args.keep)
-    with tempfile.TemporaryDirectory(prefix="valve-id-bench-") as tmp:
-        tables = run(options, Path(tmp))
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        tables = run(replace(options, resumable=True), args.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="valve-id-bench-") as tmp:
+            tables = run(options, Path(tmp))
     emit(tables, args.markdown)
     return 0
 

@@ -74,3 +74,45 @@ def test_the_paper_profile_refuses_to_run_without_a_gpu_unless_asked(tmp_path: P
 
     with pytest.raises(SystemExit, match="no CUDA device"):
         bench_paper_profile.run(bench_paper_profile.PaperProfileOptions(), tmp_path)
+
+
+def test_the_paper_profile_resumes_from_the_stages_a_stopped_call_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call stopped in fold 1 (a device session's time limit) leaves the plan and fold 0;
+    the next call with the same --workdir trains only fold 1 and finalises."""
+    from dataclasses import replace
+
+    from benchmarks import bench_paper_profile
+    from training.fitting import run as run_module
+
+    real_fold = run_module.train_fold_stage
+    trained: list[int] = []
+    planned: list[bool] = []
+    real_plan = run_module.plan_run
+
+    def fold(run_dir: Path, k: int, **kwargs: object) -> dict:
+        if k == 1 and -1 not in trained:
+            trained.append(-1)  # the first attempt at fold 1 is stopped
+            raise KeyboardInterrupt
+        trained.append(k)
+        return real_fold(run_dir, k, **kwargs)  # type: ignore[arg-type]
+
+    def plan(*args: object, **kwargs: object) -> dict:
+        planned.append(True)
+        return real_plan(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(run_module, "train_fold_stage", fold)
+    monkeypatch.setattr(run_module, "plan_run", plan)
+    options = replace(bench_paper_profile.QUICK, resumable=True, keep_dir=tmp_path / "kept")
+    with pytest.raises(KeyboardInterrupt):
+        bench_paper_profile.run(options, tmp_path / "work")
+    assert trained == [0, -1] and planned == [True]
+
+    tables = bench_paper_profile.run(options, tmp_path / "work")
+    assert trained == [0, -1, 1], "fold 0 was trained again, or fold 1 not at all"
+    assert planned == [True], "the plan stage ran again"
+    stages = [row[0] for row in tables[0].rows]
+    assert stages[:3] == ["plan (decode + cache every image once)", "fold 0", "fold 1"]
+    assert (tmp_path / "kept" / "metrics.json").is_file()
+    assert not (tmp_path / "work" / "stages-quick.json").exists(), "a finished run resumes"
