@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import hashlib
 import math
+import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -527,10 +528,14 @@ def _tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
+ONE_PROCESS_DIGEST = "d6667022fe4e0197a6c8925dad938c1f2fcfc0fd7dbf72e1ed757e4ac4a888d1"
+"""The default mix, 8 images, seed 3: what one process writes."""
+
+
 @pytest.mark.parametrize(
     ("mix", "expected"),
     [
-        (None, "d6667022fe4e0197a6c8925dad938c1f2fcfc0fd7dbf72e1ed757e4ac4a888d1"),
+        (None, ONE_PROCESS_DIGEST),
         (BALANCED_CLASS_MIX, "2b531c5bcbd49fd0fae6fa4db15ae7d5663c243deb8a0a9f46b208b20fcd09ad"),
     ],
 )
@@ -541,6 +546,28 @@ def test_four_class_output_unchanged_by_other_valves(tmp_path: Path, mix, expect
     turn in steps and the bodies gained their off-axis marks."""
     generate_dataset(tmp_path, 8, seed=3, class_mix=mix, size_range_px=TINY_SIZES_PX)
     assert _tree_digest(tmp_path) == expected
+
+
+def test_worker_processes_write_the_same_bytes(tmp_path: Path) -> None:
+    """Images written by two spawned processes are the files one process writes (the digest
+    above), and progress still counts up one image at a time."""
+    seen: list[tuple[int, int]] = []
+    generate_dataset(
+        tmp_path, 8, seed=3, size_range_px=TINY_SIZES_PX, workers=2,
+        progress=lambda done, total: seen.append((done, total)),
+    )  # fmt: skip
+    assert (
+        _tree_digest(tmp_path) == "d6667022fe4e0197a6c8925dad938c1f2fcfc0fd7dbf72e1ed757e4ac4a888d1"
+    )
+    assert seen == [(k, 8) for k in range(1, 9)]
+
+
+def test_large_sets_use_the_cpus_small_ones_stay_in_process() -> None:
+    from training.synthetic.generate import PARALLEL_FROM_IMAGES, default_workers
+
+    assert default_workers(PARALLEL_FROM_IMAGES - 1) == 1
+    assert 1 <= default_workers(959) <= 8
+    assert default_workers(959) == min(8, len(os.sched_getaffinity(0)))
 
 
 def test_discrete_settings_draw_nothing_else_differently(tmp_path: Path) -> None:

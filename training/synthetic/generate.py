@@ -19,7 +19,10 @@ import csv
 import datetime as dt
 import logging
 import math
+import multiprocessing
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -475,16 +478,97 @@ def _image_plan(seed: int, patients: Sequence[Patient]) -> list[tuple[Patient, i
     return [items[int(i)] for i in order]
 
 
-def _iter_images(
-    seed: int, n: int, class_mix: Mapping[str, float] | None, size_range_px: tuple[int, int]
-) -> Iterator[tuple[int, Patient, int, np.ndarray, dict[str, Any]]]:
-    patients = plan_patients(seed, allocate_class_counts(n, class_mix))
-    for index, (patient, number) in enumerate(_image_plan(seed, patients)):
-        rng = np.random.default_rng([seed, 4, index])
-        image, info = render_xray(
-            rng, patient.label, size_range_px=size_range_px, traits=patient.traits
-        )
-        yield index, patient, number, image, info
+@dataclass(frozen=True)
+class _ImageJob:
+    """Everything one image needs: any process can render and write it, in any order, and
+    the bytes are the same (every random draw is seeded by ``(seed, index)``)."""
+
+    index: int
+    patient: Patient
+    number: int
+    seed: int
+    n: int
+    size_range_px: tuple[int, int]
+    images_dir: Path
+
+
+def _write_image(job: _ImageJob) -> dict[str, Any]:
+    """Render, encode and write one image; return its manifest row."""
+    seed, index, patient, number = job.seed, job.index, job.patient, job.number
+    rng = np.random.default_rng([seed, 4, index])
+    image, info = render_xray(
+        rng, patient.label, size_range_px=job.size_range_px, traits=patient.traits
+    )
+    enc_rng = np.random.default_rng([seed, 5, index])
+    encoding = _draw_encoding(enc_rng)
+    study = patient.studies[number]
+    ds = _build_dicom(image, info, patient, study, number, index, seed, job.n, encoding, enc_rng)
+    name = f"IM{index + 1:05d}.dcm"
+    dcmwrite(job.images_dir / name, ds, enforce_file_format=True)
+    bx0, by0, bx1, by1 = info["valve_bbox"]
+    top, bottom, left, right = info["field"]
+    return {
+        "file": f"{IMAGES_DIRNAME}/{name}",
+        "label": patient.label,
+        "patient_id": patient.patient_id,
+        "study_date": study.date.isoformat(),
+        "view": info["view"],
+        "modality": encoding.modality,
+        "photometric": encoding.photometric,
+        "bits_stored": encoding.bits_stored,
+        "transfer_syntax": encoding.transfer_syntax,
+        "rescale_slope": _format_ds(encoding.slope),
+        "rescale_intercept": _format_ds(encoding.intercept),
+        "rows": info["height"],
+        "columns": info["width"],
+        "field_top": top,
+        "field_bottom": bottom,
+        "field_left": left,
+        "field_right": right,
+        "valve_x": f"{info['valve_x']:.2f}",
+        "valve_y": f"{info['valve_y']:.2f}",
+        "valve_x0": bx0,
+        "valve_y0": by0,
+        "valve_x1": bx1,
+        "valve_y1": by1,
+        "valve_angle_deg": f"{info['valve_angle_deg']:.1f}",
+        "valve_tilt_deg": f"{info['valve_tilt_deg']:.1f}",
+        "valve_scale": f"{info['valve_scale']:.4f}",
+        "valve_length_px": f"{info['valve_length_px']:.1f}",
+        "near_edge": int(info["near_edge"]),
+        "valve_setting": info["valve_setting"] or "",
+    }
+
+
+PARALLEL_FROM_IMAGES = 64
+"""Fewer images than this are written in-process: starting worker processes (each imports
+numpy, scipy and pydicom afresh) would cost more than it saves."""
+
+
+def default_workers(n: int) -> int:
+    """Processes for ``n`` images: the CPUs this process may use (at most 8), or 1 for a
+    small set."""
+    if n < PARALLEL_FROM_IMAGES:
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 8))
+
+
+def _write_images(jobs: Sequence[_ImageJob], workers: int) -> Iterator[dict[str, Any]]:
+    """Manifest rows in image order, written by ``workers`` processes (1: this one).
+
+    Worker processes are *spawned*, not forked: the caller may hold threads (torch, a web
+    server) that a forked child would inherit in an unknown state.
+    """
+    if workers <= 1 or len(jobs) < 2:
+        yield from map(_write_image, jobs)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+        yield from pool.map(_write_image, jobs, chunksize=4)
 
 
 def _clear_previous(out_dir: Path, overwrite: bool) -> None:
@@ -505,6 +589,7 @@ def generate_dataset(
     size_range_px: tuple[int, int] = DEFAULT_SIZE_RANGE_PX,
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
+    workers: int | None = None,
 ) -> Path:
     """Write ``n`` synthetic radiographs to ``out_dir/images/`` and return the manifest path.
 
@@ -512,7 +597,8 @@ def generate_dataset(
     largest-remainder rounding; it may include ``"Other valve"`` (:data:`OTHER_VALVE`),
     which the default never does. Patients have one to several images (≈ 1.9 on average), always
     with the same valve model, skull and identity. ``progress(done, total)`` is called after
-    each image. The same ``(n, seed)`` gives byte-identical files; an existing manifest is
+    each image. The same ``(n, seed)`` gives byte-identical files, whatever ``workers``
+    (processes writing images; default :func:`default_workers`); an existing manifest is
     only replaced with ``overwrite=True`` (which also removes the old ``IM*.dcm`` files).
     """
     if n < 1:
@@ -525,51 +611,16 @@ def generate_dataset(
     images_dir = out_dir / IMAGES_DIRNAME
     images_dir.mkdir(exist_ok=True)
 
+    patients = plan_patients(seed, allocate_class_counts(n, class_mix))
+    jobs = [
+        _ImageJob(index, patient, number, seed, n, tuple(size_range_px), images_dir)
+        for index, (patient, number) in enumerate(_image_plan(seed, patients))
+    ]
     rows = []
-    for index, patient, number, image, info in _iter_images(seed, n, class_mix, size_range_px):
-        enc_rng = np.random.default_rng([seed, 5, index])
-        encoding = _draw_encoding(enc_rng)
-        study = patient.studies[number]
-        ds = _build_dicom(image, info, patient, study, number, index, seed, n, encoding, enc_rng)
-        name = f"IM{index + 1:05d}.dcm"
-        dcmwrite(images_dir / name, ds, enforce_file_format=True)
-        bx0, by0, bx1, by1 = info["valve_bbox"]
-        top, bottom, left, right = info["field"]
-        rows.append(
-            {
-                "file": f"{IMAGES_DIRNAME}/{name}",
-                "label": patient.label,
-                "patient_id": patient.patient_id,
-                "study_date": study.date.isoformat(),
-                "view": info["view"],
-                "modality": encoding.modality,
-                "photometric": encoding.photometric,
-                "bits_stored": encoding.bits_stored,
-                "transfer_syntax": encoding.transfer_syntax,
-                "rescale_slope": _format_ds(encoding.slope),
-                "rescale_intercept": _format_ds(encoding.intercept),
-                "rows": info["height"],
-                "columns": info["width"],
-                "field_top": top,
-                "field_bottom": bottom,
-                "field_left": left,
-                "field_right": right,
-                "valve_x": f"{info['valve_x']:.2f}",
-                "valve_y": f"{info['valve_y']:.2f}",
-                "valve_x0": bx0,
-                "valve_y0": by0,
-                "valve_x1": bx1,
-                "valve_y1": by1,
-                "valve_angle_deg": f"{info['valve_angle_deg']:.1f}",
-                "valve_tilt_deg": f"{info['valve_tilt_deg']:.1f}",
-                "valve_scale": f"{info['valve_scale']:.4f}",
-                "valve_length_px": f"{info['valve_length_px']:.1f}",
-                "near_edge": int(info["near_edge"]),
-                "valve_setting": info["valve_setting"] or "",
-            }
-        )
+    for row in _write_images(jobs, default_workers(n) if workers is None else workers):
+        rows.append(row)
         if progress is not None:
-            progress(index + 1, n)
+            progress(len(rows), n)
 
     manifest = out_dir / MANIFEST_NAME
     with manifest.open("w", newline="", encoding="utf-8") as fh:
