@@ -90,6 +90,27 @@ def test_images_are_decoded_once_and_a_corrupt_one_fails_alone(
         prepare_images([good], PreprocessParams(size_px=24), cache)
 
 
+def test_worker_processes_prepare_the_same_arrays_and_fail_the_same_files(
+    tmp_path: Path,
+) -> None:
+    """Decoding in two spawned processes gives what one process gives, and a corrupt or
+    missing file still fails alone, with its reason (it crosses the process boundary)."""
+    pngs = [_png(tmp_path / f"{k}.png", 40 * k + 20) for k in range(5)]
+    items = [LabelledImage(str(p), "Codman Hakim", f"P{k}", str(k)) for k, p in enumerate(pngs)]
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    items.insert(2, LabelledImage(str(tmp_path / "bad.png"), "Codman Hakim", "Pb", "bad"))
+    items.append(LabelledImage(str(tmp_path / "missing.png"), "Codman Hakim", "Pm", "gone"))
+    params = PreprocessParams(size_px=16)
+
+    one = prepare_images(items, params, workers=1)
+    two = prepare_images(items, params, tmp_path / "cache", workers=2)
+    assert [i.key for i in two.items] == [i.key for i in one.items] == ["0", "1", "2", "3", "4"]
+    np.testing.assert_array_equal(two.arrays, one.arrays)
+    assert two.hashes == one.hashes
+    assert two.failures == one.failures and set(two.failures) == {"bad", "gone"}
+    assert two.failures["gone"].startswith("cannot read file")
+
+
 # ------------------------------------------------------------------------------ valve centres
 
 

@@ -6,7 +6,6 @@ import csv
 import dataclasses
 import hashlib
 import math
-import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -560,14 +559,6 @@ def test_worker_processes_write_the_same_bytes(tmp_path: Path) -> None:
         _tree_digest(tmp_path) == "d6667022fe4e0197a6c8925dad938c1f2fcfc0fd7dbf72e1ed757e4ac4a888d1"
     )
     assert seen == [(k, 8) for k in range(1, 9)]
-
-
-def test_large_sets_use_the_cpus_small_ones_stay_in_process() -> None:
-    from training.synthetic.generate import PARALLEL_FROM_IMAGES, default_workers
-
-    assert default_workers(PARALLEL_FROM_IMAGES - 1) == 1
-    assert 1 <= default_workers(959) <= 8
-    assert default_workers(959) == min(8, len(os.sched_getaffinity(0)))
 
 
 def test_discrete_settings_draw_nothing_else_differently(tmp_path: Path) -> None:

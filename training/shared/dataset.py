@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from training.shared.errors import DatasetError, ImageDecodeError
+from training.shared.parallel import default_workers, ordered_map
 from training.shared.preprocess import (
     PreprocessParams,
     prepare_image_with_box,
@@ -308,6 +309,19 @@ def _prepare_one(
     return digest, array, box
 
 
+def _prepare_or_reason(
+    job: tuple[LabelledImage, PreprocessParams, Path | None],
+) -> tuple[str, np.ndarray, _Box | None] | str:
+    """:func:`_prepare_one`, or why the file cannot be used: one bad file fails itself, not
+    the snapshot (and a reason crosses process boundaries where an exception may not)."""
+    try:
+        return _prepare_one(*job)
+    except ImageDecodeError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"cannot read file: {exc.strerror}"
+
+
 def _decode(
     item: LabelledImage, params: PreprocessParams
 ) -> tuple[np.ndarray, _Box, tuple[int, int]]:
@@ -330,12 +344,15 @@ def prepare_images(
     params: PreprocessParams,
     cache_dir: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    workers: int | None = None,
 ) -> PreparedImages:
     """Decode and prepare every image once (cached by content hash + parameters).
 
     A file that cannot be read or decoded is recorded in ``failures`` and left out; the
     rest of the snapshot is still prepared. Items with a ``valve_xy`` get their centre in
     the prepared square (:attr:`PreparedImages.centres`) from the crop cached beside the array.
+    ``workers`` processes decode (default :func:`training.shared.parallel.default_workers`);
+    the result is the same whatever their number.
     """
     todo = list(items)
     cache = Path(cache_dir) if cache_dir is not None else None
@@ -345,18 +362,16 @@ def prepare_images(
     centres: list[tuple[float, float]] = []
     boxes: list[tuple[float, ...]] = []
     failures: dict[str, str] = {}
-    for done, item in enumerate(todo, start=1):
-        try:
-            digest, array, box = _prepare_one(item, params, cache)
-        except (ImageDecodeError, OSError) as exc:
-            reason = (
-                str(exc)
-                if isinstance(exc, ImageDecodeError)
-                else f"cannot read file: {exc.strerror}"
-            )
-            logger.warning("skipping %s: %s", item.key, reason)
-            failures[item.key] = reason
+    jobs = [(item, params, cache) for item in todo]
+    results = ordered_map(
+        _prepare_or_reason, jobs, default_workers(len(todo)) if workers is None else workers
+    )
+    for done, (item, result) in enumerate(zip(todo, results, strict=True), start=1):
+        if isinstance(result, str):
+            logger.warning("skipping %s: %s", item.key, result)
+            failures[item.key] = result
         else:
+            digest, array, box = result
             kept.append(item)
             arrays.append(array)
             hashes.append(digest)

@@ -19,10 +19,7 @@ import csv
 import datetime as dt
 import logging
 import math
-import multiprocessing
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -43,6 +40,7 @@ from pydicom.uid import (
 
 from training.shared.dataset import MANIFEST_NAME
 from training.shared.errors import DatasetError
+from training.shared.parallel import default_workers, ordered_map
 from training.synthetic.valves import DRAWABLE_CLASSES, OTHER_VALVE, VALVE_CLASSES
 from training.synthetic.xray import (
     DEFAULT_SIZE_RANGE_PX,
@@ -540,37 +538,6 @@ def _write_image(job: _ImageJob) -> dict[str, Any]:
     }
 
 
-PARALLEL_FROM_IMAGES = 64
-"""Fewer images than this are written in-process: starting worker processes (each imports
-numpy, scipy and pydicom afresh) would cost more than it saves."""
-
-
-def default_workers(n: int) -> int:
-    """Processes for ``n`` images: the CPUs this process may use (at most 8), or 1 for a
-    small set."""
-    if n < PARALLEL_FROM_IMAGES:
-        return 1
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, 8))
-
-
-def _write_images(jobs: Sequence[_ImageJob], workers: int) -> Iterator[dict[str, Any]]:
-    """Manifest rows in image order, written by ``workers`` processes (1: this one).
-
-    Worker processes are *spawned*, not forked: the caller may hold threads (torch, a web
-    server) that a forked child would inherit in an unknown state.
-    """
-    if workers <= 1 or len(jobs) < 2:
-        yield from map(_write_image, jobs)
-        return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
-        yield from pool.map(_write_image, jobs, chunksize=4)
-
-
 def _clear_previous(out_dir: Path, overwrite: bool) -> None:
     manifest = out_dir / MANIFEST_NAME
     if manifest.exists() and not overwrite:
@@ -598,7 +565,8 @@ def generate_dataset(
     which the default never does. Patients have one to several images (≈ 1.9 on average), always
     with the same valve model, skull and identity. ``progress(done, total)`` is called after
     each image. The same ``(n, seed)`` gives byte-identical files, whatever ``workers``
-    (processes writing images; default :func:`default_workers`); an existing manifest is
+    (processes writing images; default
+    :func:`training.shared.parallel.default_workers`); an existing manifest is
     only replaced with ``overwrite=True`` (which also removes the old ``IM*.dcm`` files).
     """
     if n < 1:
@@ -613,11 +581,11 @@ def generate_dataset(
 
     patients = plan_patients(seed, allocate_class_counts(n, class_mix))
     jobs = [
-        _ImageJob(index, patient, number, seed, n, tuple(size_range_px), images_dir)
+        _ImageJob(index, patient, number, seed, n, size_range_px, images_dir)
         for index, (patient, number) in enumerate(_image_plan(seed, patients))
     ]
     rows = []
-    for row in _write_images(jobs, default_workers(n) if workers is None else workers):
+    for row in ordered_map(_write_image, jobs, default_workers(n) if workers is None else workers):
         rows.append(row)
         if progress is not None:
             progress(len(rows), n)
