@@ -39,3 +39,50 @@ def test_an_exception_in_a_worker_reaches_the_caller() -> None:
 def test_large_sets_use_the_cpus_small_ones_stay_in_process() -> None:
     assert default_workers(PARALLEL_FROM_ITEMS - 1) == 1
     assert default_workers(959) == min(8, len(os.sched_getaffinity(0)))
+
+
+def test_workers_end_when_the_process_that_started_them_is_killed(tmp_path) -> None:
+    """A parent killed with SIGKILL (an RQ work-horse at a cold shutdown) leaves no worker
+    behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pids = tmp_path / "pids"
+    script = f"""
+import os, time
+from training.shared.parallel import ordered_map
+from tests_parallel_helper import record_and_sleep
+list(ordered_map(record_and_sleep, [{str(pids)!r}] * 8, workers=2))
+"""
+    (tmp_path / "tests_parallel_helper.py").write_text(
+        "import os, time\n"
+        "def record_and_sleep(folder):\n"
+        "    os.makedirs(folder, exist_ok=True)\n"
+        "    open(os.path.join(folder, str(os.getpid())), 'w').close()\n"
+        "    time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.getcwd()}"}
+    parent = subprocess.Popen([sys.executable, "-c", script], env=env)
+    deadline = time.monotonic() + 60
+    while len(list(pids.glob("*")) if pids.exists() else []) < 2:
+        assert time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.2)
+    workers = [int(p.name) for p in pids.iterdir()]
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 20
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in workers if _alive(pid)]
+    assert not alive, f"workers {alive} outlived their killed parent"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False

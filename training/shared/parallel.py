@@ -10,8 +10,11 @@ server's, an RQ heartbeat) that a forked child would inherit in an unknown state
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
@@ -40,6 +43,17 @@ def default_workers(n_items: int) -> int:
     return max(1, min(cpus, MAX_WORKERS))
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Worker initialiser: on Linux, end this worker when the process that started it dies
+    (an RQ work-horse killed at a cold shutdown must not leave decoders behind)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
     """``fn`` over ``items`` by ``workers`` spawned processes (1: in this one), results in
     input order as they become available. ``fn`` and the items must pickle; an exception
@@ -49,5 +63,7 @@ def ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Itera
         yield from map(fn, items)
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=context) as pool:
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(items)), mp_context=context, initializer=_die_with_parent
+    ) as pool:
         yield from pool.map(fn, items, chunksize=4)
