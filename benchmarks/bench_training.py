@@ -227,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     options = QUICK if args.quick else TrainingOptions()
     options = replace(options, device=args.device)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {args.device}: no CUDA device on this machine")
     if args.batch_size:
         options = replace(options, batch_size=args.batch_size)
     if args.rounds:
