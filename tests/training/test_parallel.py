@@ -86,3 +86,30 @@ def _alive(pid: int) -> bool:
             return fh.read().split()[2] != "Z"  # a zombie has ended
     except FileNotFoundError:
         return False
+
+
+def _dies_outside(item: tuple[int, int]) -> int:
+    value, parent = item
+    if value == 5 and os.getpid() != parent:
+        os._exit(1)  # a worker killed (for memory, say) while it held item 5
+    return value
+
+
+def test_a_dead_worker_leaves_the_rest_to_this_process() -> None:
+    items = [(k, os.getpid()) for k in range(12)]
+    assert list(ordered_map(_dies_outside, items, workers=2)) == list(range(12))
+
+
+def test_a_script_read_from_stdin_works_in_process() -> None:
+    """Spawned workers re-run the main script, which ``python - < script`` does not have."""
+    import subprocess
+    import sys
+
+    script = (
+        "from training.shared.parallel import ordered_map\n"
+        "print(list(ordered_map(abs, [-3, -2, -1, 0] * 20, workers=2)) == [3, 2, 1, 0] * 20)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-"], input=script, capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.strip() == "True", out.stderr

@@ -11,15 +11,19 @@ server's, an RQ heartbeat) that a forked child would inherit in an unknown state
 from __future__ import annotations
 
 import ctypes
+import logging
 import multiprocessing
 import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
 __all__ = ["PARALLEL_FROM_ITEMS", "default_workers", "ordered_map"]
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -59,11 +63,26 @@ def ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Itera
     input order as they become available. ``fn`` and the items must pickle; an exception
     in ``fn`` is raised here, so return failures as values where one item must not stop
     the rest."""
-    if workers <= 1 or len(items) < 2:
+    if workers <= 1 or len(items) < 2 or not _can_spawn():
         yield from map(fn, items)
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        max_workers=min(workers, len(items)), mp_context=context, initializer=_die_with_parent
-    ) as pool:
-        yield from pool.map(fn, items, chunksize=4)
+    done = 0
+    try:
+        with ProcessPoolExecutor(
+            max_workers=min(workers, len(items)), mp_context=context, initializer=_die_with_parent
+        ) as pool:
+            for result in pool.map(fn, items, chunksize=4):
+                yield result
+                done += 1
+    except BrokenProcessPool as exc:
+        # A worker died (killed for memory, say): the rest is done here, as before workers.
+        logger.warning("worker processes stopped (%s); going on in this process", exc)
+        yield from map(fn, items[done:])
+
+
+def _can_spawn() -> bool:
+    """A spawned worker re-runs the parent's main script: impossible where it has none on
+    disk (``python - < script``), so such a caller works in-process."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    return main_file is None or os.path.isfile(main_file)
