@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from training.shared.errors import DatasetError, ImageDecodeError
-from training.shared.parallel import default_workers, ordered_map
+from training.shared.parallel import ordered_map
 from training.shared.preprocess import (
     PreprocessParams,
     prepare_image_with_box,
@@ -363,9 +363,7 @@ def prepare_images(
     boxes: list[tuple[float, ...]] = []
     failures: dict[str, str] = {}
     jobs = [(item, params, cache) for item in todo]
-    results = ordered_map(
-        _prepare_or_reason, jobs, default_workers(len(todo)) if workers is None else workers
-    )
+    results = ordered_map(_prepare_or_reason, jobs, workers)
     for done, (item, result) in enumerate(zip(todo, results, strict=True), start=1):
         if isinstance(result, str):
             logger.warning("skipping %s: %s", item.key, result)

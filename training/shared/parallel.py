@@ -58,11 +58,15 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
-    """``fn`` over ``items`` by ``workers`` spawned processes (1: in this one), results in
-    input order as they become available. ``fn`` and the items must pickle; an exception
-    in ``fn`` is raised here, so return failures as values where one item must not stop
-    the rest."""
+def ordered_map(
+    fn: Callable[[T], R], items: Sequence[T], workers: int | None = None
+) -> Iterator[R]:
+    """``fn`` over ``items`` by ``workers`` spawned processes (1: in this one; None:
+    :func:`default_workers`), results in input order as they become available. ``fn`` and
+    the items must pickle; an exception in ``fn`` is raised here, so return failures as
+    values where one item must not stop the rest."""
+    if workers is None:
+        workers = default_workers(len(items))
     if workers <= 1 or len(items) < 2 or not _can_spawn():
         yield from map(fn, items)
         return

@@ -40,7 +40,7 @@ from pydicom.uid import (
 
 from training.shared.dataset import MANIFEST_NAME
 from training.shared.errors import DatasetError
-from training.shared.parallel import default_workers, ordered_map
+from training.shared.parallel import ordered_map
 from training.synthetic.valves import DRAWABLE_CLASSES, OTHER_VALVE, VALVE_CLASSES
 from training.synthetic.xray import (
     DEFAULT_SIZE_RANGE_PX,
@@ -585,7 +585,7 @@ def generate_dataset(
         for index, (patient, number) in enumerate(_image_plan(seed, patients))
     ]
     rows = []
-    for row in ordered_map(_write_image, jobs, default_workers(n) if workers is None else workers):
+    for row in ordered_map(_write_image, jobs, workers):
         rows.append(row)
         if progress is not None:
             progress(len(rows), n)
