@@ -13,7 +13,10 @@ three ways, and scores each on X-rays of another seed:
   estimated from the crop (what versions read now), seen in the four views that keep it;
 * ``true axis``: turned by the generator's own valve angle (the axis a better estimate, or
   an annotated one, would give), also in those four views; the valve's direction along the
-  axis and the face seen are still left to the reader.
+  axis and the face seen are still left to the reader;
+* ``upright pooled``: the upright crop read by :func:`view_pooled`, its features maxed
+  over the four views, so it is invariant to which end and face it sees by construction
+  (measured: no better than the plain reader given the same compute, so versions do not).
 
 Each X-ray is squished to a square of ``prepared_px`` (the product also crops the
 collimation first; the synthetic valve stays the same size either way) and cropped to
@@ -33,12 +36,18 @@ from typing import Any
 import numpy as np
 
 from benchmarks.harness import Table, add_common_arguments, emit
+from training.fitting.config import RecipeConfig
 
-READER_MODES = ("unturned", "upright", "true axis")
+READER_MODES = ("unturned", "upright", "true axis", "upright pooled")
+
+
+_CPU = RecipeConfig.from_profile("cpu")
 
 
 @dataclass(frozen=True)
 class ReaderOptions:
+    """Defaults: the ``cpu`` profile's reader (its epochs, crop, batch and learning rate)."""
+
     models: tuple[str, ...] = (
         "Codman Hakim",
         "Codman Certas Plus",
@@ -47,14 +56,15 @@ class ReaderOptions:
     )
     n_train: int = 300
     n_test: int = 150
-    epochs: int = 12
+    epochs: int = _CPU.reader_epochs
     prepared_px: int = 768
-    reader_fraction: float = 0.08
-    reader_px: int = 128
-    batch_size: int = 16
-    lr_max: float = 1e-3
+    reader_fraction: float = _CPU.reader_fraction
+    reader_px: int = _CPU.reader_px
+    batch_size: int = _CPU.batch_size
+    lr_max: float = _CPU.reader_lr_max
     size_range_px: tuple[int, int] = (600, 1200)
     seed: int = 0
+    modes: tuple[str, ...] = READER_MODES
 
 
 QUICK = ReaderOptions(
@@ -104,25 +114,58 @@ def _crops(options: ReaderOptions, data: dict[str, Any], mode: str) -> Any:
     args = (data["images"], data["centres"], options.reader_fraction, options.reader_px)
     if mode == "unturned":
         return crop_around(*args)
-    if mode == "upright":
+    if mode in ("upright", "upright pooled"):
         return upright_crop(*args)
     return crop_around(*args, data["angles"])
 
 
+def view_pooled(reader: Any, views: tuple[int, ...]) -> Any:
+    """``reader`` answering the same for every one of ``views`` of its crop (TI-pooling,
+    Laptev et al. 2016): the body sees all views, the head's pooled features are maxed over
+    them, then classified once. The idea: an upright crop leaves open which end is the inflow
+    and which face shows, so a plain reader must learn each setting in four views; pooled,
+    one view's feature is enough. It costs the views' compute at every step."""
+    import torch
+    from torch import nn
+
+    from training.shared.locate_classify import dihedral
+
+    class ViewPooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reader = reader
+
+        def forward(self, crops: torch.Tensor) -> torch.Tensor:
+            seen = torch.cat([dihedral(crops, k) for k in views])
+            body = reader.body(seen.contiguous(memory_format=torch.channels_last))
+            pooled = reader.head[:2](body)  # concat pooling, flattened: (views * B, 2F)
+            return reader.head[2:](pooled.view(len(views), len(crops), -1).amax(0))
+
+    return ViewPooled()
+
+
 def _train_and_score(
-    options: ReaderOptions, train: Any, y_train: Any, test: Any, y_test: Any, views: tuple
+    options: ReaderOptions,
+    train: Any,
+    y_train: Any,
+    test: Any,
+    y_test: Any,
+    views: tuple,
+    pooled: bool = False,
 ) -> tuple[np.ndarray, float]:
-    """A fresh ImageNet reader trained on ``train`` crops; its readings of ``test``."""
+    """A fresh ImageNet reader trained on ``train`` crops; its readings of ``test``. A
+    ``pooled`` reader answers through :func:`view_pooled` over ``views``."""
     import torch
     import torch.nn.functional as F
 
-    from training.fitting.two_stage import _dihedral
     from training.shared.inference import autocast_for
+    from training.shared.locate_classify import dihedral
     from training.shared.model import build_model, get_arch
 
     torch.manual_seed(options.seed)
     n_settings = int(max(y_train.max(), y_test.max())) + 1
-    net, _ = build_model(n_settings, pretrained=True, arch="efficientnet_lite0")
+    reader, _ = build_model(n_settings, pretrained=True, arch="efficientnet_lite0")
+    net = view_pooled(reader, views) if pooled else reader
     weights = get_arch("efficientnet_lite0").weights
     mean = torch.tensor(weights.mean).view(1, 3, 1, 1)
     std = torch.tensor(weights.std).view(1, 3, 1, 1)
@@ -146,7 +189,7 @@ def _train_and_score(
             pick = order[start : start + bs]
             view = views[int(torch.randint(len(views), (1,), generator=generator))]
             gain = 1 + (torch.rand(len(pick), 1, 1, generator=generator) - 0.5) * 0.4
-            batch = network_input((_dihedral(train[pick], view) * gain).clamp(0, 1))
+            batch = network_input((dihedral(train[pick], view) * gain).clamp(0, 1))
             with autocast:
                 out = net.train()(batch)
             loss = F.cross_entropy(out.float(), y_train[pick])
@@ -157,7 +200,7 @@ def _train_and_score(
     net.eval()
     with torch.inference_mode(), autocast:
         # The test crops in one of the same views each (the reader must not rely on one).
-        seen = [_dihedral(c[None], views[i % len(views)])[0] for i, c in enumerate(test)]
+        seen = [dihedral(c[None], views[i % len(views)])[0] for i, c in enumerate(test)]
         read = net(network_input(torch.stack(seen))).float().argmax(1).numpy()
     return read, float(loss.item())
 
@@ -170,14 +213,14 @@ def run(options: ReaderOptions) -> tuple[list[Table], dict[str, Any]]:
     table = Table(
         f"Setting reader alone (true centres): {options.n_train} training and "
         f"{options.n_test} test X-rays per valve model, {options.epochs} epochs",
-        ["valve model", "settings", "chance", *(f"{m}: exact / ±1" for m in READER_MODES)],
+        ["valve model", "settings", "chance", *(f"{m}: exact / ±1" for m in options.modes)],
     )
     for label in options.models:
         n = len(SETTING_SCALES[label])
         train = _draw(options, label, options.n_train, options.seed)
         test = _draw(options, label, options.n_test, options.seed + 1)
         found: dict[str, Any] = {}
-        for mode in READER_MODES:
+        for mode in options.modes:
             views = tuple(range(8)) if mode == "unturned" else UPRIGHT_VIEWS
             read, last_loss = _train_and_score(
                 options,
@@ -186,6 +229,7 @@ def run(options: ReaderOptions) -> tuple[list[Table], dict[str, Any]]:
                 _crops(options, test, mode),
                 test["settings"],
                 views,
+                pooled=mode == "upright pooled",
             )
             truth = test["settings"].numpy()
             found[mode] = {
@@ -198,7 +242,7 @@ def run(options: ReaderOptions) -> tuple[list[Table], dict[str, Any]]:
             label,
             n,
             f"{1 / n:.2f}",
-            *(f"{found[m]['exact']:.2f} / {found[m]['within_one']:.2f}" for m in READER_MODES),
+            *(f"{found[m]['exact']:.2f} / {found[m]['within_one']:.2f}" for m in options.modes),
         )
     table.notes.append(
         "Synthetic X-rays of the demo generator; each model's reader trained and tested on its "
@@ -216,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-train", type=int, default=None)
     parser.add_argument("--n-test", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--lr-max", type=float, default=None, help="one-cycle peak rate")
+    parser.add_argument(
+        "--modes", nargs="+", choices=READER_MODES, default=None, help="crops to compare"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     options = QUICK if args.quick else ReaderOptions()
@@ -227,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         options = replace(options, n_test=args.n_test)
     if args.epochs:
         options = replace(options, epochs=args.epochs)
+    if args.lr_max:
+        options = replace(options, lr_max=args.lr_max)
+    if args.modes:
+        options = replace(options, modes=tuple(args.modes))
     tables, results = run(options)
     emit(tables, args.markdown)
     out = args.json or (args.markdown.with_suffix(".reader.json") if args.markdown else None)

@@ -176,6 +176,14 @@ def train(
         bool, typer.Option(help="Random init instead of ImageNet weights.")
     ] = False,
     seed: Annotated[int | None, typer.Option(help="Override the seed.")] = None,
+    reader_epochs: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Epochs of the setting reader (locate-then-classify versions; 0 reads no "
+            "setting). More read better with a few hundred X-rays per valve model.",
+        ),
+    ] = None,
 ) -> None:
     """Train the paper's 5-fold recipe and publish a model version."""
     from training.fitting.config import RecipeConfig, recipe_request
@@ -187,6 +195,7 @@ def train(
         "n_folds": folds,
         "seed": seed,
         "pretrained": False if from_scratch else None,
+        "reader_epochs": reader_epochs,
     }
     try:
         # Enqueued, "auto" is decided by the worker that plans the run, not by this machine.

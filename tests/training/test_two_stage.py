@@ -205,3 +205,36 @@ def test_a_setting_reader_survives_the_checkpoint(tmp_path: Path) -> None:
         after = loaded.answer(x)
     assert torch.allclose(after.setting_logits, before.setting_logits, atol=1e-5)
     assert torch.allclose(after.logits, model(x), atol=1e-5)
+
+
+def test_the_reader_trains_at_its_own_learning_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The setting reader's one-cycle peak is ``reader_lr_max`` (3e-3 in the cpu profile:
+    it read Sophy SM8 and Certas Plus better than the classifier's 1e-3 and than 1e-2,
+    docs/TRAINING.md, "The pressure setting"); the crop classifier keeps ``lr_max``."""
+    import training.fitting.two_stage as two_stage
+
+    peaks: list[float] = []
+    real = torch.optim.lr_scheduler.OneCycleLR
+
+    def recording(optimizer: torch.optim.Optimizer, max_lr: float, **kwargs: object) -> object:
+        peaks.append(max_lr)
+        return real(optimizer, max_lr, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(two_stage.torch.optim.lr_scheduler, "OneCycleLR", recording)
+    recipe = toy_recipe(design="locate_classify", epochs=5, locator_epochs=2, reader_epochs=12)
+    assert (recipe.lr_max, recipe.reader_lr_max) == (1e-3, 3e-3)
+    images, labels, centres = ring_or_cross(40, seed=4)
+    train_two_stage_fold(
+        images,
+        labels,
+        centres,
+        np.arange(32),
+        np.arange(32, 40),
+        2,
+        recipe,
+        device=torch.device("cpu"),
+        settings=np.where(labels == 0, 0, -1),
+        setting_layout=(("ring", ("lo", "hi")),),
+        classes=["ring", "cross"],
+    )
+    assert peaks == [1e-3, 3e-3], peaks

@@ -16,9 +16,11 @@ import torch
 
 from training.fitting.config import RecipeConfig
 from training.shared.locate_classify import (
+    UPRIGHT_VIEWS,
     LocateClassifyNet,
     TwoStageParams,
     crop_around,
+    dihedral,
     principal_axis,
     upright_crop,
 )
@@ -113,3 +115,17 @@ def test_principal_axis_survives_a_flat_crop(quantile: float) -> None:
     """A blank crop (the valve missed entirely) gives some angle, never NaN."""
     flat = torch.full((2, 32, 32), 0.4)
     assert torch.isfinite(principal_axis(flat, quantile)).all()
+
+
+def test_the_upright_views_keep_the_axis_horizontal_and_form_a_group() -> None:
+    """Each of the four views of an upright crop keeps its axis horizontal (a quarter turn
+    would not), and composing two of them gives a third: training in them loses nothing."""
+    bar = _bars([0.0], side=48)
+    for k in UPRIGHT_VIEWS:
+        assert _axis_error_deg(principal_axis(dihedral(bar, k)), torch.zeros(1))[0] < 5.0, k
+    assert _axis_error_deg(principal_axis(dihedral(bar, 1)), torch.zeros(1))[0] > 80.0
+    x = torch.rand(1, 8, 8)
+    seen = {repr(dihedral(x, k).flatten().tolist()) for k in UPRIGHT_VIEWS}
+    for a in UPRIGHT_VIEWS:
+        for b in UPRIGHT_VIEWS:
+            assert repr(dihedral(dihedral(x, a), b).flatten().tolist()) in seen

@@ -24,6 +24,7 @@ from training.shared.locate_classify import (
     SettingLayout,
     TwoStageParams,
     crop_around,
+    dihedral,
     setting_blocks,
     soft_argmax,
     upright_crop,
@@ -92,12 +93,6 @@ def setting_mask(classes: list[str], layout: SettingLayout) -> np.ndarray:
     return mask
 
 
-def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """One of the 8 flips/rotations of ``(B, H, W)`` (a valve may lie at any angle)."""
-    x = torch.rot90(x, k % 4, dims=(-2, -1))
-    return x.flip(-1) if k >= 4 else x
-
-
 class _CropTrainer:
     """The crop networks' fitting loop: AdamW one-cycle over crops around each image's centre
     (jittered by about the locator's error), dihedral + brightness augmentation."""
@@ -126,18 +121,19 @@ class _CropTrainer:
         epochs: int,
         on_epoch: Callable[[int, float], None],
         views: tuple[int, ...] = tuple(range(8)),
+        lr_max: float | None = None,
     ) -> None:
         """``epochs`` passes over ``train_idx``; ``loss_of(float outputs, picked rows)``.
         ``crop(images, centres)`` cuts the network's input; each batch is seen in one of
-        ``views`` (:func:`_dihedral` indices)."""
+        ``views`` (:func:`dihedral` indices); the one-cycle peak is ``lr_max`` (default: the
+        recipe's)."""
         config, generator = self.config, self.generator
-        optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr_max, weight_decay=1e-4)
+        lr = config.lr_max if lr_max is None else lr_max
+        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
         bs = config.batch_size
         steps = epochs * math.ceil(len(train_idx) / bs)
         schedule: torch.optim.lr_scheduler.LRScheduler = (
-            torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, config.lr_max, total_steps=steps, pct_start=0.25
-            )
+            torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.25)
             if steps >= MIN_ONE_CYCLE_STEPS
             else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
         )
@@ -152,7 +148,7 @@ class _CropTrainer:
                 at = torch.from_numpy(self.centres[pick]) + shift
                 crops = crop(self.images[pick].float(), at)
                 view = views[int(torch.randint(len(views), (1,), generator=generator))]
-                crops = _dihedral(crops, view)
+                crops = dihedral(crops, view)
                 gain = 1 + (torch.rand(len(pick), 1, 1, generator=generator) - 0.5) * 0.4
                 crops = (crops * gain).clamp(0, 1)
                 batch = self.network_input(crops).contiguous(memory_format=torch.channels_last)
@@ -329,6 +325,7 @@ def train_two_stage_fold(
             config.reader_epochs if len(readable) >= 2 else 0,
             lambda _epoch, loss: losses.append(loss),
             UPRIGHT_VIEWS if params.reader_upright else tuple(range(8)),
+            config.reader_lr_max,
         )
         history.append(
             {"fold": fold, "stage": "read", "n_train": len(readable), "train_loss": losses[-1]}

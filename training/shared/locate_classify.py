@@ -52,6 +52,7 @@ __all__ = [
     "TwoStageParams",
     "UPRIGHT_VIEWS",
     "crop_around",
+    "dihedral",
     "principal_axis",
     "setting_blocks",
     "soft_argmax",
@@ -207,6 +208,13 @@ UPRIGHT_VIEWS = (0, 2, 4, 6)
 """The views of an upright crop that keep the axis horizontal, as indices of the eight
 flips/turns (``k % 4`` quarter turns, then a mirror if ``k >= 4``): as is, half a turn, and
 both mirrored. A quarter turn would stand the valve upright and undo :func:`upright_crop`."""
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """View ``k`` of the eight flips/turns of ``(..., H, W)``: ``k % 4`` quarter turns, then a
+    mirror if ``k >= 4`` (a valve may lie at any angle and show either face)."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
 
 
 def _channels(body: nn.Module) -> int:
