@@ -324,11 +324,11 @@ def test_manifest_settings_are_on_each_models_scale(balanced) -> None:
         assert len({r["valve_setting"] for r in rows if r["label"] == label}) >= 5, label
 
 
-def _setting_image(label: str, index: int, mirror: bool) -> np.ndarray:
+def _setting_image(label: str, index: int, mirror: bool, length_px: float = 120.0) -> np.ndarray:
     """The valve at setting ``index``, flow to the right, seen from the front or (``mirror``)
     from the back, peak 1 (as the renderer scales it), on a 320² canvas."""
     drawing = draw_valve(label, setting_angle(label, index), 0.9)
-    matrix = valve_matrix(120.0, 0.0, 0.0, 0.0, mirror)
+    matrix = valve_matrix(length_px, 0.0, 0.0, 0.0, mirror)
     patch, x0, y0 = render_valve(drawing, matrix, (160.5, 160.5))
     canvas = np.zeros((320, 320), dtype=np.float32)
     canvas[y0 : y0 + patch.shape[0], x0 : x0 + patch.shape[1]] = patch
@@ -358,6 +358,25 @@ def test_every_setting_and_its_mirror_image_look_different(label: str) -> None:
         for k, image in enumerate(front):
             assert _look_different(mirrored, image), (f"mirrored {scale[j]}", scale[k])
     assert not _look_different(front[0], _setting_image(label, 0, mirror=False))
+
+
+@pytest.mark.parametrize("label", VALVE_CLASSES)
+def test_settings_and_faces_differ_visibly_at_the_size_valves_are_drawn(label: str) -> None:
+    """The test above at a valve length of 64 px (a small valve of the generator on the
+    reader's 768-px square), and by more than an edge: any two settings, and a setting seen
+    from the back against any seen from the front, differ by at least 5 pixels' worth of the
+    valve's peak. With the first drawings the Certas Plus's ball and right-hand marker and
+    the Sophy's orientation bar were 1-2 px there (1.6-3.2 pixels' worth), and the reader read
+    setting k + 4 or the mirror partner -k as often as k (docs/TRAINING.md, "The pressure
+    setting")."""
+    n = len(SETTING_SCALES[label])
+    front = [_setting_image(label, k, mirror=False, length_px=64.0) for k in range(n)]
+    back = [_setting_image(label, k, mirror=True, length_px=64.0) for k in range(n)]
+    for j in range(n):
+        for k in range(n):
+            if j != k:
+                assert np.abs(front[j] - front[k]).sum() >= 5.0, (label, j, k)
+            assert np.abs(back[j] - front[k]).sum() >= 5.0, (label, f"mirrored {j}", k)
 
 
 # ------------------------------------------------------------------------- hard enough
@@ -527,7 +546,7 @@ def _tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
-ONE_PROCESS_DIGEST = "d6667022fe4e0197a6c8925dad938c1f2fcfc0fd7dbf72e1ed757e4ac4a888d1"
+ONE_PROCESS_DIGEST = "f6b6adced70fef0d211f057c5bf540c9486c6bb574a5e1cbdacf493ccaf180e9"
 """The default mix, 8 images, seed 3: what one process writes."""
 
 
@@ -535,14 +554,16 @@ ONE_PROCESS_DIGEST = "d6667022fe4e0197a6c8925dad938c1f2fcfc0fd7dbf72e1ed757e4ac4
     ("mix", "expected"),
     [
         (None, ONE_PROCESS_DIGEST),
-        (BALANCED_CLASS_MIX, "2b531c5bcbd49fd0fae6fa4db15ae7d5663c243deb8a0a9f46b208b20fcd09ad"),
+        (BALANCED_CLASS_MIX, "82678ee86ed2e231196009519a121206523bbb4e6524954a487f308ac8904c2b"),
     ],
 )
 def test_four_class_output_unchanged_by_other_valves(tmp_path: Path, mix, expected) -> None:
     """The default and the balanced mix write what they wrote before "Other valve" existed
     (digests taken from that code, seed 3; whole files were byte-identical too). Retaken
     when the settings became discrete: the manifest gained ``valve_setting``, the rotors
-    turn in steps and the bodies gained their off-axis marks."""
+    turn in steps and the bodies gained their off-axis marks; and when the Certas Plus's ball
+    and right-hand marker and the Sophy's orientation bar grew to be seen at the sizes drawn
+    (:func:`test_settings_and_faces_differ_visibly_at_the_size_valves_are_drawn`)."""
     generate_dataset(tmp_path, 8, seed=3, class_mix=mix, size_range_px=TINY_SIZES_PX)
     assert _tree_digest(tmp_path) == expected
 
@@ -555,9 +576,7 @@ def test_worker_processes_write_the_same_bytes(tmp_path: Path) -> None:
         tmp_path, 8, seed=3, size_range_px=TINY_SIZES_PX, workers=2,
         progress=lambda done, total: seen.append((done, total)),
     )  # fmt: skip
-    assert (
-        _tree_digest(tmp_path) == "d6667022fe4e0197a6c8925dad938c1f2fcfc0fd7dbf72e1ed757e4ac4a888d1"
-    )
+    assert _tree_digest(tmp_path) == ONE_PROCESS_DIGEST
     assert seen == [(k, 8) for k in range(1, 9)]
 
 

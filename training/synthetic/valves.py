@@ -260,7 +260,7 @@ def _codman_certas_plus(setting: float, variant: float) -> ValveDrawing:
         _Part(_ring(*rc, 0.093, 0.013), _METAL * 0.8),  # rotor rim
         _Part(_circle(*rc, 0.016), _MARKER),  # hub
         _Part(_segment(-0.22, 0.0, -0.08, 0.0, 0.012), _METAL * 0.5),  # inflow channel
-        _Part(_box(-0.15, 0.075, 0.02, 0.008, 0.004), _MARKER),  # right-hand marker
+        _Part(_box(-0.15, 0.075, 0.035, 0.016, 0.006), _MARKER),  # right-hand marker
     ]
     for k in range(8):
         angle = k * math.pi / 4
@@ -275,7 +275,7 @@ def _codman_certas_plus(setting: float, variant: float) -> ValveDrawing:
         ox, oy = _polar(0.024 * side, normal)
         parts.append(_Part(_box(rc[0] + ox, rc[1] + oy, 0.068, 0.012, 0.004, setting), _METAL))
     parts += [
-        _Part(_circle(*_polar(0.076, setting, *rc), 0.01), _MARKER),  # the rotor's ball
+        _Part(_circle(*_polar(0.076, setting, *rc), 0.02), _MARKER),  # the rotor's ball
         _Part(_segment(0.255, -0.035, 0.29, 0.0, 0.007), _MARKER),
         _Part(_segment(0.255, 0.035, 0.29, 0.0, 0.007), _MARKER),
     ]
@@ -301,7 +301,7 @@ def _sophysa_sophy_sm8(setting: float, variant: float) -> ValveDrawing:
         _Part(_circle(*pointer, 0.017), _MARKER),
         _Part(_circle(*rc, 0.018), _MARKER),  # pivot
         _Part(_ring(-0.2, 0.0, 0.03, 0.011), _METAL * 0.9),  # ball seat
-        _Part(_box(0.22, 0.09, 0.022, 0.008, 0.004), _MARKER),  # orientation bar
+        _Part(_box(0.22, 0.09, 0.035, 0.016, 0.006), _MARKER),  # orientation bar
     ]
     return ValveDrawing(parts + _connectors(-0.33, 0.33), (-0.5, 0.5, -0.245, 0.245), 0.5)
 
