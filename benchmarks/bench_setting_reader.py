@@ -11,12 +11,22 @@ three ways, and scores each on X-rays of another seed:
   in all eight flips/turns during training;
 * ``upright``: :func:`training.shared.locate_classify.upright_crop`, the valve's long axis
   estimated from the crop (what versions read now), seen in the four views that keep it;
+* ``upright directed``: the same crop also turned so that the end its bright structure is
+  skewed to lies right (``upright_crop(directed=True)``), seen in the two views that keep
+  that end (:data:`~training.shared.locate_classify.DIRECTED_VIEWS`): only the face seen is
+  left to the reader;
 * ``true axis``: turned by the generator's own valve angle (the axis a better estimate, or
   an annotated one, would give), also in those four views; the valve's direction along the
   axis and the face seen are still left to the reader;
 * ``upright pooled``: the upright crop read by :func:`view_pooled`, its features maxed
   over the four views, so it is invariant to which end and face it sees by construction
   (measured: no better than the plain reader given the same compute, so versions do not).
+
+Per mode and valve model it reports the exact and within-one-step shares, and (in the JSON)
+``mirror_reading``: the share read as the setting's mirror partner (-k of n, what the valve
+seen from its other face would show), the error a reader makes when it cannot tell the face.
+``--seeds`` repeats everything with other training X-rays and initial heads; the table gives
+the mean and spread.
 
 Each X-ray is squished to a square of ``prepared_px`` (the product also crops the
 collimation first; the synthetic valve stays the same size either way) and cropped to
@@ -38,7 +48,7 @@ import numpy as np
 from benchmarks.harness import Table, add_common_arguments, emit
 from training.fitting.config import RecipeConfig
 
-READER_MODES = ("unturned", "upright", "true axis", "upright pooled")
+READER_MODES = ("unturned", "upright", "upright directed", "true axis", "upright pooled")
 
 
 _CPU = RecipeConfig.from_profile("cpu")
@@ -63,8 +73,17 @@ class ReaderOptions:
     batch_size: int = _CPU.batch_size
     lr_max: float = _CPU.reader_lr_max
     size_range_px: tuple[int, int] = (600, 1200)
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
+    """Each seed draws its own training X-rays (test X-rays: seed + 1) and initialises the
+    head anew; the table gives the mean (and spread) over them."""
     modes: tuple[str, ...] = READER_MODES
+
+    def __post_init__(self) -> None:
+        if any(seed + 1 in self.seeds for seed in self.seeds):
+            raise ValueError(
+                f"seeds {self.seeds}: one seed's test X-rays (seed + 1) would be another's "
+                "training X-rays; space the seeds at least 2 apart (e.g. 0 10 20)"
+            )
 
 
 QUICK = ReaderOptions(
@@ -116,6 +135,8 @@ def _crops(options: ReaderOptions, data: dict[str, Any], mode: str) -> Any:
         return crop_around(*args)
     if mode in ("upright", "upright pooled"):
         return upright_crop(*args)
+    if mode == "upright directed":
+        return upright_crop(*args, directed=True)
     return crop_around(*args, data["angles"])
 
 
@@ -151,6 +172,7 @@ def _train_and_score(
     test: Any,
     y_test: Any,
     views: tuple,
+    seed: int,
     pooled: bool = False,
 ) -> tuple[np.ndarray, float]:
     """A fresh ImageNet reader trained on ``train`` crops; its readings of ``test``. A
@@ -162,7 +184,7 @@ def _train_and_score(
     from training.shared.locate_classify import dihedral
     from training.shared.model import build_model, get_arch
 
-    torch.manual_seed(options.seed)
+    torch.manual_seed(seed)
     n_settings = int(max(y_train.max(), y_test.max())) + 1
     reader, _ = build_model(n_settings, pretrained=True, arch="efficientnet_lite0")
     net = view_pooled(reader, views) if pooled else reader
@@ -181,7 +203,7 @@ def _train_and_score(
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, options.lr_max, total_steps=steps, pct_start=0.25
     )
-    generator = torch.Generator().manual_seed(options.seed)
+    generator = torch.Generator().manual_seed(seed)
     loss = torch.zeros(())
     for _epoch in range(options.epochs):
         order = torch.randperm(len(train), generator=generator)
@@ -205,45 +227,65 @@ def _train_and_score(
     return read, float(loss.item())
 
 
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean exact and within-one-step shares over the seeds' runs, their spread, and the runs."""
+    exact = [r["exact"] for r in runs]
+    return {
+        "exact": float(np.mean(exact)),
+        "exact_sd": float(np.std(exact, ddof=1)) if len(runs) > 1 else None,
+        "within_one": float(np.mean([r["within_one"] for r in runs])),
+        "runs": runs,
+    }
+
+
+def _cell(summary: dict[str, Any]) -> str:
+    spread = "" if summary["exact_sd"] is None else f" ± {summary['exact_sd']:.2f}"
+    return f"{summary['exact']:.2f}{spread} / {summary['within_one']:.2f}"
+
+
 def run(options: ReaderOptions) -> tuple[list[Table], dict[str, Any]]:
-    from training.shared.locate_classify import UPRIGHT_VIEWS
+    from training.shared.locate_classify import DIRECTED_VIEWS, UPRIGHT_VIEWS
     from training.synthetic.valves import SETTING_SCALES
+
+    views_of = {"unturned": tuple(range(8)), "upright directed": DIRECTED_VIEWS}
 
     results: dict[str, Any] = {"options": asdict(options), "models": {}}
     table = Table(
         f"Setting reader alone (true centres): {options.n_train} training and "
-        f"{options.n_test} test X-rays per valve model, {options.epochs} epochs",
+        f"{options.n_test} test X-rays per valve model, {options.epochs} epochs, "
+        f"{len(options.seeds)} seed(s)",
         ["valve model", "settings", "chance", *(f"{m}: exact / ±1" for m in options.modes)],
     )
     for label in options.models:
         n = len(SETTING_SCALES[label])
-        train = _draw(options, label, options.n_train, options.seed)
-        test = _draw(options, label, options.n_test, options.seed + 1)
-        found: dict[str, Any] = {}
-        for mode in options.modes:
-            views = tuple(range(8)) if mode == "unturned" else UPRIGHT_VIEWS
-            read, last_loss = _train_and_score(
-                options,
-                _crops(options, train, mode),
-                train["settings"],
-                _crops(options, test, mode),
-                test["settings"],
-                views,
-                pooled=mode == "upright pooled",
-            )
+        found: dict[str, Any] = {mode: [] for mode in options.modes}
+        for seed in options.seeds:
+            train = _draw(options, label, options.n_train, seed)
+            test = _draw(options, label, options.n_test, seed + 1)
             truth = test["settings"].numpy()
-            found[mode] = {
-                "exact": float(np.mean(read == truth)),
-                "within_one": float(np.mean(np.abs(read - truth) <= 1)),
-                "last_train_loss": last_loss,
-            }
-        results["models"][label] = {"settings": n, **found}
-        table.add_row(
-            label,
-            n,
-            f"{1 / n:.2f}",
-            *(f"{found[m]['exact']:.2f} / {found[m]['within_one']:.2f}" for m in options.modes),
-        )
+            for mode in options.modes:
+                read, last_loss = _train_and_score(
+                    options,
+                    _crops(options, train, mode),
+                    train["settings"],
+                    _crops(options, test, mode),
+                    test["settings"],
+                    views_of.get(mode, UPRIGHT_VIEWS),
+                    seed,
+                    pooled=mode == "upright pooled",
+                )
+                found[mode].append(
+                    {
+                        "seed": seed,
+                        "exact": float(np.mean(read == truth)),
+                        "within_one": float(np.mean(np.abs(read - truth) <= 1)),
+                        "mirror_reading": float(np.mean((read != truth) & (read == -truth % n))),
+                        "last_train_loss": last_loss,
+                    }
+                )
+        summary = {mode: _summary(runs) for mode, runs in found.items()}
+        results["models"][label] = {"settings": n, **summary}
+        table.add_row(label, n, f"{1 / n:.2f}", *(_cell(summary[m]) for m in options.modes))
     table.notes.append(
         "Synthetic X-rays of the demo generator; each model's reader trained and tested on its "
         "own X-rays (other seed for the test). 'upright' is what versions read now; 'true "
@@ -261,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-test", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--lr-max", type=float, default=None, help="one-cycle peak rate")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="one run per seed")
     parser.add_argument(
         "--modes", nargs="+", choices=READER_MODES, default=None, help="crops to compare"
     )
@@ -279,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         options = replace(options, lr_max=args.lr_max)
     if args.modes:
         options = replace(options, modes=tuple(args.modes))
+    if args.seeds:
+        options = replace(options, seeds=tuple(args.seeds))
     tables, results = run(options)
     emit(tables, args.markdown)
     out = args.json or (args.markdown.with_suffix(".reader.json") if args.markdown else None)

@@ -139,3 +139,13 @@ def test_the_view_pooled_reader_reads_every_upright_view_alike() -> None:
     assert {n for n, _ in pooled.named_parameters()} == {
         f"reader.{n}" for n, _ in reader.named_parameters()
     }
+
+
+def test_the_setting_reader_refuses_seeds_whose_test_x_rays_another_trains_on() -> None:
+    """A seed's test X-rays are drawn with seed + 1: seeds 0 and 1 would test one reader on
+    the other's training X-rays, and the mean over seeds would flatter both."""
+    from benchmarks.bench_setting_reader import ReaderOptions
+
+    with pytest.raises(ValueError, match="at least 2 apart"):
+        ReaderOptions(seeds=(0, 1))
+    assert ReaderOptions(seeds=(0, 10, 20)).seeds == (0, 10, 20)

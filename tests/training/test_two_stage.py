@@ -15,6 +15,8 @@ from toy_images import ring_or_cross, toy_recipe
 
 from training.fitting.two_stage import train_two_stage_fold
 from training.shared.locate_classify import (
+    DIRECTED_VIEWS,
+    UPRIGHT_VIEWS,
     LocateClassifyNet,
     TwoStageParams,
     crop_around,
@@ -163,9 +165,11 @@ def test_reader_epochs_zero_reads_no_setting() -> None:
 
 
 def test_a_version_reads_upright_crops_as_its_recipe_says() -> None:
-    """The recipe's ``reader_upright`` reaches the trained network (its checkpoint's design)."""
+    """The recipe's ``reader_upright`` and ``reader_directed`` reach the trained network (its
+    checkpoint's design), and with them the views its reader trains in."""
     images, labels, centres = ring_or_cross(12, seed=3)
-    for upright in (True, False):
+    views = {(True, True): DIRECTED_VIEWS, (True, False): UPRIGHT_VIEWS}
+    for upright, directed in ((True, True), (True, False), (False, False)):
         result = train_two_stage_fold(
             images,
             labels,
@@ -179,13 +183,16 @@ def test_a_version_reads_upright_crops_as_its_recipe_says() -> None:
                 locator_epochs=2,
                 reader_epochs=1,
                 reader_upright=upright,
+                reader_directed=directed,
             ),
             device=torch.device("cpu"),
             settings=np.where(labels == 0, 0, -1),
             setting_layout=(("ring", ("lo", "hi")),),
             classes=["ring", "cross"],
         )
-        assert result.model.params.reader_upright is upright
+        params = result.model.params
+        assert (params.reader_upright, params.reader_directed) == (upright, directed)
+        assert params.reader_views() == views.get((upright, directed), tuple(range(8)))
 
 
 def test_a_setting_reader_survives_the_checkpoint(tmp_path: Path) -> None:

@@ -19,7 +19,6 @@ from torch import nn
 
 from training.shared.inference import autocast_for
 from training.shared.locate_classify import (
-    UPRIGHT_VIEWS,
     LocateClassifyNet,
     SettingLayout,
     TwoStageParams,
@@ -27,7 +26,6 @@ from training.shared.locate_classify import (
     dihedral,
     setting_blocks,
     soft_argmax,
-    upright_crop,
 )
 from training.shared.model import InitInfo, build_model
 
@@ -203,6 +201,7 @@ def train_two_stage_fold(
         reader_fraction=config.reader_fraction,
         reader_px=config.reader_px,
         reader_upright=config.reader_upright,
+        reader_directed=config.reader_directed,
     )
     classifier, init = build_model(num_classes, pretrained=config.pretrained, arch=config.arch)
     locator_base, _ = build_model(1, pretrained=config.pretrained, arch=config.arch)
@@ -316,15 +315,14 @@ def train_two_stage_fold(
             blocked = out.masked_fill(~allowed[y_all[pick].to(device)], float("-inf"))
             return F.cross_entropy(blocked, targets[pick].to(device))
 
-        cut = upright_crop if params.reader_upright else crop_around
         crops.fit(
             reader.to(memory_format=torch.channels_last).train(),
             readable,
             read_loss,
-            lambda images, at: cut(images, at, params.reader_fraction, params.reader_px),
+            params.reader_crop,
             config.reader_epochs if len(readable) >= 2 else 0,
             lambda _epoch, loss: losses.append(loss),
-            UPRIGHT_VIEWS if params.reader_upright else tuple(range(8)),
+            params.reader_views(),
             config.reader_lr_max,
         )
         history.append(

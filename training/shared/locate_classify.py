@@ -35,6 +35,7 @@ Its recipe for one fold is :func:`training.fitting.two_stage.train_two_stage_fol
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -46,6 +47,7 @@ from training.shared.model import ValveNet, get_arch
 
 __all__ = [
     "DESIGN",
+    "DIRECTED_VIEWS",
     "CropAnswer",
     "LocateClassifyNet",
     "SettingLayout",
@@ -107,6 +109,10 @@ class TwoStageParams:
     reader_upright: bool = False
     """Turn the reader's crop so the valve's long axis lies horizontal (:func:`upright_crop`).
     False in checkpoints from before it existed, which were trained on unturned crops."""
+    reader_directed: bool = False
+    """With ``reader_upright``: also turn the end the valve's bright structure is skewed to
+    to the right (``upright_crop(directed=True)``). False in checkpoints from before it
+    existed."""
 
     def __post_init__(self) -> None:
         # A checkpoint stores the layout as lists; keep it hashable and comparable.
@@ -115,6 +121,22 @@ class TwoStageParams:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def reader_views(self) -> tuple[int, ...]:
+        """The flips/turns (:func:`dihedral`) the reader's crop may show a valve in, which it
+        trains on: all eight unturned, those that keep the axis horizontal upright, those
+        that also keep the end directed."""
+        if not self.reader_upright:
+            return tuple(range(8))
+        return DIRECTED_VIEWS if self.reader_directed else UPRIGHT_VIEWS
+
+    def reader_crop(self, images: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        """The setting reader's window of ``images`` around ``centres``, turned as this
+        version was trained (:func:`upright_crop` or :func:`crop_around`)."""
+        at = (images, centres, self.reader_fraction, self.reader_px)
+        if not self.reader_upright:
+            return crop_around(*at)
+        return upright_crop(*at, directed=self.reader_directed)
 
 
 class CropAnswer(NamedTuple):
@@ -168,13 +190,22 @@ def crop_around(
     return out[:, 0] if squeeze else out
 
 
-def principal_axis(crops: torch.Tensor, quantile: float = AXIS_QUANTILE) -> torch.Tensor:
+def principal_axis(
+    crops: torch.Tensor, quantile: float = AXIS_QUANTILE, directed: bool = False
+) -> torch.Tensor:
     """``(B, H, W)`` or ``(B, C, H, W)`` crops centred on a valve → ``(B,)`` the angle (rad,
     x right, y down, modulo π) of the long axis of their bright structure: the second moments
     of the brightness above the crop's ``quantile``, inside the inscribed disc (so turning
     the crop turns the answer). Any positive gain and offset of the pixels gives the same
-    angle, so raw and normalised crops agree. Which end is the inflow, and which face of the
-    valve is seen, it cannot tell: the reader learns that (:func:`upright_crop`)."""
+    angle, so raw and normalised crops agree.
+
+    ``directed``: modulo 2π instead, pointing along the axis to the side the bright structure
+    is skewed to (its third moment along the axis is positive). A valve's two ends differ
+    (connectors, housing, the rotor off centre), so this names an end of the valve: measured
+    at the true centres of 60 synthetic X-rays per model whose axis it found, the same end
+    of the valve on 97 % (Hakim), 96 % (Certas Plus), 82 % (Sophy SM8) and 67 % (proGAV 2.0).
+    Which face is seen it cannot tell (the third moment across the axis named it on only
+    50-78 %): the reader learns that (:func:`upright_crop`)."""
     x = crops.float().mean(1) if crops.dim() == 4 else crops.float()
     n, h, w = x.shape
     ys = torch.arange(h, dtype=torch.float32, device=x.device) - (h - 1) / 2
@@ -189,18 +220,29 @@ def principal_axis(crops: torch.Tensor, quantile: float = AXIS_QUANTILE) -> torc
     cxx = (weight * dx.square()).sum((1, 2)) / total
     cyy = (weight * dy.square()).sum((1, 2)) / total
     cxy = (weight * dx * dy).sum((1, 2)) / total
-    return 0.5 * torch.atan2(2 * cxy, cxx - cyy)
+    axis = 0.5 * torch.atan2(2 * cxy, cxx - cyy)
+    if not directed:
+        return axis
+    along = dx * axis.cos().view(n, 1, 1) + dy * axis.sin().view(n, 1, 1)
+    skew = (weight * along.pow(3)).sum((1, 2))
+    return torch.where(skew < 0, axis + math.pi, axis)
 
 
 def upright_crop(
-    images: torch.Tensor, centres: torch.Tensor, fraction: float, size_px: int
+    images: torch.Tensor,
+    centres: torch.Tensor,
+    fraction: float,
+    size_px: int,
+    directed: bool = False,
 ) -> torch.Tensor:
     """:func:`crop_around`, turned so the valve's long axis (:func:`principal_axis` of the
     unturned window) lies horizontal: the crop the setting reader sees. Resampled once more
     from the image, not from the first crop, so its corners hold image, not padding. Left
     open: which end points where and which face shows (the axis is known modulo π), so the
-    reader trains with exactly those four views (:data:`UPRIGHT_VIEWS`)."""
-    angles = principal_axis(crop_around(images, centres, fraction, size_px))
+    reader trains with exactly those four views (:data:`UPRIGHT_VIEWS`). ``directed`` also
+    turns the skewed end to the right (``principal_axis(directed=True)``), which leaves only
+    the face open (:data:`DIRECTED_VIEWS`)."""
+    angles = principal_axis(crop_around(images, centres, fraction, size_px), directed=directed)
     return crop_around(images, centres, fraction, size_px, angles)
 
 
@@ -208,6 +250,9 @@ UPRIGHT_VIEWS = (0, 2, 4, 6)
 """The views of an upright crop that keep the axis horizontal, as indices of the eight
 flips/turns (``k % 4`` quarter turns, then a mirror if ``k >= 4``): as is, half a turn, and
 both mirrored. A quarter turn would stand the valve upright and undo :func:`upright_crop`."""
+DIRECTED_VIEWS = (0, 6)
+"""The views of a directed upright crop that keep its end where it is: as is, and mirrored
+across the axis (the valve's other face). Half a turn would undo the direction."""
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -272,8 +317,7 @@ class LocateClassifyNet(nn.Module):
         return CropAnswer(centres, features, head[-1](features), reading)
 
     def reader_crop(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-        cut = upright_crop if self.params.reader_upright else crop_around
-        crops = cut(x, centres, self.params.reader_fraction, self.params.reader_px)
+        crops = self.params.reader_crop(x, centres)
         return crops.to(x.dtype).contiguous(memory_format=torch.channels_last)
 
     @property
