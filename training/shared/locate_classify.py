@@ -203,7 +203,7 @@ def principal_axis(
     is skewed to (its third moment along the axis is positive). A valve's two ends differ
     (connectors, housing, the rotor off centre), so this names an end of the valve: measured
     at the true centres of 60 synthetic X-rays per model whose axis it found, the same end
-    of the valve on 97 % (Hakim), 96 % (Certas Plus), 82 % (Sophy SM8) and 67 % (proGAV 2.0).
+    of the valve on 97 % (Hakim), 95 % (Certas Plus), 78 % (Sophy SM8) and 67 % (proGAV 2.0).
     Which face is seen it cannot tell (the third moment across the axis named it on only
     50-78 %): the reader learns that (:func:`upright_crop`)."""
     x = crops.float().mean(1) if crops.dim() == 4 else crops.float()
