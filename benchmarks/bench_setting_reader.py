@@ -127,17 +127,39 @@ def _draw(options: ReaderOptions, label: str, n: int, seed: int) -> dict[str, An
     }
 
 
-def _crops(options: ReaderOptions, data: dict[str, Any], mode: str) -> Any:
-    from training.shared.locate_classify import crop_around, upright_crop
+def _product_params(options: ReaderOptions, mode: str) -> Any:
+    """The checkpoint geometry whose reader crop ``mode`` is, or None for ``true axis`` (a
+    turn no version can make: it needs the generator's angle)."""
+    from training.shared.locate_classify import TwoStageParams
 
+    turns = {
+        "unturned": (False, False),
+        "upright": (True, False),
+        "upright pooled": (True, False),
+        "upright directed": (True, True),
+    }
+    if mode not in turns:
+        return None
+    upright, directed = turns[mode]
+    return TwoStageParams(
+        reader_fraction=options.reader_fraction,
+        reader_px=options.reader_px,
+        reader_upright=upright,
+        reader_directed=directed,
+    )
+
+
+def _crops_and_views(options: ReaderOptions, data: dict[str, Any], mode: str) -> tuple:
+    """The reader's crops of ``data`` in ``mode`` and the views it trains in: the product's
+    own (:meth:`TwoStageParams.reader_crop`, :meth:`~TwoStageParams.reader_views`) except
+    for ``true axis``."""
+    from training.shared.locate_classify import UPRIGHT_VIEWS, crop_around
+
+    params = _product_params(options, mode)
+    if params is not None:
+        return params.reader_crop(data["images"], data["centres"]), params.reader_views()
     args = (data["images"], data["centres"], options.reader_fraction, options.reader_px)
-    if mode == "unturned":
-        return crop_around(*args)
-    if mode in ("upright", "upright pooled"):
-        return upright_crop(*args)
-    if mode == "upright directed":
-        return upright_crop(*args, directed=True)
-    return crop_around(*args, data["angles"])
+    return crop_around(*args, data["angles"]), UPRIGHT_VIEWS
 
 
 def view_pooled(reader: Any, views: tuple[int, ...]) -> Any:
@@ -244,10 +266,7 @@ def _cell(summary: dict[str, Any]) -> str:
 
 
 def run(options: ReaderOptions) -> tuple[list[Table], dict[str, Any]]:
-    from training.shared.locate_classify import DIRECTED_VIEWS, UPRIGHT_VIEWS
     from training.synthetic.valves import SETTING_SCALES
-
-    views_of = {"unturned": tuple(range(8)), "upright directed": DIRECTED_VIEWS}
 
     results: dict[str, Any] = {"options": asdict(options), "models": {}}
     table = Table(
@@ -264,13 +283,15 @@ def run(options: ReaderOptions) -> tuple[list[Table], dict[str, Any]]:
             test = _draw(options, label, options.n_test, seed + 1)
             truth = test["settings"].numpy()
             for mode in options.modes:
+                train_crops, views = _crops_and_views(options, train, mode)
+                test_crops, _ = _crops_and_views(options, test, mode)
                 read, last_loss = _train_and_score(
                     options,
-                    _crops(options, train, mode),
+                    train_crops,
                     train["settings"],
-                    _crops(options, test, mode),
+                    test_crops,
                     test["settings"],
-                    views_of.get(mode, UPRIGHT_VIEWS),
+                    views,
                     seed,
                     pooled=mode == "upright pooled",
                 )
