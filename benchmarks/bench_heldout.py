@@ -11,7 +11,10 @@ scores it on X-rays it never saw, drawn by the same generator with other seeds:
   the version never saw), and the share of each that is flagged;
 * pressure setting, per valve model: exact and within-one-step accuracy of the setting the
   version reads under the true model, a confusion matrix, and how often the whole reading
-  (model and setting) is right.
+  (model and setting) is right;
+* with ``--compare-test-views 1 4 8``: the same version served averaging each crop over 1, 4
+  or 8 flips/turns (test-time augmentation), side by side: accuracy, macro-F1, and the time
+  to predict the test set relative to the first.
 
 A quality measurement, not a speed one: it prints what the served product would tell an
 annotator on data the run did not train on. Synthetic X-rays only; nothing here says how a
@@ -26,6 +29,7 @@ import csv
 import json
 import math
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +51,7 @@ class HeldoutOptions:
     size_range_px: tuple[int, int] = (600, 1200)
     seed: int = 0
     overrides: tuple[tuple[str, Any], ...] = ()
+    compare_test_views: tuple[int, ...] = ()
 
 
 QUICK = HeldoutOptions(
@@ -110,13 +115,19 @@ def _train(options: HeldoutOptions, work: Path) -> Any:
     return registry
 
 
-def _predict(registry: Any, data: Path) -> list[tuple[dict[str, str], Any]]:
+def _predict(
+    registry: Any, data: Path, test_views: int | None = None
+) -> list[tuple[dict[str, str], Any]]:
     from backend.service.predictor import Predictor
 
     rows = _read_manifest(data)
     # Every setting the version reads, proposed or not: this measures the reader.
     with Predictor(
-        registry.root, device="cpu", refresh_interval_s=0.0, gate_settings=False
+        registry.root,
+        device="cpu",
+        refresh_interval_s=0.0,
+        gate_settings=False,
+        test_views=test_views,
     ) as predictor:
         answers = predictor.predict([(data / row["file"]).read_bytes() for row in rows])
     return list(zip(rows, answers, strict=True))
@@ -201,7 +212,58 @@ def run(options: HeldoutOptions, work: Path) -> tuple[list[Table], dict[str, Any
         "read under the true valve model; 'whole reading right' needs the proposed model and "
         "its setting both right. Settings were validated on synthetic images only."
     )
-    return [table], result
+    tables = [table]
+    if options.compare_test_views:
+        views_table, result["test_views"] = _compare_test_views(
+            registry, test, options.compare_test_views
+        )
+        tables.append(views_table)
+    return tables, result
+
+
+def _compare_test_views(
+    registry: Any, test: Path, counts: tuple[int, ...]
+) -> tuple[Table, dict[str, Any]]:
+    """The same version served with each count of averaged views, one after the other."""
+    from sklearn.metrics import f1_score
+
+    from backend.service.prediction import Prediction
+    from training.synthetic import VALVE_CLASSES
+
+    found: dict[str, Any] = {}
+    for count in counts:
+        start = time.perf_counter()
+        answers = _predict(registry, test, test_views=count)
+        seconds = time.perf_counter() - start
+        known = [(row, a) for row, a in answers if isinstance(a, Prediction)]
+        truth = [row["label"] for row, _ in known]
+        guess = [a.label for _, a in known]
+        found[str(count)] = {
+            "n": len(known),
+            "errors": sum(t != g for t, g in zip(truth, guess, strict=True)),
+            "accuracy": float(np.mean([t == g for t, g in zip(truth, guess, strict=True)])),
+            "f1_macro": float(f1_score(truth, guess, labels=list(VALVE_CLASSES), average="macro")),
+            "seconds": seconds,
+        }
+    base = found[str(counts[0])]["seconds"]
+    table = Table(
+        "The same version, each crop averaged over 1-8 flips/turns at inference",
+        ["views", "accuracy", "macro-F1", "errors", f"time to predict (× {counts[0]} view(s))"],
+    )
+    for count, row in found.items():
+        table.add_row(
+            count,
+            f"{row['accuracy']:.3f}",
+            f"{row['f1_macro']:.3f}",
+            f"{row['errors']} of {row['n']}",
+            f"{row['seconds'] / base:.2f}",
+        )
+    table.notes.append(
+        "Views (training.shared.locate_classify.averaged_views): 1 = the crop as is, 2 = also "
+        "mirrored across the valve's axis, 4 = also half-turned, 8 = every flip and quarter "
+        "turn. The predictor is rebuilt for each and run one after the other on this machine."
+    )
+    return table, found
 
 
 def _setting_results(known: list[tuple[dict[str, str], Any]]) -> dict[str, dict[str, Any]]:
@@ -239,6 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-folds", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--compare-test-views",
+        type=int,
+        nargs="+",
+        default=(),
+        metavar="N",
+        help="also serve the version averaging each crop over N views (1, 2, 4, 8) and compare",
+    )
     args = parser.parse_args(argv)
     options = QUICK if args.quick else HeldoutOptions()
     if args.n_train:
@@ -249,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         options = replace(options, n_folds=args.n_folds)
     if args.seed is not None:
         options = replace(options, seed=args.seed)
+    if args.compare_test_views:
+        options = replace(options, compare_test_views=tuple(args.compare_test_views))
     with tempfile.TemporaryDirectory(prefix="valve-id-heldout-") as tmp:
         tables, result = run(options, Path(tmp))
     emit(tables, args.markdown)

@@ -51,7 +51,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,12 @@ from backend.service.ranking import (
 from training.shared.dicom import load_image
 from training.shared.errors import ModelLoadError, ValveIdError
 from training.shared.inference import autocast_dtype, autocast_for, iter_batches, to_network_input
-from training.shared.locate_classify import LocateClassifyNet, SettingLayout, setting_blocks
+from training.shared.locate_classify import (
+    LocateClassifyNet,
+    SettingLayout,
+    averaged_views,
+    setting_blocks,
+)
 from training.shared.model import load_fold_models
 from training.shared.novelty import NOVELTY_FILE, Novelty, features_and_logits
 from training.shared.preprocess import (
@@ -199,6 +204,9 @@ class Predictor:
     extra; a whole-image version's Grad-CAM peak costs one backward pass of one fold network.
     ``gate_settings`` (default on) answers only the settings the version read well out of fold
     (:mod:`training.shared.setting_gate`); off, every scale it reads (for measuring them).
+    ``test_views`` (1, 2, 4 or 8) overrides the views a locate-then-classify version averages
+    each crop over (:func:`training.shared.locate_classify.averaged_views`); None: as it was
+    trained. For comparing them on one version (``benchmarks/bench_heldout.py``).
     """
 
     def __init__(
@@ -214,6 +222,7 @@ class Predictor:
         refresh_interval_s: float = REFRESH_INTERVAL_S,
         locate: bool = True,
         gate_settings: bool = True,
+        test_views: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -230,6 +239,7 @@ class Predictor:
         self._refresh_interval_s = refresh_interval_s
         self._locate = locate
         self._gate_settings = gate_settings
+        self._test_views = None if test_views is None else averaged_views(test_views)
         self._cache = _LRUCache(cache_size)
         self._workers = os.cpu_count() or 1
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="valve-id-decode")
@@ -356,6 +366,7 @@ class Predictor:
                 compile=self._compile,
                 warmup_batch=self._batch_size,
                 gate_settings=self._gate_settings,
+                test_views=self._test_views,
             )
         except Exception as exc:  # any failure to load means "keep the old one", never crash
             self._failed_version = version_id
@@ -508,6 +519,7 @@ def _load_served(
     compile: bool,
     warmup_batch: int,
     gate_settings: bool = True,
+    test_views: tuple[int, ...] | None = None,
 ) -> _Served:
     """Build the complete state for ``version_id``; :class:`ModelLoadError` if it is unusable."""
     path = registry.version_path(version_id)
@@ -517,6 +529,10 @@ def _load_served(
     except ModelLoadError:
         metrics = {}  # picks the acquisition and the settings to propose; defaults are safe
     models = load_fold_models(path / "weights", map_location=device)
+    if test_views is not None:
+        for model in models:
+            if isinstance(model, LocateClassifyNet):
+                model.params = replace(model.params, test_views=test_views)
     if config.folds is not None and len(config.folds) != len(models):
         raise ModelLoadError(
             f"{CONFIG_FILE} lists {len(config.folds)} folds, {len(models)} checkpoints found",

@@ -13,12 +13,14 @@ import pytest
 import torch
 from toy_images import ring_or_cross, toy_recipe
 
+from training.fitting.config import RecipeConfig
 from training.fitting.two_stage import train_two_stage_fold
 from training.shared.locate_classify import (
     DIRECTED_VIEWS,
     UPRIGHT_VIEWS,
     LocateClassifyNet,
     TwoStageParams,
+    averaged_views,
     crop_around,
     soft_argmax,
 )
@@ -165,8 +167,8 @@ def test_reader_epochs_zero_reads_no_setting() -> None:
 
 
 def test_a_version_reads_upright_crops_as_its_recipe_says() -> None:
-    """The recipe's ``reader_upright`` and ``reader_directed`` reach the trained network (its
-    checkpoint's design), and with them the views its reader trains in."""
+    """The recipe's ``reader_upright``, ``reader_directed`` and ``test_views`` reach the trained
+    network (its checkpoint's design), and with them the views its reader trains in."""
     images, labels, centres = ring_or_cross(12, seed=3)
     views = {(True, True): DIRECTED_VIEWS, (True, False): UPRIGHT_VIEWS}
     for upright, directed in ((True, True), (True, False), (False, False)):
@@ -192,6 +194,7 @@ def test_a_version_reads_upright_crops_as_its_recipe_says() -> None:
         )
         params = result.model.params
         assert (params.reader_upright, params.reader_directed) == (upright, directed)
+        assert params.test_views == averaged_views(RecipeConfig.test_views)
         assert params.reader_views() == views.get((upright, directed), tuple(range(8)))
 
 

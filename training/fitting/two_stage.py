@@ -22,6 +22,7 @@ from training.shared.locate_classify import (
     LocateClassifyNet,
     SettingLayout,
     TwoStageParams,
+    averaged_views,
     crop_around,
     dihedral,
     setting_blocks,
@@ -202,6 +203,7 @@ def train_two_stage_fold(
         reader_px=config.reader_px,
         reader_upright=config.reader_upright,
         reader_directed=config.reader_directed,
+        test_views=averaged_views(config.test_views),
     )
     classifier, init = build_model(num_classes, pretrained=config.pretrained, arch=config.arch)
     locator_base, _ = build_model(1, pretrained=config.pretrained, arch=config.arch)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -58,6 +59,8 @@ __all__ = [
     "principal_axis",
     "setting_blocks",
     "soft_argmax",
+    "TEST_VIEW_ORDER",
+    "averaged_views",
     "upright_crop",
 ]
 
@@ -113,11 +116,20 @@ class TwoStageParams:
     """With ``reader_upright``: also turn the end the valve's bright structure is skewed to
     to the right (``upright_crop(directed=True)``). False in checkpoints from before it
     existed."""
+    test_views: tuple[int, ...] = (0,)
+    """The flips/turns (:func:`dihedral`) each crop is seen in at inference, the answers
+    averaged (test-time augmentation; :func:`averaged_views`). The classifier trained on all
+    eight; the reader uses those of its own :meth:`reader_views`. ``(0,)`` (none) in
+    checkpoints from before it existed."""
 
     def __post_init__(self) -> None:
         # A checkpoint stores the layout as lists; keep it hashable and comparable.
         layout = tuple((str(v), tuple(str(x) for x in values)) for v, values in self.settings)
         object.__setattr__(self, "settings", layout)
+        views = tuple(int(k) for k in self.test_views)
+        if not views or views[0] != 0 or not set(views) <= set(range(8)):
+            raise ValueError(f"test_views must start with 0 and lie in 0-7, got {views}")
+        object.__setattr__(self, "test_views", views)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,6 +141,10 @@ class TwoStageParams:
         if not self.reader_upright:
             return tuple(range(8))
         return DIRECTED_VIEWS if self.reader_directed else UPRIGHT_VIEWS
+
+    def reader_test_views(self) -> tuple[int, ...]:
+        """The :attr:`test_views` the reader trained on (always the crop as is)."""
+        return tuple(k for k in self.test_views if k in self.reader_views())
 
     def reader_crop(self, images: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
         """The setting reader's window of ``images`` around ``centres``, turned as this
@@ -262,6 +278,30 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.flip(-1) if k >= 4 else x
 
 
+TEST_VIEW_ORDER = (0, 6, 2, 4, 1, 3, 5, 7)
+"""The order :func:`averaged_views` takes views in: the first two are :data:`DIRECTED_VIEWS`,
+the first four :data:`UPRIGHT_VIEWS`, so an upright reader can use as many as the classifier."""
+
+
+def averaged_views(count: int) -> tuple[int, ...]:
+    """The first ``count`` (1, 2, 4 or 8) views of :data:`TEST_VIEW_ORDER`."""
+    if count not in (1, 2, 4, 8):
+        raise ValueError(f"test-time views must be 1, 2, 4 or 8, got {count}")
+    return TEST_VIEW_ORDER[:count]
+
+
+def _mean_over_views(
+    net: Callable[[torch.Tensor], torch.Tensor], crops: torch.Tensor, views: tuple[int, ...]
+) -> torch.Tensor:
+    """``net``'s output ``(B, ...)`` averaged over ``crops`` seen in each of ``views``, one
+    pass over all of them."""
+    if views == (0,):
+        return net(crops)
+    stacked = torch.cat([dihedral(crops, k) for k in views])
+    out = net(stacked.contiguous(memory_format=torch.channels_last))
+    return out.view(len(views), len(crops), *out.shape[1:]).mean(0)
+
+
 def _channels(body: nn.Module) -> int:
     """Channels ``body`` outputs (one dry run on a small zero image)."""
     was_training = body.training
@@ -311,10 +351,21 @@ class LocateClassifyNet(nn.Module):
         """One pass: locate (unless ``centres`` are given), crop, classify and read."""
         if centres is None:
             centres = self.locate(x)
+        features, logits = self.classify(self.crop(x, centres))
+        reading = None
+        if self.reader is not None:
+            views = self.params.reader_test_views()
+            reading = _mean_over_views(self.reader, self.reader_crop(x, centres), views)
+        return CropAnswer(centres, features, logits, reading)
+
+    def classify(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The classifier on valve crops: its penultimate features ``(B, D)`` (the novelty
+        model's input) and logits ``(B, K)``, each averaged over the test views (linear last
+        layer: the mean features give the mean logits)."""
         head = self.classifier.head
-        features = head[:-1](self.classifier.body(self.crop(x, centres)))
-        reading = None if self.reader is None else self.reader(self.reader_crop(x, centres))
-        return CropAnswer(centres, features, head[-1](features), reading)
+        body = self.classifier.body
+        features = _mean_over_views(lambda c: head[:-1](body(c)), crops, self.params.test_views)
+        return features, head[-1](features)
 
     def reader_crop(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
         crops = self.params.reader_crop(x, centres)
@@ -347,4 +398,4 @@ class LocateClassifyNet(nn.Module):
     def forward(self, x: torch.Tensor, centres: torch.Tensor | None = None) -> torch.Tensor:
         if centres is None:
             centres = self.locate(x)
-        return self.classifier(self.crop(x, centres))
+        return self.classify(self.crop(x, centres))[1]

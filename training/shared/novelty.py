@@ -56,12 +56,12 @@ def features_and_logits(
     around ``centres``, or around where it locates the valve): the same answer as
     ``model(x)``, split before the last layer.
     """
-    net = model
-    if hasattr(model, "classifier"):  # locate, then classify the crop
+    if hasattr(model, "classify"):  # locate, then classify the crop (in its test views)
         where = model.locate(x) if centres is None else centres
-        net, x = model.classifier, model.crop(x, where)
-    head = net.head
-    features = head[:-1](net.body(x))
+        features, logits = model.classify(model.crop(x, where))
+        return features, logits
+    head = model.head
+    features = head[:-1](model.body(x))
     return features, head[-1](features)
 
 
