@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from training.fitting.config import RecipeConfig
+
 __all__ = [
     "BENCH_PROJECT",
     "CPU_LOCATE_CLASSIFY",
@@ -168,14 +170,17 @@ class VersionKind:
     locator_px: int = 384
     crop_px: int = 160
     crop_fraction: float = 0.25
+    test_views: int = 1
+    """Flips/turns each crop is averaged over (``RecipeConfig.test_views``)."""
 
     @property
     def name(self) -> str:
         arch = _ARCH_NAMES.get(self.arch, self.arch)
         if self.design == LOCATE_CLASSIFY:
+            views = f", {self.test_views} views" if self.test_views > 1 else ""
             return (
                 f"{arch} locate→classify ({self.size_px}², locator {self.locator_px}², "
-                f"crop {self.crop_px}²)"
+                f"crop {self.crop_px}²{views})"
             )
         return f"{arch} at {self.size_px}²"
 
@@ -192,19 +197,30 @@ class VersionKind:
 
         if self.design != LOCATE_CLASSIFY:
             return ValveNet(num_classes, arch=self.arch)
-        from training.shared.locate_classify import LocateClassifyNet, TwoStageParams
+        from training.shared.locate_classify import (
+            LocateClassifyNet,
+            TwoStageParams,
+            averaged_views,
+        )
 
         params = TwoStageParams(
             backbone=self.arch,
             locator_px=self.locator_px,
             crop_fraction=self.crop_fraction,
             crop_px=self.crop_px,
+            test_views=averaged_views(self.test_views),
         )
         return LocateClassifyNet(num_classes, params)
 
 
-CPU_LOCATE_CLASSIFY = VersionKind(arch="efficientnet_lite0", size_px=768, design=LOCATE_CLASSIFY)
-"""The ``cpu`` profile's default design as it serves (768² prepared, locator 384², crop 160²)."""
+CPU_LOCATE_CLASSIFY = VersionKind(
+    arch="efficientnet_lite0",
+    size_px=768,
+    design=LOCATE_CLASSIFY,
+    test_views=RecipeConfig.test_views,
+)
+"""The ``cpu`` profile's default design as it serves (768² prepared, locator 384², crop 160²,
+each crop averaged over the recipe's test views)."""
 CPU_WHOLE_IMAGE = VersionKind(arch="efficientnet_lite0", size_px=384)
 """The ``cpu`` profile's whole-image fallback (Lite0 at 384²)."""
 

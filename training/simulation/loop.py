@@ -241,6 +241,9 @@ class _ScoringNet(nn.Module):
     *predicted* centre, as served — so that :func:`training.shared.inference.predict_logits` (which
     puts the model in eval mode) returns everything a strategy needs; the classifier head's
     dropout layers are switched on only for the MC passes, over body features computed once.
+    It scores the crop as is, one view: the served version's averaged test views
+    (:attr:`training.shared.locate_classify.TwoStageParams.test_views`) are left out here, where
+    only the strategies' relative order matters and every strategy is scored alike.
     """
 
     def __init__(self, model: ValveNet | LocateClassifyNet, mc_passes: int) -> None:
