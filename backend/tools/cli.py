@@ -184,6 +184,14 @@ def train(
             "setting). More read better with a few hundred X-rays per valve model.",
         ),
     ] = None,
+    test_views: Annotated[
+        int | None,
+        typer.Option(
+            help="Flips/turns each valve crop is averaged over when a locate-then-classify "
+            "version answers: 1, 2, 4 (the cpu profile's) or 8 (a little more accurate, "
+            "slower; docs/TRAINING.md, 'Test-time views').",
+        ),
+    ] = None,
 ) -> None:
     """Train the paper's 5-fold recipe and publish a model version."""
     from training.fitting.config import RecipeConfig, recipe_request
@@ -196,6 +204,7 @@ def train(
         "seed": seed,
         "pretrained": False if from_scratch else None,
         "reader_epochs": reader_epochs,
+        "test_views": test_views,
     }
     try:
         # Enqueued, "auto" is decided by the worker that plans the run, not by this machine.

@@ -64,6 +64,11 @@ CASES = {
         ["RETRAIN_EVERY_N_LABELS"],
     ),
     "preview, no manifest": (["preview", "missing.csv"], {}, ["missing.csv"]),
+    "train --enqueue, test views not 1, 2, 4 or 8": (
+        ["train", "--data", ".", "--enqueue", "--test-views", "3"],
+        {"REDIS_URL": DEAD_REDIS},
+        ["test_views", "1, 2, 4 or 8", "3"],
+    ),
 }
 
 

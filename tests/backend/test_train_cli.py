@@ -17,13 +17,25 @@ from training.fitting.config import resolve_recipe
 VALVE_ID = Path(sys.executable).with_name("valve-id")
 
 
-def test_train_enqueues_the_reader_epochs_it_was_given(tmp_path: Path, redis_url: str) -> None:
+def test_train_enqueues_the_reader_epochs_and_test_views_it_was_given(
+    tmp_path: Path, redis_url: str
+) -> None:
     """A project with a few hundred X-rays per valve model reads better with more reader
     epochs (docs/TRAINING.md, "The pressure setting"): ``--reader-epochs`` is how it asks."""
     own_db = redis_url.rsplit("/", 1)[0] + "/7"  # other tests' workers never see this run
     base = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
     result = subprocess.run(
-        [str(VALVE_ID), "train", "--data", str(tmp_path), "--enqueue", "--reader-epochs", "40"],
+        [
+            str(VALVE_ID),
+            "train",
+            "--data",
+            str(tmp_path),
+            "--enqueue",
+            "--reader-epochs",
+            "40",
+            "--test-views",
+            "8",
+        ],
         env={**base, "VALVE_ID_STATE_DIR": str(tmp_path / "state"), "REDIS_URL": own_db},
         cwd=tmp_path,
         capture_output=True,
@@ -36,7 +48,7 @@ def test_train_enqueues_the_reader_epochs_it_was_given(tmp_path: Path, redis_url
     plan = Job.fetch(plan_id, connection=redis)
     request = plan.args[4]
     redis.flushdb()
-    assert request["overrides"] == {"reader_epochs": 40}
+    assert request["overrides"] == {"reader_epochs": 40, "test_views": 8}
     recipe = resolve_recipe(request)
-    assert recipe.reader_epochs == 40
+    assert recipe.reader_epochs == 40 and recipe.test_views == 8
     assert recipe.reader_lr_max == 3e-3

@@ -22,6 +22,9 @@ __all__ = [
     "resolve_recipe",
 ]
 
+TEST_VIEW_COUNTS = (1, 2, 4, 8)
+"""Allowed ``test_views``: the flips/turns of a crop a version may average (``averaged_views``)."""
+
 AUTO_PROFILE = "auto"
 """Not a profile but a rule: ``paper`` where it can run, else ``cpu`` (:func:`choose_profile`)."""
 
@@ -69,6 +72,10 @@ class RecipeConfig:
     test_views: int = 4  # locate_classify: flips/turns of each crop averaged at inference (1-8)
     refit_all: bool = False  # also train one model on all data (off: serve the fold ensemble)
     gradcam_per_class: int = 2  # saliency examples per class in the report
+
+    def __post_init__(self) -> None:
+        if self.test_views not in TEST_VIEW_COUNTS:
+            raise ValueError(f"test_views must be 1, 2, 4 or 8, got {self.test_views}")
 
     @classmethod
     def from_profile(cls, name: str = "paper", **overrides: Any) -> RecipeConfig:
@@ -197,6 +204,7 @@ def recipe_request(profile: str, **overrides: Any) -> dict[str, Any]:
     unknown = set(given) - {f.name for f in fields(RecipeConfig)}
     if unknown:
         raise ValueError(f"unknown recipe settings: {sorted(unknown)}")
+    RecipeConfig(**given)  # bad values fail here, where the request is made, not on a worker
     return {
         "profile": AUTO_PROFILE,
         "overrides": given,
