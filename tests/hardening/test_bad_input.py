@@ -43,12 +43,18 @@ def _tasks(first_id: int, data: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _served(result: dict[str, Any]) -> bool:
-    """A pre-annotation of the served version, in the recorded shape."""
+    """A pre-annotation of the served version, in the recorded shape: the class, and where
+    the version found the valve when its Grad-CAM map has a peak (a random network's map may
+    be flat or not, depending on the CPU's arithmetic)."""
     if not result.get("result"):
         return False
-    (region,) = result["result"]
+    region, *located = result["result"]
     assert region["from_name"] == "valve" and region["to_name"] == "image"
     assert region["value"]["choices"][0] in CLASSES
+    assert len(located) <= 1
+    for point in located:
+        assert point["type"] == "keypointlabels" and point["to_name"] == "image"
+        assert 0.0 <= point["value"]["x"] <= 100.0 and 0.0 <= point["value"]["y"] <= 100.0
     assert 0.0 <= result["score"] <= 1.0
     assert result["model_version"] == VERSION
     return True
