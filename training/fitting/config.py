@@ -69,7 +69,7 @@ class RecipeConfig:
     reader_upright: bool = True  # turn its crop so the valve's long axis lies horizontal
     reader_directed: bool = True  # and its skewed end to the right (measured: reads better)
     reader_lr_max: float = 3e-3  # its one-cycle peak (measured: 3e-3 reads better than 1e-3)
-    test_views: int = 4  # locate_classify: flips/turns of each crop averaged at inference (1-8)
+    test_views: int = 4  # locate_classify: views of each crop averaged at inference (1, 2, 4, 8)
     refit_all: bool = False  # also train one model on all data (off: serve the fold ensemble)
     gradcam_per_class: int = 2  # saliency examples per class in the report
 

@@ -58,8 +58,7 @@ def features_and_logits(
     """
     if hasattr(model, "classify"):  # locate, then classify the crop (in its test views)
         where = model.locate(x) if centres is None else centres
-        features, logits = model.classify(model.crop(x, where))
-        return features, logits
+        return model.classify(model.crop(x, where))
     head = model.head
     features = head[:-1](model.body(x))
     return features, head[-1](features)
