@@ -48,7 +48,15 @@ import numpy as np
 from benchmarks.harness import Table, add_common_arguments, emit
 from training.fitting.config import RecipeConfig
 
-READER_MODES = ("unturned", "upright", "upright directed", "true axis", "upright pooled")
+READER_MODES = (
+    "unturned",
+    "upright",
+    "upright directed",
+    "directed unsquished",
+    "directed native",
+    "true axis",
+    "upright pooled",
+)
 
 
 _CPU = RecipeConfig.from_profile("cpu")
@@ -105,14 +113,19 @@ def _draw(options: ReaderOptions, label: str, n: int, seed: int) -> dict[str, An
     import torch
     import torch.nn.functional as F
 
+    from training.shared.preprocess import native_source, source_side_px
     from training.synthetic.xray import render_xray
 
     rng = np.random.default_rng(seed)
     side = options.prepared_px
-    images, centres, angles, settings = [], [], [], []
+    images, originals, centres, angles, settings = [], [], [], [], []
     for _ in range(n):
         image, info = render_xray(rng, label, size_range_px=options.size_range_px)
         h, w = image.shape
+        # What a version keeps of the X-ray for its reader: its own pixels, capped where the
+        # reader would shrink them anyway (the generator draws no collimation to crop).
+        source = native_source(image, source_side_px(options.reader_px, options.reader_fraction))
+        originals.append(torch.from_numpy(source.astype(np.float16)))
         square = F.interpolate(torch.from_numpy(image)[None, None], size=(side, side), mode="area")
         images.append(square[0, 0])
         centres.append([(info["valve_x"] + 0.5) / w, (info["valve_y"] + 0.5) / h])
@@ -121,6 +134,8 @@ def _draw(options: ReaderOptions, label: str, n: int, seed: int) -> dict[str, An
         settings.append(int(info["valve_setting_index"]))
     return {
         "images": torch.stack(images),
+        "originals": originals,
+        "aspects": torch.tensor([o.shape[1] / o.shape[0] for o in originals]),
         "centres": torch.tensor(centres),
         "angles": torch.tensor(angles),
         "settings": torch.tensor(settings),
@@ -153,8 +168,22 @@ def _crops_and_views(options: ReaderOptions, data: dict[str, Any], mode: str) ->
     """The reader's crops of ``data`` in ``mode`` and the views it trains in: the product's
     own (:meth:`TwoStageParams.reader_crop`, :meth:`~TwoStageParams.reader_views`) except
     for ``true axis``."""
-    from training.shared.locate_classify import UPRIGHT_VIEWS, crop_around
 
+    from training.shared.locate_classify import (
+        DIRECTED_VIEWS,
+        UPRIGHT_VIEWS,
+        crop_around,
+        native_crops,
+        upright_crop,
+    )
+
+    size = (options.reader_fraction, options.reader_px)
+    if mode == "directed unsquished":  # the squish undone on the prepared square
+        at = (data["images"], data["centres"], *size)
+        return upright_crop(*at, directed=True, aspects=data["aspects"]), DIRECTED_VIEWS
+    if mode == "directed native":  # at the X-ray's own pixels, as versions read now
+        crops = native_crops(data["originals"], data["centres"], *size, True, True)
+        return crops, DIRECTED_VIEWS
     params = _product_params(options, mode)
     if params is not None:
         return params.reader_crop(data["images"], data["centres"]), params.reader_views()
@@ -326,6 +355,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr-max", type=float, default=None, help="one-cycle peak rate")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="one run per seed")
     parser.add_argument(
+        "--size-range",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="sides of the generated X-rays, px (default 600 1200; a clinical radiograph: ~2000)",
+    )
+    parser.add_argument(
         "--modes", nargs="+", choices=READER_MODES, default=None, help="crops to compare"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -345,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         options = replace(options, modes=tuple(args.modes))
     if args.seeds:
         options = replace(options, seeds=tuple(args.seeds))
+    if args.size_range:
+        options = replace(options, size_range_px=tuple(args.size_range))
     tables, results = run(options)
     emit(tables, args.markdown)
     out = args.json or (args.markdown.with_suffix(".reader.json") if args.markdown else None)

@@ -80,7 +80,7 @@ from training.shared.novelty import NOVELTY_FILE, Novelty, features_and_logits
 from training.shared.preprocess import (
     PreprocessParams,
     from_prepared_fraction,
-    prepare_image_with_box,
+    prepare_image_with_source,
 )
 from training.shared.registry import Registry, open_registry
 from training.shared.saliency import grad_cam, saliency_peaks
@@ -135,6 +135,9 @@ class _Served:
     proposed: frozenset[str] = frozenset()
     """The valve models whose settings it reads well enough to propose
     (:mod:`training.shared.setting_gate`)."""
+    source_px: int | None = None
+    """The side each X-ray's unsquished source is kept at, for a setting reader that reads
+    at the X-ray's own pixels (:attr:`TwoStageParams.source_px`); None: none is kept."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,8 @@ class _Prepared:
     box: tuple[int, int, int, int]
     size_px: tuple[int, int]
     """``(width, height)`` of the original image."""
+    source: np.ndarray | None = None
+    """The foreground at its own pixels, for a reader that reads there; else None."""
 
 
 class _LRUCache:
@@ -429,7 +434,9 @@ class Predictor:
         self, state: _Served, digests: list[str], payloads: dict[str, bytes]
     ) -> list[tuple[str, Prediction | PredictionError]]:
         prepared = list(
-            self._executor.map(lambda d: _prepare(payloads[d], d, state.params), digests)
+            self._executor.map(
+                lambda d: _prepare(payloads[d], d, state.params, state.source_px), digests
+            )
         )
         out: list[tuple[str, Prediction | PredictionError]] = []
         good: list[tuple[str, _Prepared]] = []
@@ -439,7 +446,9 @@ class Predictor:
             else:
                 good.append((digest, item))
         if good:
-            outputs = self._forward(state, np.stack([item.array for _, item in good]))
+            arrays = np.stack([item.array for _, item in good])
+            sources = [item.source for _, item in good] if state.source_px else None
+            outputs = self._forward(state, arrays, sources)
             predictions = _to_predictions(state, outputs, good)
             for prediction in predictions:
                 self._cache.put((prediction.content_hash, state.version), prediction)
@@ -449,8 +458,11 @@ class Predictor:
             self._image_errors += len(digests) - len(good)
         return out
 
-    def _forward(self, state: _Served, prepared: np.ndarray) -> _Outputs:
-        """The ensemble's answers for prepared images ``(n, H, W)``: see :class:`_Outputs`."""
+    def _forward(
+        self, state: _Served, prepared: np.ndarray, sources: Sequence[Any] | None = None
+    ) -> _Outputs:
+        """The ensemble's answers for prepared images ``(n, H, W)`` (and their sources, where
+        the version's setting reader reads at the X-ray's own pixels): see :class:`_Outputs`."""
         images = torch.from_numpy(prepared)
         n = len(images)
         logits = np.empty((len(state.models), n, len(state.classes)), dtype=np.float32)
@@ -462,6 +474,7 @@ class Predictor:
             batch = to_network_input(
                 images[part].to(self._device), state.params, channels_last=self._fast_path
             )
+            seen = None if sources is None else [torch.from_numpy(a) for a in sources[part]]
             # One batch at a time (see the module docstring), released between batches so
             # a small request is not stuck behind a large one.
             with self._forward_lock, autocast_for(self._device, self._fast_path):
@@ -475,7 +488,7 @@ class Predictor:
                         if where is not None:
                             located.append(where.float().cpu().numpy())
                         if readings is not None:  # one pass: class, features and setting
-                            crop = model.answer(batch, where)  # type: ignore[operator]
+                            crop = model.answer(batch, where, seen)  # type: ignore[operator]
                             features.append(crop.features.float().cpu().numpy())
                             readings[m, part] = crop.setting_logits.float().cpu().numpy()
                             answer = crop.logits
@@ -555,6 +568,7 @@ def _load_served(
         explainer=None if hasattr(models[0], "locate") else models[0],
         novelty=_load_novelty(path, len(models)),
         settings=_setting_layout(models[0]),
+        source_px=models[0].params.source_px if isinstance(models[0], LocateClassifyNet) else None,
         proposed=(
             proposed_settings(metrics)
             if gate_settings
@@ -630,12 +644,17 @@ def _warm_up(served: _Served, device: torch.device, batch: int, fast_path: bool)
 # --- per-image steps --------------------------------------------------------------------
 
 
-def _prepare(data: bytes, digest: str, params: PreprocessParams) -> _Prepared | PredictionError:
-    """Decode + preprocess one image (runs in the decode pool); errors become values."""
+def _prepare(
+    data: bytes, digest: str, params: PreprocessParams, source_px: int | None
+) -> _Prepared | PredictionError:
+    """Decode + preprocess one image (runs in the decode pool); errors become values. With
+    ``source_px`` the unsquished foreground is kept too (a setting reader reads there)."""
     try:
         image = load_image(data, name="image")
-        array, box = prepare_image_with_box(image, params)
-        return _Prepared(array, box, (int(image.shape[1]), int(image.shape[0])))
+        array, box, source = prepare_image_with_source(image, params, source_px)
+        if source is not None:  # float16, as training's cache keeps it (and half the memory)
+            source = source.astype(np.float16)
+        return _Prepared(array, box, (int(image.shape[1]), int(image.shape[0])), source)
     except ValveIdError as exc:
         return PredictionError(str(exc), digest)
     except Exception as exc:  # a decoder bug must cost one image, not the batch

@@ -855,12 +855,20 @@ def _publish_two_stage(
     version: str,
     settings: tuple[tuple[str, tuple[str, ...]], ...] = (),
     read: dict[str, dict[str, float]] | None = None,
+    native: bool = False,
 ) -> None:
     from training.shared.locate_classify import LocateClassifyNet, TwoStageParams
 
     staging = registry.staging(version)
     params = TwoStageParams(
-        backbone=TINY_ARCH, locator_px=16, crop_fraction=0.5, crop_px=16, settings=settings
+        backbone=TINY_ARCH,
+        locator_px=16,
+        crop_fraction=0.5,
+        crop_px=16,
+        settings=settings,
+        reader_fraction=0.4,
+        reader_px=16,
+        reader_native=native,
     )
     torch.manual_seed(5)
     for k in range(2):
@@ -937,3 +945,44 @@ def test_without_the_gate_every_scale_is_answered(registry: ModelRegistry) -> No
     with _predictor(registry, fast_path=False, gate_settings=False) as predictor:
         (result,) = predictor.predict([_png(1)])
     assert isinstance(result, Prediction) and set(result.settings) == set(CLASSES[:2])
+
+
+def test_a_version_reading_at_the_xrays_own_pixels_reads_each_images_own_source(
+    registry: ModelRegistry,
+) -> None:
+    """A ``reader_native`` version: the predictor keeps each X-ray's unsquished foreground and
+    hands it to the reader beside its own image, so the served setting probabilities are the
+    fold networks' readings of those sources (computed here by hand, image by image)."""
+    from training.shared.inference import to_network_input
+    from training.shared.preprocess import prepare_image_with_source
+
+    scale = ("1", "2", "3")
+    _publish_two_stage(registry, "vnat", ((CLASSES[0], scale),), native=True)
+    rng = np.random.default_rng(7)
+    images = []
+    for height, width in ((40, 64), (72, 36), (50, 50)):  # landscape, portrait, square
+        buf = io.BytesIO()
+        pixels = (rng.random((height, width)) * 255).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+        images.append(buf.getvalue())
+    with _predictor(registry, fast_path=False, gate_settings=False) as predictor:
+        results = predictor.predict(images)
+    folder = registry.version_path("vnat") / "weights"
+    models = [load_checkpoint(folder / f"fold_{k}.pt").eval() for k in range(2)]
+    params = PreprocessParams(size_px=SIZE_PX)
+    source_px = models[0].params.source_px
+    assert source_px == 40  # 16 px for 0.4 of the side
+    for data, result in zip(images, results, strict=True):
+        prepared, _, source = prepare_image_with_source(load_image(data), params, source_px)
+        assert source is not None
+        x = to_network_input(torch.from_numpy(prepared[None]), params, channels_last=False)
+        with torch.no_grad():
+            readings = [
+                m.answer(x, None, [torch.from_numpy(source.astype(np.float16))]).setting_logits
+                for m in models
+            ]
+        probs = np.mean([softmax(r.numpy())[0] for r in readings], axis=0)
+        assert isinstance(result, Prediction)
+        value, probability = result.settings[CLASSES[0]]
+        assert value == scale[int(np.argmax(probs))]
+        assert probability == pytest.approx(float(probs.max()), abs=1e-4)

@@ -220,12 +220,25 @@ def test_centres_follow_the_kept_items_when_one_fails(tmp_path: Path) -> None:
     assert empty.centres.shape == (0, 2)
 
 
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the files decoded from now on, in order."""
+    import training.shared.dicom
+
+    decodes: list[str] = []
+    real = training.shared.dicom.load_image
+
+    def counting(path: object, *args: object, **kwargs: object) -> np.ndarray:
+        decodes.append(Path(str(path)).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(training.shared.dicom, "load_image", counting)
+    return decodes
+
+
 def test_the_crop_is_cached_beside_the_array_and_old_entries_still_work(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import json
-
-    import training.shared.dicom
 
     items = _items_with_centres(tmp_path)
     params = PreprocessParams(size_px=16)
@@ -241,14 +254,7 @@ def test_the_crop_is_cached_beside_the_array_and_old_entries_still_work(
     # never needs it, an item with one decodes once to get it, then never again.
     for box in boxes:
         box.unlink()
-    decodes: list[str] = []
-    real = training.shared.dicom.load_image
-
-    def counting(path: object, *args: object, **kwargs: object) -> np.ndarray:
-        decodes.append(Path(str(path)).name)
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(training.shared.dicom, "load_image", counting)
+    decodes = _count_decodes(monkeypatch)
     without = prepare_images([items[1]], params, cache)
     assert decodes == [] and np.isnan(without.centres).all()
     again = prepare_images(items, params, cache)
@@ -293,3 +299,34 @@ def test_synthetic_manifest_centres_reach_the_prepared_square(tmp_path: Path) ->
         expected = ((x - left) / (right - left), (y - top) / (bottom - top))
         np.testing.assert_allclose(centre, np.clip(expected, 0, 1), rtol=1e-6)
         assert centre.min() >= 0.0 and centre.max() <= 1.0
+
+
+def test_sources_are_kept_only_when_asked_cached_beside_and_follow_the_kept_items(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose setting reader reads at the X-ray's own pixels asks for each image's
+    unsquished foreground; it is cached beside the array, and an entry cached before (or
+    for another side) is decoded once more to get it."""
+
+    items = _items_with_centres(tmp_path)
+    gone = LabelledImage(str(tmp_path / "missing.png"), "Codman Hakim", "P9", "gone")
+    params = PreprocessParams(size_px=16)
+    cache = tmp_path / "cache"
+    plain = prepare_images(items, params, cache)
+    assert plain.sources is None and not list(cache.rglob("*.source*.npy"))
+    decodes = _count_decodes(monkeypatch)
+    with_sources = prepare_images([gone, *items], params, cache, source_px=1000)
+    assert sorted(decodes) == ["a.png", "b.png"]  # once per file, for its source
+    assert [i.key for i in with_sources.items] == [i.key for i in items]
+    assert with_sources.sources is not None and len(with_sources.sources) == 4
+    # _png: the foreground is rows 10..30, columns 10..50, at its own 20 x 40 pixels.
+    assert all(s.shape == (20, 40) and s.dtype == np.float16 for s in with_sources.sources)
+    assert float(with_sources.sources[0].max()) == 1.0
+    np.testing.assert_array_equal(with_sources.arrays, plain.arrays)
+    again = prepare_images(items, params, cache, source_px=1000)
+    assert sorted(decodes) == ["a.png", "b.png"]  # cached now
+    for got, kept in zip(again.sources or [], with_sources.sources, strict=True):
+        np.testing.assert_array_equal(got, kept)
+    shrunk = prepare_images(items[:1], params, cache, source_px=10)  # another side
+    assert shrunk.sources is not None and shrunk.sources[0].shape == (7, 14)
+    assert len(decodes) == 3

@@ -97,7 +97,9 @@ def test_localisation_error_is_in_pixels_of_the_original_image() -> None:
 
 def test_one_fold_also_learns_to_read_a_setting() -> None:
     """Rings carry a setting (a bright hub: "lo"; none: "hi"), crosses have no scale. The
-    reader learns it from the rings that have one; a ring without a label still trains."""
+    reader learns it from the rings that have one; a ring without a label still trains. It
+    reads each X-ray's source (here twice as wide as the prepared square, as a squished
+    landscape X-ray's is), at the same fractions as the square."""
     from training.fitting.two_stage import setting_mask, setting_targets
 
     images, labels, centres = ring_or_cross(64, seed=5)
@@ -114,6 +116,7 @@ def test_one_fold_also_learns_to_read_a_setting() -> None:
             images[i][np.hypot(xx - cx, yy - cy) < 3] = 0.95
         settings.append("lo" if hub else "hi")
     settings[0] = None  # a ring without a labelled setting
+    sources = [np.repeat(image, 2, axis=1) for image in images]  # (192, 384): unsquished
     classes, layout = ["ring", "cross"], (("ring", ("lo", "hi")),)
     targets = setting_targets(classes, labels, settings, layout)
     assert targets[0] == -1 and set(targets[labels == 1]) == {-1}
@@ -137,15 +140,38 @@ def test_one_fold_also_learns_to_read_a_setting() -> None:
         settings=targets,
         setting_layout=layout,
         classes=classes,
+        sources=sources,
     )
     assert result.val_setting_logits is not None and result.val_setting_logits.shape == (15, 2)
     rings = [i for i, j in enumerate(val_idx) if labels[j] == 0]
     read = result.val_setting_logits[rings].argmax(1)
     truth = targets[val_idx[rings]]
     assert float((read == truth).mean()) >= 0.8, (read, truth)
-    assert result.model.params.settings == layout
+    assert result.model.params.settings == layout and result.model.params.reader_native
     (read,) = [row for row in result.history if row.get("stage") == "read"]
     assert read["n_train"] == int((targets[train_idx] >= 0).sum())
+
+
+def test_a_reader_at_the_xrays_own_pixels_cannot_train_without_them() -> None:
+    """A ``reader_native`` recipe (the default) with setting scales needs each image's
+    source; without, the fold stops before training anything (not after the classifier)."""
+    images, labels, centres = ring_or_cross(8, seed=2)
+    recipe = toy_recipe(design="locate_classify", epochs=1, locator_epochs=1, reader_epochs=1)
+    assert recipe.reader_native
+    with pytest.raises(ValueError, match="source"):
+        train_two_stage_fold(
+            images,
+            labels,
+            centres,
+            np.arange(6),
+            np.arange(6, 8),
+            2,
+            recipe,
+            device=torch.device("cpu"),
+            settings=np.where(labels == 0, 0, -1),
+            setting_layout=(("ring", ("lo", "hi")),),
+            classes=["ring", "cross"],
+        )
 
 
 def test_reader_epochs_zero_reads_no_setting() -> None:
@@ -191,6 +217,7 @@ def test_a_version_reads_upright_crops_as_its_recipe_says() -> None:
             settings=np.where(labels == 0, 0, -1),
             setting_layout=(("ring", ("lo", "hi")),),
             classes=["ring", "cross"],
+            sources=list(images),
         )
         params = result.model.params
         assert (params.reader_upright, params.reader_directed) == (upright, directed)
@@ -246,5 +273,6 @@ def test_the_reader_trains_at_its_own_learning_rate(monkeypatch: pytest.MonkeyPa
         settings=np.where(labels == 0, 0, -1),
         setting_layout=(("ring", ("lo", "hi")),),
         classes=["ring", "cross"],
+        sources=list(images),
     )
     assert peaks == [1e-3, 3e-3], peaks

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from training.shared.preprocess import PreprocessParams
+from training.shared.preprocess import PreprocessParams, source_side_px
 
 __all__ = [
     "AUTO_PROFILE",
@@ -68,6 +68,7 @@ class RecipeConfig:
     reader_px: int = 128  # side of the (magnified) crop the setting reader sees
     reader_upright: bool = True  # turn its crop so the valve's long axis lies horizontal
     reader_directed: bool = True  # and its skewed end to the right (measured: reads better)
+    reader_native: bool = True  # its crop of the X-ray's own pixels, unsquished (TRAINING.md)
     reader_lr_max: float = 3e-3  # its one-cycle peak (measured: 3e-3 reads better than 1e-3)
     test_views: int = 4  # locate_classify: views of each crop averaged at inference (1, 2, 4, 8)
     refit_all: bool = False  # also train one model on all data (off: serve the fold ensemble)
@@ -124,6 +125,13 @@ class RecipeConfig:
 
         weights = get_arch(self.arch).weights
         return PreprocessParams(size_px=self.image_size_px, mean=weights.mean, std=weights.std)
+
+    def reader_source_px(self, reads_settings: bool) -> int | None:
+        """The side each image's unsquished source is kept at for a ``reader_native`` setting
+        reader (``prepare_images(source_px=)``); None when this run reads no setting so."""
+        if not (reads_settings and self.design == "locate_classify" and self.reader_native):
+            return None
+        return source_side_px(self.reader_px, self.reader_fraction) if self.reader_epochs else None
 
     def with_overrides(self, **changes: Any) -> RecipeConfig:
         return replace(self, **changes)

@@ -121,7 +121,8 @@ def plan_run(
         if progress is not None and (done == total or done % 25 == 0):
             progress({"stage": "prepare", "done": done, "total": total})
 
-    prepared = prepare_images(items, params, cache_dir, progress=on_image)
+    source_px = config.reader_source_px(bool(label_config.settings))
+    prepared = prepare_images(items, params, cache_dir, progress=on_image, source_px=source_px)
     present = {item.label for item in prepared.items}
     classes = [c for c in label_config.classes if c in present]
     unknown = present - set(label_config.classes)
@@ -183,6 +184,8 @@ def plan_run(
 
 def _load_plan(run_dir: Path, cache_dir: Path | None) -> tuple[dict, PreparedImages, np.ndarray]:
     """The plan, its prepared images (cache hits) and label ids, checked against the hashes."""
+    from training.fitting.config import RecipeConfig
+
     plan = read_json(run_dir / RUN_FILE)
     params = PreprocessParams.from_dict(plan["preprocess"])
     items = [
@@ -196,7 +199,9 @@ def _load_plan(run_dir: Path, cache_dir: Path | None) -> tuple[dict, PreparedIma
         )
         for p, s in zip(plan["paths"], plan["snapshot"], strict=True)
     ]
-    prepared = prepare_images(items, params, cache_dir)
+    recipe = RecipeConfig.from_dict(plan["recipe"])
+    source_px = recipe.reader_source_px(bool(plan.get("settings")))
+    prepared = prepare_images(items, params, cache_dir, source_px=source_px)
     if prepared.hashes != [s["sha256"] for s in plan["snapshot"]]:
         raise DatasetError("images changed on disk since the run was planned; start a new run")
     labels = np.array([plan["classes"].index(s["label"]) for s in plan["snapshot"]])
@@ -267,6 +272,7 @@ def train_fold_stage(
             settings=setting_targets(plan["classes"], labels, settings, layout),
             setting_layout=layout,
             classes=plan["classes"],
+            sources=prepared.sources,
         )
         extra["centres"] = result.val_centres
         if result.val_setting_logits is not None:

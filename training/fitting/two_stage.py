@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,14 +116,15 @@ class _CropTrainer:
         net: nn.Module,
         train_idx: np.ndarray,
         loss_of: Callable[[torch.Tensor, np.ndarray], torch.Tensor],
-        crop: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        crop: Callable[[np.ndarray, torch.Tensor], torch.Tensor],
         epochs: int,
         on_epoch: Callable[[int, float], None],
         views: tuple[int, ...] = tuple(range(8)),
         lr_max: float | None = None,
     ) -> None:
         """``epochs`` passes over ``train_idx``; ``loss_of(float outputs, picked rows)``.
-        ``crop(images, centres)`` cuts the network's input; each batch is seen in one of
+        ``crop(rows, centres)`` cuts the network's input from those images (in [0, 1]) around
+        the (jittered) centres; each batch is seen in one of
         ``views`` (:func:`dihedral` indices); the one-cycle peak is ``lr_max`` (default: the
         recipe's)."""
         config, generator = self.config, self.generator
@@ -145,7 +146,7 @@ class _CropTrainer:
                     continue
                 shift = torch.randn(len(pick), 2, generator=generator) * self.jitter
                 at = torch.from_numpy(self.centres[pick]) + shift
-                crops = crop(self.images[pick].float(), at)
+                crops = crop(pick, at)
                 view = views[int(torch.randint(len(views), (1,), generator=generator))]
                 crops = dihedral(crops, view)
                 gain = 1 + (torch.rand(len(pick), 1, 1, generator=generator) - 0.5) * 0.4
@@ -178,6 +179,7 @@ def train_two_stage_fold(
     settings: np.ndarray | None = None,
     setting_layout: SettingLayout = (),
     classes: list[str] | None = None,
+    sources: Sequence[np.ndarray] | None = None,
 ) -> TwoStageFoldResult:
     """Train the locator head, then the crop classifier, of one fold; score its validation.
 
@@ -185,7 +187,9 @@ def train_two_stage_fold(
     learns from the training images that have a centre; the classifier trains on crops at
     the annotated centre (jittered by about the locator's error) where there is one, at the
     locator's prediction elsewhere. Validation crops always use the prediction, as serving
-    does, so the out-of-fold numbers include localisation errors.
+    does, so the out-of-fold numbers include localisation errors. ``sources`` (each image's
+    unsquished foreground, :func:`~training.shared.preprocess.prepare_image_with_source`)
+    are what a ``reader_native`` setting reader reads.
     """
     from training.fitting.recipe import class_weights, pick_device, seed_everything
     from training.shared.inference import to_network_input
@@ -203,8 +207,11 @@ def train_two_stage_fold(
         reader_px=config.reader_px,
         reader_upright=config.reader_upright,
         reader_directed=config.reader_directed,
+        reader_native=config.reader_native,
         test_views=averaged_views(config.test_views),
     )
+    if params.source_px is not None and sources is None:
+        raise ValueError("a reader_native setting reader needs each image's source")
     classifier, init = build_model(num_classes, pretrained=config.pretrained, arch=config.arch)
     locator_base, _ = build_model(1, pretrained=config.pretrained, arch=config.arch)
     model = LocateClassifyNet(num_classes, params, classifier=classifier)
@@ -217,6 +224,11 @@ def train_two_stage_fold(
     weights = class_weights(labels[train_idx], num_classes)
     autocast = autocast_for(device, config.mixed_precision)
     all_images = torch.from_numpy(np.ascontiguousarray(images))
+    all_sources = None if sources is None else [torch.from_numpy(np.asarray(s)) for s in sources]
+
+    def sources_of(rows: np.ndarray) -> list[torch.Tensor] | None:
+        return None if all_sources is None else [all_sources[int(i)] for i in rows]
+
     known = ~np.isnan(centres).any(axis=1)
     history: list[dict[str, Any]] = []
 
@@ -294,7 +306,9 @@ def train_two_stage_fold(
         clf,
         train_idx,
         lambda out, pick: loss_fn(out, y_all[pick].to(device)),
-        lambda images, at: crop_around(images, at, params.crop_fraction, params.crop_px),
+        lambda rows, at: crop_around(
+            all_images[rows].float(), at, params.crop_fraction, params.crop_px
+        ),
         config.epochs,
         on_epoch,
     )
@@ -321,7 +335,7 @@ def train_two_stage_fold(
             reader.to(memory_format=torch.channels_last).train(),
             readable,
             read_loss,
-            params.reader_crop,
+            lambda rows, at: params.reader_crop(all_images[rows].float(), at, sources_of(rows)),
             config.reader_epochs if len(readable) >= 2 else 0,
             lambda _epoch, loss: losses.append(loss),
             params.reader_views(),
@@ -342,7 +356,8 @@ def train_two_stage_fold(
             pick = val_idx[start : start + bs]
             batch = network_input(all_images[pick].float())
             with autocast:
-                answer = model.answer(batch, torch.from_numpy(val_centres[start : start + bs]))
+                at = torch.from_numpy(val_centres[start : start + bs])
+                answer = model.answer(batch, at, sources_of(pick))
             val_logits.append(answer.logits.float().cpu())
             if answer.setting_logits is not None:
                 val_readings.append(answer.setting_logits.float().cpu())

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from training.shared.errors import DatasetError, ImageDecodeError
 from training.shared.parallel import ordered_map
 from training.shared.preprocess import (
     PreprocessParams,
-    prepare_image_with_box,
+    prepare_image_with_source,
     to_prepared_fraction,
 )
 
@@ -259,6 +259,11 @@ class PreparedImages:
     """``(N, 4)`` float32 foreground crop ``(top, bottom, left, right)`` in pixels of each
     decoded image (turns prepared fractions back into original pixels); NaN where unknown."""
 
+    sources: list[np.ndarray] | None
+    """Each item's foreground at its own pixels, unsquished (float16 in [0, 1],
+    :func:`~training.shared.preprocess.native_source`): what a setting reader that reads
+    at the X-ray's own pixels crops. None unless asked for (``prepare_images(source_px=)``)."""
+
     def __init__(
         self,
         items: list[LabelledImage],
@@ -267,6 +272,7 @@ class PreparedImages:
         failures: dict[str, str],
         centres: np.ndarray | None = None,
         boxes: np.ndarray | None = None,
+        sources: list[np.ndarray] | None = None,
     ) -> None:
         self.items = items
         self.arrays = arrays
@@ -278,40 +284,66 @@ class PreparedImages:
         if boxes is None:
             boxes = np.full((len(items), 4), np.nan, dtype=np.float32)
         self.boxes = boxes
+        self.sources = sources
+
+
+class _Prepared(NamedTuple):
+    """One image of a snapshot, ready: what :func:`_prepare_one` gives."""
+
+    digest: str
+    array: np.ndarray
+    box: _Box | None
+    source: np.ndarray | None
+
+
+def _source_path(cached: Path, source_px: int) -> Path:
+    """``<hash>.source<px>.npy`` beside ``<hash>.npy``: the unsquished foreground (float16)."""
+    return cached.with_name(cached.name[: -len(".npy")] + f".source{source_px}.npy")
+
+
+def _load_array(path: Path) -> np.ndarray | None:
+    """A cached array, or None when absent or unreadable (then the image is decoded again)."""
+    if not path.is_file():
+        return None
+    try:
+        return np.load(path)
+    except (OSError, ValueError):
+        logger.warning("cache entry %s is unreadable; decoding again", path.name)
+        return None
 
 
 def _prepare_one(
-    item: LabelledImage, params: PreprocessParams, cache_dir: Path | None
-) -> tuple[str, np.ndarray, _Box | None]:
-    """``(content hash, prepared array, crop box)``; the box is None only when the item has
-    no centre and the cache has no box for it (it is not worth a decode then)."""
+    item: LabelledImage, params: PreprocessParams, cache_dir: Path | None, source_px: int | None
+) -> _Prepared:
+    """The prepared array, its crop box and, with ``source_px``, its source; the box is None
+    only when the item has no centre and the cache has no box for it (it is not worth a
+    decode then)."""
     digest = content_hash(item.path)
     cached = (
         cache_dir / _params_digest(params) / digest[:2] / f"{digest}.npy" if cache_dir else None
     )
-    if cached is not None and cached.is_file():
-        try:
-            array = np.load(cached)
-        except (OSError, ValueError):
-            logger.warning("cache entry %s is unreadable; decoding again", cached.name)
-        else:
-            box = _load_box(_box_path(cached))
-            if box is not None or item.valve_xy is None:
-                return digest, array, box
-            # An entry cached before crops were kept: decode once more, for the box only.
-            _, box, shape = _decode(item, params)
-            _save_box(_box_path(cached), box, shape)
-            return digest, array, box
-    array, box, shape = _decode(item, params)
+    if cached is not None:
+        array = _load_array(cached)
+        box = _load_box(_box_path(cached))
+        source = None if source_px is None else _load_array(_source_path(cached, source_px))
+        complete = (box is not None or item.valve_xy is None) and (
+            source_px is None or source is not None
+        )
+        if array is not None and complete:
+            return _Prepared(digest, array, box, source)
+        # Not cached, or cached before crops or sources were kept: decode (once more).
+    array, box, shape, source = _decode(item, params, source_px)
     if cached is not None:
         _atomic_save(cached, array)
         _save_box(_box_path(cached), box, shape)
-    return digest, array, box
+        if source is not None and source_px is not None:
+            _atomic_save(_source_path(cached, source_px), source)
+    return _Prepared(digest, array, box, source)
 
 
 def _prepare_or_reason(
-    job: tuple[LabelledImage, PreprocessParams, Path | None],
-) -> tuple[str, np.ndarray, _Box | None] | str:
+    job: tuple[LabelledImage, PreprocessParams, Path | None, int | None],
+) -> _Prepared | str:
     """:func:`_prepare_one`, or why the file cannot be used: one bad file fails itself, not
     the snapshot (and a reason crosses process boundaries where an exception may not)."""
     try:
@@ -323,14 +355,17 @@ def _prepare_or_reason(
 
 
 def _decode(
-    item: LabelledImage, params: PreprocessParams
-) -> tuple[np.ndarray, _Box, tuple[int, int]]:
-    """Prepared float16 array, its crop box and the decoded image's (height, width)."""
+    item: LabelledImage, params: PreprocessParams, source_px: int | None
+) -> tuple[np.ndarray, _Box, tuple[int, int], np.ndarray | None]:
+    """Prepared float16 array, its crop box, the decoded image's (height, width) and, with
+    ``source_px``, the unsquished foreground (float16)."""
     from training.shared.dicom import load_image  # deferred: pydicom/pylibjpeg load on first use
 
     image = load_image(item.path)
-    array, box = prepare_image_with_box(image, params)
-    return array.astype(np.float16), box, (int(image.shape[0]), int(image.shape[1]))
+    array, box, source = prepare_image_with_source(image, params, source_px)
+    shape = (int(image.shape[0]), int(image.shape[1]))
+    kept = None if source is None else source.astype(np.float16)
+    return array.astype(np.float16), box, shape, kept
 
 
 def _fraction(item: LabelledImage, box: _Box | None) -> tuple[float, float]:
@@ -345,6 +380,7 @@ def prepare_images(
     cache_dir: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     workers: int | None = None,
+    source_px: int | None = None,
 ) -> PreparedImages:
     """Decode and prepare every image once (cached by content hash + parameters).
 
@@ -352,7 +388,8 @@ def prepare_images(
     rest of the snapshot is still prepared. Items with a ``valve_xy`` get their centre in
     the prepared square (:attr:`PreparedImages.centres`) from the crop cached beside the array.
     ``workers`` processes decode (default :func:`training.shared.parallel.default_workers`);
-    the result is the same whatever their number.
+    the result is the same whatever their number. With ``source_px`` each image's
+    unsquished foreground is kept too (:attr:`PreparedImages.sources`; cached beside).
     """
     todo = list(items)
     cache = Path(cache_dir) if cache_dir is not None else None
@@ -361,15 +398,18 @@ def prepare_images(
     hashes: list[str] = []
     centres: list[tuple[float, float]] = []
     boxes: list[tuple[float, ...]] = []
+    sources: list[np.ndarray] = []
     failures: dict[str, str] = {}
-    jobs = [(item, params, cache) for item in todo]
+    jobs = [(item, params, cache, source_px) for item in todo]
     results = ordered_map(_prepare_or_reason, jobs, workers)
     for done, (item, result) in enumerate(zip(todo, results, strict=True), start=1):
         if isinstance(result, str):
             logger.warning("skipping %s: %s", item.key, result)
             failures[item.key] = result
         else:
-            digest, array, box = result
+            digest, array, box, source = result
+            if source is not None:
+                sources.append(source)
             kept.append(item)
             arrays.append(array)
             hashes.append(digest)
@@ -386,4 +426,5 @@ def prepare_images(
         failures=failures,
         centres=np.asarray(centres, dtype=np.float32).reshape(len(kept), 2),
         boxes=np.asarray(boxes, dtype=np.float32).reshape(len(kept), 4),
+        sources=sources if source_px is not None else None,
     )

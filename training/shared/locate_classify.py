@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.shared.model import ValveNet, get_arch
+from training.shared.preprocess import PreprocessParams, normalize_image, source_side_px
 
 __all__ = [
     "DESIGN",
@@ -56,6 +57,7 @@ __all__ = [
     "UPRIGHT_VIEWS",
     "crop_around",
     "dihedral",
+    "native_crops",
     "principal_axis",
     "setting_blocks",
     "soft_argmax",
@@ -116,6 +118,12 @@ class TwoStageParams:
     """With ``reader_upright``: also turn the end the valve's bright structure is skewed to
     to the right (``upright_crop(directed=True)``). False in checkpoints from before it
     existed."""
+    reader_native: bool = False
+    """The reader reads the X-ray at its own pixels and aspect (:func:`native_crops` of the
+    unsquished foreground :func:`~training.shared.preprocess.prepare_image_with_source`
+    keeps), not the squished prepared square: a rotor's angle relative to the valve is the
+    X-ray's own, and a large radiograph's marks keep their pixels. False in checkpoints
+    from before it existed."""
     test_views: tuple[int, ...] = (0,)
     """The flips/turns (:func:`dihedral`) each crop is seen in at inference, the answers
     averaged (test-time augmentation; :func:`averaged_views`). The classifier trained on all
@@ -142,17 +150,40 @@ class TwoStageParams:
             return tuple(range(8))
         return DIRECTED_VIEWS if self.reader_directed else UPRIGHT_VIEWS
 
+    @property
+    def source_px(self) -> int | None:
+        """The geometric-mean side (pixels) the reader's sources need: its crop, ``reader_px``
+        pixels for ``reader_fraction`` of that side, is then never shrunk. None when this
+        version reads no setting or reads it on the prepared square."""
+        if not self.settings or not self.reader_native:
+            return None
+        return source_side_px(self.reader_px, self.reader_fraction)
+
     def reader_test_views(self) -> tuple[int, ...]:
         """The :attr:`test_views` the reader trained on (always the crop as is)."""
         return tuple(k for k in self.test_views if k in self.reader_views())
 
-    def reader_crop(self, images: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-        """The setting reader's window of ``images`` around ``centres``, turned as this
-        version was trained (:func:`upright_crop` or :func:`crop_around`)."""
-        at = (images, centres, self.reader_fraction, self.reader_px)
+    def reader_crop(
+        self,
+        images: torch.Tensor,
+        centres: torch.Tensor,
+        sources: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The setting reader's window around ``centres``, turned as this version was trained
+        (:func:`upright_crop` or :func:`crop_around`): of ``images`` (the prepared squares),
+        or, where it reads at the X-ray's own pixels (:attr:`reader_native`), of
+        ``sources`` (each ``(H, W)`` in [0, 1], the same crop unsquished)."""
+        size = (self.reader_fraction, self.reader_px)
+        if self.reader_native:
+            if sources is None:
+                raise ValueError(
+                    "this version reads settings at the X-ray's own pixels: pass each "
+                    "image's source (prepare_image_with_source)"
+                )
+            return native_crops(sources, centres, *size, self.reader_upright, self.reader_directed)
         if not self.reader_upright:
-            return crop_around(*at)
-        return upright_crop(*at, directed=self.reader_directed)
+            return crop_around(images, centres, *size)
+        return upright_crop(images, centres, *size, directed=self.reader_directed)
 
 
 class CropAnswer(NamedTuple):
@@ -183,23 +214,35 @@ def crop_around(
     fraction: float,
     size_px: int,
     angles: torch.Tensor | None = None,
+    aspects: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Square windows of ``fraction`` × side around ``centres`` ((x, y) in [0, 1]), resampled
-    to ``size_px``; works on ``(B, C, H, W)`` and ``(B, H, W)`` of square images. Outside the
-    image: edge values. ``angles`` ``(B,)`` (rad, x right, y down) turn each window so that
-    the image direction at that angle becomes the crop's x axis.
+    to ``size_px``; works on ``(B, C, H, W)`` and ``(B, H, W)``. Outside the image: edge
+    values. ``angles`` ``(B,)`` (rad, x right, y down) turn each window so that the image
+    direction at that angle becomes the crop's x axis.
+
+    ``aspects`` ``(B,)``: width / height of the image each one shows (the X-ray's foreground
+    before it was squished, :func:`image_aspects`). The window is then square *on that
+    image*, ``fraction`` × the geometric mean of its sides: the squish undone, so angles
+    (a rotor's, relative to the valve's axis) are the X-ray's own. Without it the window is
+    square on the tensor, the only choice for a square image.
     """
     squeeze = images.dim() == 3
     x = images.unsqueeze(1) if squeeze else images
     n = x.shape[0]
     theta = torch.zeros(n, 2, 3, dtype=torch.float32, device=x.device)
+    fx = torch.full((n,), float(fraction), device=x.device)
+    fy = fx.clone()
+    if aspects is not None:
+        root = aspects.float().to(x.device).sqrt()
+        fx, fy = fx / root, fy * root
     if angles is None:
-        theta[:, 0, 0] = fraction
-        theta[:, 1, 1] = fraction
+        theta[:, 0, 0] = fx
+        theta[:, 1, 1] = fy
     else:
-        cos, sin = angles.float().cos() * fraction, angles.float().sin() * fraction
-        theta[:, 0, 0], theta[:, 0, 1] = cos, -sin
-        theta[:, 1, 0], theta[:, 1, 1] = sin, cos
+        cos, sin = angles.float().cos(), angles.float().sin()
+        theta[:, 0, 0], theta[:, 0, 1] = cos * fx, -sin * fx
+        theta[:, 1, 0], theta[:, 1, 1] = sin * fy, cos * fy
     theta[:, :, 2] = centres.float() * 2 - 1
     grid = F.affine_grid(theta, [n, x.shape[1], size_px, size_px], align_corners=False)
     out = F.grid_sample(x.float(), grid, align_corners=False, padding_mode="border")
@@ -244,12 +287,40 @@ def principal_axis(
     return torch.where(skew < 0, axis + math.pi, axis)
 
 
+def native_crops(
+    sources: Sequence[torch.Tensor],
+    centres: torch.Tensor,
+    fraction: float,
+    size_px: int,
+    upright: bool,
+    directed: bool,
+) -> torch.Tensor:
+    """``(B, size_px, size_px)`` windows of the sources (``(H, W)`` each, any size and
+    aspect: the X-rays' unsquished foreground), square on each X-ray, ``fraction`` × the
+    geometric mean of its sides, around ``centres`` (fractions of the prepared square, which
+    are the same fractions of its source), turned upright (and directed) as the reader was
+    trained (:func:`upright_crop`) or not (:func:`crop_around`)."""
+    if len(sources) != len(centres):
+        raise ValueError(f"{len(sources)} sources for {len(centres)} centres")
+    crops = []
+    for source, centre in zip(sources, centres, strict=True):
+        image = source.to(centre.device).float()[None]
+        aspect = torch.tensor([image.shape[-1] / image.shape[-2]], device=centre.device)
+        at = (image, centre[None], fraction, size_px)
+        crop = upright_crop(*at, directed, aspect) if upright else crop_around(*at, None, aspect)
+        crops.append(crop[0])
+    if not crops:
+        return torch.zeros(0, size_px, size_px, device=centres.device)
+    return torch.stack(crops)
+
+
 def upright_crop(
     images: torch.Tensor,
     centres: torch.Tensor,
     fraction: float,
     size_px: int,
     directed: bool = False,
+    aspects: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`crop_around`, turned so the valve's long axis (:func:`principal_axis` of the
     unturned window) lies horizontal: the crop the setting reader sees. Resampled once more
@@ -258,8 +329,9 @@ def upright_crop(
     reader trains with exactly those four views (:data:`UPRIGHT_VIEWS`). ``directed`` also
     turns the skewed end to the right (``principal_axis(directed=True)``), which leaves only
     the face open (:data:`DIRECTED_VIEWS`)."""
-    angles = principal_axis(crop_around(images, centres, fraction, size_px), directed=directed)
-    return crop_around(images, centres, fraction, size_px, angles)
+    at = (images, centres, fraction, size_px)
+    angles = principal_axis(crop_around(*at, aspects=aspects), directed=directed)
+    return crop_around(*at, angles, aspects)
 
 
 UPRIGHT_VIEWS = (0, 2, 4, 6)
@@ -342,20 +414,31 @@ class LocateClassifyNet(nn.Module):
         self.classifier = classifier or ValveNet(num_classes, arch=self.params.backbone)
         total = sum(len(values) for _, values in self.params.settings)
         self.reader = ValveNet(total, arch=self.params.backbone) if total else None
+        weights = spec.weights  # what the backbone's inputs are normalised with
+        self._reader_input = PreprocessParams(
+            size_px=self.params.reader_px, mean=weights.mean, std=weights.std
+        )
 
     def setting_blocks(self) -> dict[str, slice]:
         """Each valve model's block of the setting logits."""
         return setting_blocks(self.params.settings)
 
-    def answer(self, x: torch.Tensor, centres: torch.Tensor | None = None) -> CropAnswer:
-        """One pass: locate (unless ``centres`` are given), crop, classify and read."""
+    def answer(
+        self,
+        x: torch.Tensor,
+        centres: torch.Tensor | None = None,
+        sources: Sequence[torch.Tensor] | None = None,
+    ) -> CropAnswer:
+        """One pass: locate (unless ``centres`` are given), crop, classify and read (the
+        reader of a :attr:`~TwoStageParams.reader_native` version needs ``sources``)."""
         if centres is None:
             centres = self.locate(x)
         features, logits = self.classify(self.crop(x, centres))
         reading = None
         if self.reader is not None:
             views = self.params.reader_test_views()
-            reading = _mean_over_views(self.reader, self.reader_crop(x, centres), views)
+            crops = self.reader_crop(x, centres, sources)
+            reading = _mean_over_views(self.reader, crops, views)
         return CropAnswer(centres, features, logits, reading)
 
     def classify(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,8 +450,17 @@ class LocateClassifyNet(nn.Module):
         features = _mean_over_views(lambda c: head[:-1](body(c)), crops, self.params.test_views)
         return features, head[-1](features)
 
-    def reader_crop(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-        crops = self.params.reader_crop(x, centres)
+    def reader_crop(
+        self,
+        x: torch.Tensor,
+        centres: torch.Tensor,
+        sources: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The reader's input: its crop of the network input ``x`` (normalised already), or of
+        the ``sources`` (in [0, 1]: normalised here, as the prepared squares were)."""
+        crops = self.params.reader_crop(x, centres, sources)
+        if self.params.reader_native:
+            crops = normalize_image(crops, self._reader_input)
         return crops.to(x.dtype).contiguous(memory_format=torch.channels_last)
 
     @property

@@ -24,11 +24,13 @@ Steps 2–4 (:func:`prepare_image`) give a compact single-channel array worth ca
 step 5 (:func:`normalize_image`) is cheap and may run batched on the accelerator.
 :func:`prepare_image_with_box` is the same steps 2–4 plus the crop they made, which maps a
 point of the original image (the valve centre) into the prepared square
-(:func:`to_prepared_fraction`).
+(:func:`to_prepared_fraction`); :func:`prepare_image_with_source` also keeps that crop at
+the X-ray's own pixels, unsquished, for the setting reader (:func:`native_source`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -43,11 +45,14 @@ __all__ = [
     "crop_to_foreground",
     "foreground_box",
     "from_prepared_fraction",
+    "native_source",
     "normalize_image",
     "prepare_image",
     "prepare_image_with_box",
+    "prepare_image_with_source",
     "preprocess_image",
     "scale_to_unit_range",
+    "source_side_px",
     "squish",
     "to_prepared_fraction",
 ]
@@ -177,12 +182,47 @@ def prepare_image_with_box(
     The box (half-open, pixels of ``image``) is what maps a point of the original image into
     the prepared square (:func:`to_prepared_fraction`).
     """
+    prepared, box, _ = prepare_image_with_source(image, params, None)
+    return prepared, box
+
+
+def prepare_image_with_source(
+    image: np.ndarray, params: PreprocessParams, source_px: int | None
+) -> tuple[np.ndarray, tuple[int, int, int, int], np.ndarray | None]:
+    """:func:`prepare_image_with_box` and, with ``source_px``, the same foreground crop
+    *not* squished (:func:`native_source`): what a setting reader reads at the X-ray's own
+    pixels. One pass over the image for both, so the two can never disagree on the crop."""
     unit = scale_to_unit_range(image)
     box = foreground_box(unit, params.background_threshold, params.min_foreground_fraction)
     top, bottom, left, right = box
+    foreground = unit[top:bottom, left:right]
     # Bilinear resampling can overshoot by rounding only; clip keeps the [0, 1] contract.
-    prepared = np.clip(squish(unit[top:bottom, left:right], params.size_px), 0.0, 1.0)
-    return prepared, box
+    prepared = np.clip(squish(foreground, params.size_px), 0.0, 1.0)
+    source = None if source_px is None else native_source(foreground, source_px)
+    return prepared, box, source
+
+
+def source_side_px(crop_px: int, fraction: float) -> int:
+    """The geometric-mean side (pixels) a source needs for a reader that sees ``fraction`` of
+    it at ``crop_px`` pixels: its crops are then never shrunk (:func:`native_source`)."""
+    return math.ceil(crop_px / fraction)
+
+
+def native_source(foreground: np.ndarray, side_px: int) -> np.ndarray:
+    """The X-ray's foreground crop (scaled to [0, 1]) at its own pixels and aspect, shrunk
+    (antialiased, aspect kept) only where the geometric mean of its sides exceeds
+    ``side_px``: a reader that sees ``fraction`` of that side at ``n`` px needs no more than
+    ``n / fraction`` (more would be thrown away by its resampling, and cost memory).
+    Float32 in [0, 1]; a point at fraction ``(fx, fy)`` of the prepared square lies at the
+    same fractions of it (both are the same crop)."""
+    height, width = foreground.shape
+    scale = min(1.0, side_px / math.sqrt(height * width))
+    if scale >= 1.0:
+        return np.clip(foreground.astype(np.float32, copy=True), 0.0, 1.0)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    pil = Image.fromarray(np.ascontiguousarray(foreground, dtype=np.float32), mode="F")
+    shrunk = pil.resize(size, resample=Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(shrunk, dtype=np.float32), 0.0, 1.0)
 
 
 def prepare_image(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
