@@ -192,6 +192,15 @@ def train(
             "slower; docs/TRAINING.md, 'Test-time views').",
         ),
     ] = None,
+    reader_native: Annotated[
+        bool | None,
+        typer.Option(
+            "--reader-native/--reader-square",
+            help="Read the setting at the X-ray's own pixels (the cpu profile's) or on the "
+            "squished square the classifier sees (docs/TRAINING.md, 'At the X-ray's own "
+            "pixels').",
+        ),
+    ] = None,
 ) -> None:
     """Train the paper's 5-fold recipe and publish a model version."""
     from training.fitting.config import RecipeConfig, recipe_request
@@ -205,6 +214,7 @@ def train(
         "pretrained": False if from_scratch else None,
         "reader_epochs": reader_epochs,
         "test_views": test_views,
+        "reader_native": reader_native,
     }
     try:
         # Enqueued, "auto" is decided by the worker that plans the run, not by this machine.

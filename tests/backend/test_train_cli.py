@@ -17,7 +17,7 @@ from training.fitting.config import resolve_recipe
 VALVE_ID = Path(sys.executable).with_name("valve-id")
 
 
-def test_train_enqueues_the_reader_epochs_and_test_views_it_was_given(
+def test_train_enqueues_the_reader_settings_and_test_views_it_was_given(
     tmp_path: Path, redis_url: str
 ) -> None:
     """A project with a few hundred X-rays per valve model reads better with more reader
@@ -35,6 +35,7 @@ def test_train_enqueues_the_reader_epochs_and_test_views_it_was_given(
             "40",
             "--test-views",
             "8",
+            "--reader-square",
         ],
         env={**base, "VALVE_ID_STATE_DIR": str(tmp_path / "state"), "REDIS_URL": own_db},
         cwd=tmp_path,
@@ -48,7 +49,7 @@ def test_train_enqueues_the_reader_epochs_and_test_views_it_was_given(
     plan = Job.fetch(plan_id, connection=redis)
     request = plan.args[4]
     redis.flushdb()
-    assert request["overrides"] == {"reader_epochs": 40, "test_views": 8}
+    assert request["overrides"] == {"reader_epochs": 40, "test_views": 8, "reader_native": False}
     recipe = resolve_recipe(request)
-    assert recipe.reader_epochs == 40 and recipe.test_views == 8
+    assert recipe.reader_epochs == 40 and recipe.test_views == 8 and not recipe.reader_native
     assert recipe.reader_lr_max == 3e-3
