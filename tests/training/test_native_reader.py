@@ -178,3 +178,54 @@ def test_the_recipe_keeps_sources_only_for_a_native_setting_reader() -> None:
     assert cpu.with_overrides(reader_native=False).reader_source_px(True) is None
     assert cpu.with_overrides(reader_epochs=0).reader_source_px(True) is None
     assert cpu.with_overrides(design="whole_image").reader_source_px(True) is None
+
+
+@pytest.mark.slow
+def test_a_run_keeps_each_xrays_source_and_its_version_reads_them(tmp_path: Path) -> None:
+    """The whole path on synthetic DICOM files: a locate-then-classify run with setting
+    scales caches each X-ray's source beside its prepared square, its folds' readers read
+    them (in and out of fold), and the published version reads a new X-ray's own."""
+    from backend.service.predictor import Prediction, Predictor
+    from training.fitting.run import run_in_process
+    from training.shared.dataset import load_manifest
+    from training.shared.labels import load_label_config
+    from training.shared.registry import ModelRegistry
+    from training.synthetic import VALVE_CLASSES, generate_dataset
+
+    root = Path(__file__).resolve().parents[2]
+    data = tmp_path / "data"
+    mix = {c: 1.0 for c in VALVE_CLASSES}
+    generate_dataset(data, 16, seed=3, class_mix=mix, size_range_px=(192, 256), workers=1)
+    label_config = load_label_config(root / "label_config.xml")
+    recipe = RecipeConfig.from_profile(
+        "cpu",
+        design="locate_classify",
+        image_size_px=192,
+        locator_px=96,
+        locator_epochs=2,
+        crop_fraction=0.25,
+        crop_px=48,
+        epochs=1,
+        reader_epochs=1,
+        reader_fraction=0.2,
+        reader_px=32,
+        n_folds=2,
+        gradcam_per_class=0,
+    )
+    registry = ModelRegistry(tmp_path / "models")
+    staging = registry.staging("native")
+    cache = tmp_path / "cache"
+    items = load_manifest(data, label_config.classes)
+    run_in_process(
+        staging, items, label_config, recipe, source="t", cache_dir=cache, run_id="native"
+    )
+    assert len(list(cache.rglob("*.source160.npy"))) == len(items)  # 32 px / 0.2
+    fold = load_checkpoint(staging / "weights" / "fold_0.pt")
+    assert isinstance(fold, LocateClassifyNet) and fold.params.reader_native
+    assert fold.params.source_px == 160 and fold.params.settings
+    registry.publish(staging, version_id="native")
+    image = Path(items[0].path).read_bytes()
+    with Predictor(registry.root, device="cpu", gate_settings=False) as predictor:
+        (result,) = predictor.predict([image])
+    assert isinstance(result, Prediction)
+    assert set(result.settings) == {valve for valve, _ in fold.params.settings}

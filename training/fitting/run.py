@@ -182,8 +182,11 @@ def plan_run(
     return plan
 
 
-def _load_plan(run_dir: Path, cache_dir: Path | None) -> tuple[dict, PreparedImages, np.ndarray]:
-    """The plan, its prepared images (cache hits) and label ids, checked against the hashes."""
+def _load_plan(
+    run_dir: Path, cache_dir: Path | None, *, sources: bool = False
+) -> tuple[dict, PreparedImages, np.ndarray]:
+    """The plan, its prepared images (cache hits) and label ids, checked against the hashes;
+    with ``sources``, also each image's source where the run's setting reader reads them."""
     from training.fitting.config import RecipeConfig
 
     plan = read_json(run_dir / RUN_FILE)
@@ -200,7 +203,7 @@ def _load_plan(run_dir: Path, cache_dir: Path | None) -> tuple[dict, PreparedIma
         for p, s in zip(plan["paths"], plan["snapshot"], strict=True)
     ]
     recipe = RecipeConfig.from_dict(plan["recipe"])
-    source_px = recipe.reader_source_px(bool(plan.get("settings")))
+    source_px = recipe.reader_source_px(bool(plan.get("settings"))) if sources else None
     prepared = prepare_images(items, params, cache_dir, source_px=source_px)
     if prepared.hashes != [s["sha256"] for s in plan["snapshot"]]:
         raise DatasetError("images changed on disk since the run was planned; start a new run")
@@ -251,7 +254,7 @@ def train_fold_stage(
     from training.fitting.recipe import train_fold
     from training.shared.model import save_checkpoint
 
-    plan, prepared, labels = _load_plan(run_dir, cache_dir)
+    plan, prepared, labels = _load_plan(run_dir, cache_dir, sources=True)
     config = RecipeConfig.from_dict(plan["recipe"])
     train_idx, val_idx = _fold_indices(run_dir, plan, fold)
     extra: dict[str, np.ndarray] = {}
