@@ -221,11 +221,11 @@ def crop_around(
     values. ``angles`` ``(B,)`` (rad, x right, y down) turn each window so that the image
     direction at that angle becomes the crop's x axis.
 
-    ``aspects`` ``(B,)``: width / height of the image each one shows (the X-ray's foreground
-    before it was squished, :func:`image_aspects`). The window is then square *on that
-    image*, ``fraction`` × the geometric mean of its sides: the squish undone, so angles
-    (a rotor's, relative to the valve's axis) are the X-ray's own. Without it the window is
-    square on the tensor, the only choice for a square image.
+    ``aspects`` ``(B,)``: width / height of the X-ray each image shows (its foreground before
+    any squish; a source's own shape). The window is then square *on that X-ray*,
+    ``fraction`` × the geometric mean of its sides: a squish undone, so angles (a rotor's,
+    relative to the valve's axis) are the X-ray's own. Without it the window is square on
+    the tensor.
     """
     squeeze = images.dim() == 3
     x = images.unsqueeze(1) if squeeze else images
