@@ -335,7 +335,9 @@ def train_two_stage_fold(
             reader.to(memory_format=torch.channels_last).train(),
             readable,
             read_loss,
-            lambda rows, at: params.reader_crop(all_images[rows].float(), at, sources_of(rows)),
+            lambda rows, at: params.reader_crop(
+                None if params.reader_native else all_images[rows].float(), at, sources_of(rows)
+            ),
             config.reader_epochs if len(readable) >= 2 else 0,
             lambda _epoch, loss: losses.append(loss),
             params.reader_views(),

@@ -165,14 +165,15 @@ class TwoStageParams:
 
     def reader_crop(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | None,
         centres: torch.Tensor,
         sources: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The setting reader's window around ``centres``, turned as this version was trained
         (:func:`upright_crop` or :func:`crop_around`): of ``images`` (the prepared squares),
         or, where it reads at the X-ray's own pixels (:attr:`reader_native`), of
-        ``sources`` (each ``(H, W)`` in [0, 1], the same crop unsquished)."""
+        ``sources`` (each ``(H, W)`` in [0, 1], the same crop unsquished; ``images`` is not
+        read then and may be None)."""
         size = (self.reader_fraction, self.reader_px)
         if self.reader_native:
             if sources is None:
@@ -181,6 +182,8 @@ class TwoStageParams:
                     "image's source (prepare_image_with_source)"
                 )
             return native_crops(sources, centres, *size, self.reader_upright, self.reader_directed)
+        if images is None:
+            raise ValueError("this version reads settings on the prepared square: pass the images")
         if not self.reader_upright:
             return crop_around(images, centres, *size)
         return upright_crop(images, centres, *size, directed=self.reader_directed)
