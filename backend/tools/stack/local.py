@@ -538,7 +538,6 @@ def _bootstrap(
     from backend.service.labelstudio import label_studio_client
     from backend.settings import Settings
     from training.shared.labels import load_label_config
-    from training.shared.registry import ModelRegistry
     from training.synthetic import BALANCED_CLASS_MIX, generate_dataset
 
     settings = Settings.from_env(env)
@@ -567,7 +566,7 @@ def _bootstrap(
             description=bootstrap.backend_description(settings.retrain_every_n_labels),
         )
         view_id = label_studio_client(settings).ensure_review_view(project_id)
-        served = ModelRegistry(settings.models).current()
+        served = settings.open_registry().current()
         redis = Redis.from_url(settings.redis_url)
         try:
             if bootstrap.start_first_training(
@@ -656,7 +655,6 @@ def served_demo_accuracy(options: StackOptions) -> DemoAccuracy | None:
     """The served version's accuracy on the unlabelled demo tasks (None if nothing to say)."""
     from backend.settings import Settings
     from training.shared.labels import load_label_config
-    from training.shared.registry import ModelRegistry
 
     paths = StackPaths.of(options)
     ls = _alive(paths, "label-studio")
@@ -666,7 +664,7 @@ def served_demo_accuracy(options: StackOptions) -> DemoAccuracy | None:
     if not (paths.demo / "manifest.csv").is_file():
         return None
     settings = Settings.from_env({**options.environ, "VALVE_ID_STATE_DIR": str(paths.state)})
-    served = ModelRegistry(settings.models).current()
+    served = settings.open_registry().current()
     if served is None:
         return None
     values = _read_env_file(paths.secrets)
