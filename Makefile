@@ -1,10 +1,11 @@
 # valve-id: the two commands of the README, and a few helpers.
-#   make demo   set up, generate the bundled synthetic demo data set and preview it
+#   make demo   set up, (re)generate the bundled synthetic demo data set and preview it
 #   make test   set up, lint and type-check, run the whole test suite
 #   make up     set up, start the local stack (Label Studio, Redis, backend, workers) and the demo
 #   make down   stop exactly what `make up` started
 VALVE_ID_VENV ?= .venv
-STATE_DIR ?= state
+# Where `up`, `down`, `demo` and `clean` keep everything: VALVE_ID_STATE_DIR if set, else state/.
+STATE_DIR ?= $(or $(VALVE_ID_STATE_DIR),state)
 DEMO_N ?= 200
 DEMO_SEED ?= 0
 export VALVE_ID_VENV
@@ -22,7 +23,7 @@ system:
 	scripts/setup-system.sh
 
 demo: setup
-	$(VALVE_ID) demo-data --out $(STATE_DIR)/demo-data --n $(DEMO_N) --seed $(DEMO_SEED)
+	$(VALVE_ID) demo-data --out $(STATE_DIR)/demo-data --n $(DEMO_N) --seed $(DEMO_SEED) --overwrite
 	$(VALVE_ID) preview $(STATE_DIR)/demo-data/manifest.csv --out $(STATE_DIR)/demo-data/preview.png
 
 # pytest exits 5 when it collected no test: that is a failure here, like any non-zero code.
