@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements, in order of what they are worth, each resumable:
 #   bash benchmarks/gpu_suite.sh RESULTS_DIR [WORK_DIR]
+# 0. the CUDA-only tests (tests/training/test_native_reader.py -k cuda, seconds);
 # 1. bench_training --device cuda (recipe vs model-only throughput, ~1 min);
 # 2. bench_paper_profile: the paper profile, 959 synthetic X-rays, 5 folds (~10 min on an H200);
 # 3. bench_paper_profile --profile cpu on the same data (what `auto` trains on a GPU worker
@@ -18,6 +19,9 @@ export PYTHONUNBUFFERED=1
 "$py" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" ||
   { echo "gpu_suite: no CUDA device here; these are GPU measurements" >&2; exit 2; }
 mkdir -p "$results" "$work"
+# 0. the tests that need CUDA (seconds): a device mix-up fails here, not ten minutes into a run
+"$py" -m pytest -q -p no:cacheprovider -m "not slow" tests/training/test_native_reader.py \
+  -k cuda 2>&1 | tee "$results/cuda-tests.txt" | tail -3
 if [ ! -f "$work/throughput.done" ]; then
   "$py" -m benchmarks.bench_training --device cuda --markdown "$results/tables.md" &&
     touch "$work/throughput.done"

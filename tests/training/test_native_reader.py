@@ -23,6 +23,7 @@ from training.shared.locate_classify import (
     crop_around,
     native_crops,
     principal_axis,
+    upright_crop,
 )
 from training.shared.model import load_checkpoint, save_checkpoint
 from training.shared.preprocess import (
@@ -95,6 +96,84 @@ def test_native_crops_read_each_source_at_the_prepared_squares_fractions() -> No
     assert abs(math.degrees(float(principal_axis(turned)[0]))) < 3
     with pytest.raises(ValueError, match="2 sources for 1 centres"):
         native_crops(sources, centre, 0.3, 64, upright=False, directed=False)
+
+
+def _whole_source_crops(
+    sources: list[torch.Tensor],
+    centres: torch.Tensor,
+    fraction: float,
+    px: int,
+    directed: bool | None,
+) -> list[torch.Tensor]:
+    """The reference: each crop cut from the whole source (what native_crops did before it
+    cut only the part a crop can reach)."""
+    out = []
+    for source, centre in zip(sources, centres, strict=True):
+        image = source.float()[None]
+        aspect = torch.tensor([image.shape[-1] / image.shape[-2]])
+        at = (image, centre[None], fraction, px)
+        out.append(
+            (
+                upright_crop(*at, directed, aspect)
+                if directed is not None
+                else crop_around(*at, None, aspect)
+            )[0]
+        )
+    return out
+
+
+@pytest.mark.parametrize("upright", [False, True])
+def test_native_crops_equal_crops_of_the_whole_source_wherever_the_centre_lies(
+    upright: bool,
+) -> None:
+    """native_crops converts and samples only the part of a radiograph its window can reach
+    at any angle; that must give the same pixels as the whole source, also where the window
+    leaves the X-ray (centres on and beyond the edges, as jitter and a stray locator give)."""
+    generator = torch.Generator().manual_seed(3)
+    sources, centres = [], []
+    for height, width in ((600, 900), (1000, 400), (257, 263), (40, 1200)):
+        coarse = torch.rand(1, 1, height // 4 + 2, width // 4 + 2, generator=generator)
+        image = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear")[0, 0]
+        image[height // 3 : height // 2, width // 4 : width // 2] += 0.5  # a structure to turn
+        # Turned upright only inside the X-ray: a window of border padding has no axis.
+        inside = [[0.5, 0.5], [0.3, 0.8], [0.85, 0.37]]
+        edges = [[0.0, 0.0], [1.0, 0.37], [0.3, 1.0], [-0.05, 0.6], [0.98, 1.04]]
+        at_least = inside if upright else inside + edges
+        sources += [image.clamp(0, 1).half()] * len(at_least)
+        centres += at_least
+    at = torch.tensor(centres)
+    for fraction in (0.08, 0.3):
+        got = native_crops(sources, at, fraction, 32, upright=upright, directed=upright)
+        expected = _whole_source_crops(sources, at, fraction, 32, True if upright else None)
+        for crop, reference in zip(got, expected, strict=True):
+            if upright:  # the axes agree to ~1e-4 rad, which moves a crop a little
+                assert torch.allclose(crop, reference, atol=2e-3)
+            else:
+                assert torch.allclose(crop, reference, atol=2e-4)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu_suite.sh runs it)"
+)
+def test_on_cuda_the_reader_reads_sources_for_centres_from_the_cpu() -> None:
+    """The out-of-fold pass hands the network its input on the GPU and centres from the CPU;
+    the native crops must land on the network's device (they once stayed on the CPU, and
+    every fold of a GPU run with setting scales died after training its reader)."""
+    layout = (("a", ("1", "2")),)
+    params = TwoStageParams(
+        locator_px=64,
+        crop_fraction=0.3,
+        crop_px=48,
+        reader_px=32,
+        settings=layout,
+        reader_native=True,
+    )
+    net = LocateClassifyNet(2, params).eval().cuda()
+    x = torch.rand(2, 3, 96, 96, device="cuda")
+    with torch.inference_mode():
+        answer = net.answer(x, torch.tensor([[0.4, 0.6], [0.5, 0.5]]), [torch.rand(90, 120)] * 2)
+    assert answer.setting_logits is not None
+    assert answer.setting_logits.device.type == "cuda"
 
 
 def test_the_source_is_the_foreground_at_its_own_pixels_and_capped_where_unused() -> None:

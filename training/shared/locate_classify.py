@@ -306,15 +306,40 @@ def native_crops(
     if len(sources) != len(centres):
         raise ValueError(f"{len(sources)} sources for {len(centres)} centres")
     crops = []
-    for source, centre in zip(sources, centres, strict=True):
-        image = source.to(centre.device).float()[None]
-        aspect = torch.tensor([image.shape[-1] / image.shape[-2]], device=centre.device)
-        at = (image, centre[None], fraction, size_px)
+    for source, (fx, fy) in zip(sources, centres.detach().float().cpu().tolist(), strict=True):
+        window, centre, window_fraction = _window_around(source, fx, fy, fraction)
+        image = window.to(centres.device).float()[None]
+        aspect = torch.tensor([image.shape[-1] / image.shape[-2]], device=centres.device)
+        at = (image, centre.to(centres.device), window_fraction, size_px)
         crop = upright_crop(*at, directed, aspect) if upright else crop_around(*at, None, aspect)
         crops.append(crop[0])
     if not crops:
         return torch.zeros(0, size_px, size_px, device=centres.device)
     return torch.stack(crops)
+
+
+def _window_around(
+    source: torch.Tensor, fx: float, fy: float, fraction: float
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The part of ``source`` ``(H, W)`` that any crop of ``fraction`` × its geometric-mean
+    side around ``(fx, fy)``, turned to any angle, samples from; that centre as fractions of
+    the part, and the fraction of the part's geometric-mean side that gives the same window.
+
+    Cropping the part gives the same pixels as cropping the whole source (a window that
+    leaves the source leaves it where the part does, so the border padding repeats the same
+    edge) while converting and resampling only a few hundred pixels, not a whole radiograph.
+    """
+    height, width = source.shape[-2:]
+    side = fraction * math.sqrt(height * width)
+    reach = side * math.sqrt(0.5) + 2  # a turned square's half-diagonal, and bilinear's pixel
+    cx, cy = fx * width, fy * height  # continuous pixel coordinates (align_corners=False)
+    x0 = min(max(math.floor(cx - reach), 0), width - 1)
+    x1 = max(min(math.ceil(cx + reach), width), x0 + 1)
+    y0 = min(max(math.floor(cy - reach), 0), height - 1)
+    y1 = max(min(math.ceil(cy + reach), height), y0 + 1)
+    w, h = x1 - x0, y1 - y0
+    centre = torch.tensor([[(cx - x0) / w, (cy - y0) / h]], dtype=torch.float32)
+    return source[..., y0:y1, x0:x1], centre, side / math.sqrt(w * h)
 
 
 def upright_crop(
@@ -461,7 +486,8 @@ class LocateClassifyNet(nn.Module):
     ) -> torch.Tensor:
         """The reader's input: its crop of the network input ``x`` (normalised already), or of
         the ``sources`` (in [0, 1]: normalised here, as the prepared squares were)."""
-        crops = self.params.reader_crop(x, centres, sources)
+        # Native crops are cut where the centres are: on the network's device, like x's.
+        crops = self.params.reader_crop(x, centres.to(x.device), sources)
         if self.params.reader_native:
             crops = normalize_image(crops, self._reader_input)
         return crops.to(x.dtype).contiguous(memory_format=torch.channels_last)
