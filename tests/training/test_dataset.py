@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from training.shared import dataset
-from training.shared.dataset import LabelledImage, load_manifest, prepare_images
+from training.shared.dataset import CachedSources, LabelledImage, load_manifest, prepare_images
 from training.shared.errors import DatasetError
 from training.shared.preprocess import PreprocessParams
 
@@ -319,6 +319,9 @@ def test_sources_are_kept_only_when_asked_cached_beside_and_follow_the_kept_item
     assert sorted(decodes) == ["a.png", "b.png"]  # once per file, for its source
     assert [i.key for i in with_sources.items] == [i.key for i in items]
     assert with_sources.sources is not None and len(with_sources.sources) == 4
+    # With a cache folder the sources stay there (a radiograph's is megabytes), read on use.
+    assert isinstance(with_sources.sources, CachedSources)
+    assert all(isinstance(s, np.memmap) for s in with_sources.sources)
     # _png: the foreground is rows 10..30, columns 10..50, at its own 20 x 40 pixels.
     assert all(s.shape == (20, 40) and s.dtype == np.float16 for s in with_sources.sources)
     assert float(with_sources.sources[0].max()) == 1.0

@@ -224,10 +224,12 @@ def train_two_stage_fold(
     weights = class_weights(labels[train_idx], num_classes)
     autocast = autocast_for(device, config.mixed_precision)
     all_images = torch.from_numpy(np.ascontiguousarray(images))
-    all_sources = None if sources is None else [torch.from_numpy(np.asarray(s)) for s in sources]
 
     def sources_of(rows: np.ndarray) -> list[torch.Tensor] | None:
-        return None if all_sources is None else [all_sources[int(i)] for i in rows]
+        """The rows' sources, fetched per batch (a cache's are read on use, not held)."""
+        if sources is None:
+            return None
+        return [torch.from_numpy(np.asarray(sources[int(i)])) for i in rows]
 
     known = ~np.isnan(centres).any(axis=1)
     history: list[dict[str, Any]] = []

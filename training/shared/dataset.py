@@ -35,6 +35,7 @@ from training.shared.preprocess import (
 
 __all__ = [
     "MANIFEST_NAME",
+    "CachedSources",
     "LabelledImage",
     "PreparedImages",
     "content_hash",
@@ -237,6 +238,26 @@ def _load_box(path: Path) -> _Box | None:
     return top, bottom, left, right
 
 
+class CachedSources(Sequence[np.ndarray]):
+    """Sources read from the cache each time one is used, not held in memory.
+
+    A radiograph's source is up to ``source_side_px``² float16 (5 MB at the cpu profile's
+    1600 px): a thousand held at once would be gigabytes, for a reader that samples a window
+    of a few hundred pixels around the valve from each. Each item is memory-mapped
+    copy-on-write (writable for torch, never written back) and unmapped once dropped, so
+    only the pages a crop touches are read.
+    """
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
+        return np.load(self.paths[index], mmap_mode="c")
+
+
 @dataclass(init=False)  # own __init__: ``centres``/``boxes`` may be left out (all unknown)
 class PreparedImages:
     """Network-ready arrays of a snapshot, with the items that could not be used."""
@@ -259,10 +280,11 @@ class PreparedImages:
     """``(N, 4)`` float32 foreground crop ``(top, bottom, left, right)`` in pixels of each
     decoded image (turns prepared fractions back into original pixels); NaN where unknown."""
 
-    sources: list[np.ndarray] | None
+    sources: Sequence[np.ndarray] | None
     """Each item's foreground at its own pixels, unsquished (float16 in [0, 1],
     :func:`~training.shared.preprocess.native_source`): what a setting reader that reads
-    at the X-ray's own pixels crops. None unless asked for (``prepare_images(source_px=)``)."""
+    at the X-ray's own pixels crops. None unless asked for (``prepare_images(source_px=)``);
+    with a cache folder read from it on use (:class:`CachedSources`), else held."""
 
     def __init__(
         self,
@@ -272,7 +294,7 @@ class PreparedImages:
         failures: dict[str, str],
         centres: np.ndarray | None = None,
         boxes: np.ndarray | None = None,
-        sources: list[np.ndarray] | None = None,
+        sources: Sequence[np.ndarray] | None = None,
     ) -> None:
         self.items = items
         self.arrays = arrays
@@ -293,12 +315,25 @@ class _Prepared(NamedTuple):
     digest: str
     array: np.ndarray
     box: _Box | None
-    source: np.ndarray | None
+    source: np.ndarray | Path | None
+    """The source itself, or (with a cache folder) the cache file that holds it."""
 
 
 def _source_path(cached: Path, source_px: int) -> Path:
     """``<hash>.source<px>.npy`` beside ``<hash>.npy``: the unsquished foreground (float16)."""
     return cached.with_name(cached.name[: -len(".npy")] + f".source{source_px}.npy")
+
+
+def _readable_array(path: Path) -> bool:
+    """Whether ``path`` holds an array (its header is read, not its data)."""
+    if not path.is_file():
+        return False
+    try:
+        np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        logger.warning("cache entry %s is unreadable; decoding again", path.name)
+        return False
+    return True
 
 
 def _load_array(path: Path) -> np.ndarray | None:
@@ -325,20 +360,22 @@ def _prepare_one(
     if cached is not None:
         array = _load_array(cached)
         box = _load_box(_box_path(cached))
-        source = None if source_px is None else _load_array(_source_path(cached, source_px))
+        source = None if source_px is None else _source_path(cached, source_px)
         complete = (box is not None or item.valve_xy is None) and (
-            source_px is None or source is not None
+            source is None or _readable_array(source)
         )
         if array is not None and complete:
             return _Prepared(digest, array, box, source)
         # Not cached, or cached before crops or sources were kept: decode (once more).
-    array, box, shape, source = _decode(item, params, source_px)
-    if cached is not None:
-        _atomic_save(cached, array)
-        _save_box(_box_path(cached), box, shape)
-        if source is not None and source_px is not None:
-            _atomic_save(_source_path(cached, source_px), source)
-    return _Prepared(digest, array, box, source)
+    array, box, shape, decoded = _decode(item, params, source_px)
+    if cached is None:
+        return _Prepared(digest, array, box, decoded)
+    _atomic_save(cached, array)
+    _save_box(_box_path(cached), box, shape)
+    if decoded is None or source_px is None:
+        return _Prepared(digest, array, box, None)
+    _atomic_save(_source_path(cached, source_px), decoded)
+    return _Prepared(digest, array, box, _source_path(cached, source_px))
 
 
 def _prepare_or_reason(
@@ -389,7 +426,8 @@ def prepare_images(
     the prepared square (:attr:`PreparedImages.centres`) from the crop cached beside the array.
     ``workers`` processes decode (default :func:`training.shared.parallel.default_workers`);
     the result is the same whatever their number. With ``source_px`` each image's
-    unsquished foreground is kept too (:attr:`PreparedImages.sources`; cached beside).
+    unsquished foreground is kept too (:attr:`PreparedImages.sources`; cached beside, and
+    then read from the cache when used rather than held).
     """
     todo = list(items)
     cache = Path(cache_dir) if cache_dir is not None else None
@@ -399,6 +437,7 @@ def prepare_images(
     centres: list[tuple[float, float]] = []
     boxes: list[tuple[float, ...]] = []
     sources: list[np.ndarray] = []
+    cached_sources: list[Path] = []
     failures: dict[str, str] = {}
     jobs = [(item, params, cache, source_px) for item in todo]
     results = ordered_map(_prepare_or_reason, jobs, workers)
@@ -408,7 +447,9 @@ def prepare_images(
             failures[item.key] = result
         else:
             digest, array, box, source = result
-            if source is not None:
+            if isinstance(source, Path):
+                cached_sources.append(source)
+            elif source is not None:
                 sources.append(source)
             kept.append(item)
             arrays.append(array)
@@ -426,5 +467,11 @@ def prepare_images(
         failures=failures,
         centres=np.asarray(centres, dtype=np.float32).reshape(len(kept), 2),
         boxes=np.asarray(boxes, dtype=np.float32).reshape(len(kept), 4),
-        sources=sources if source_px is not None else None,
+        sources=(
+            None
+            if source_px is None
+            else CachedSources(cached_sources)
+            if cache is not None
+            else sources
+        ),
     )
