@@ -557,6 +557,12 @@ def _load_served(
                 f"fold classes {model.classes} differ from {CONFIG_FILE}'s {list(config.classes)}",
                 source=str(path / "weights"),
             )
+    if len({_how_it_reads(model) for model in models}) > 1:  # served as one, from models[0]
+        raise ModelLoadError(
+            "the fold networks read settings differently (scales, or square vs the X-ray's "
+            "own pixels): they come from different runs; train the version again",
+            source=str(path / "weights"),
+        )
     served = _Served(
         version=version_id,
         classes=config.classes,
@@ -578,6 +584,13 @@ def _load_served(
     if compile:  # compile now, while the previous version still serves
         _warm_up(served, device, warmup_batch, fast_path)
     return served
+
+
+def _how_it_reads(model: nn.Module) -> tuple[str, SettingLayout, int | None]:
+    """What of a fold network the version serves from its first fold alone."""
+    if isinstance(model, LocateClassifyNet):
+        return "locate_classify", model.params.settings, model.params.source_px
+    return "whole_image", (), None
 
 
 def _setting_layout(model: nn.Module) -> SettingLayout:

@@ -855,8 +855,10 @@ def _publish_two_stage(
     version: str,
     settings: tuple[tuple[str, tuple[str, ...]], ...] = (),
     read: dict[str, dict[str, float]] | None = None,
-    native: bool = False,
+    native: bool | tuple[bool, bool] = False,
 ) -> None:
+    from dataclasses import replace
+
     from training.shared.locate_classify import LocateClassifyNet, TwoStageParams
 
     staging = registry.staging(version)
@@ -868,11 +870,11 @@ def _publish_two_stage(
         settings=settings,
         reader_fraction=0.4,
         reader_px=16,
-        reader_native=native,
     )
     torch.manual_seed(5)
     for k in range(2):
-        model = LocateClassifyNet(len(CLASSES), params)
+        fold_native = native if isinstance(native, bool) else native[k]
+        model = LocateClassifyNet(len(CLASSES), replace(params, reader_native=fold_native))
         save_checkpoint(model, staging / "weights" / f"fold_{k}.pt", classes=CLASSES)
     config = {
         "format": 1,
@@ -890,6 +892,17 @@ def _publish_two_stage(
         metrics["settings"] = read
     (staging / "metrics.json").write_text(json.dumps(metrics))
     registry.publish(staging, version_id=version)
+
+
+def test_folds_that_read_settings_differently_are_not_served(registry: ModelRegistry) -> None:
+    """The version serves its folds' reading (scales, square or own pixels) from the first
+    fold; folds that disagree (runs mixed by hand, or a run straddling an upgrade) would
+    fail every request, so the version fails to load instead, with one line."""
+    scale = ("1", "2", "3")
+    _publish_two_stage(registry, "vmix", ((CLASSES[0], scale),), native=(False, True))
+    with _predictor(registry) as predictor:
+        assert predictor.version is None
+        assert "fold networks read settings differently" in (predictor.load_error or "")
 
 
 def test_a_locate_then_classify_version_is_served_like_any_other(
