@@ -372,10 +372,11 @@ def _prepare_one(
         return _Prepared(digest, array, box, decoded)
     _atomic_save(cached, array)
     _save_box(_box_path(cached), box, shape)
-    if decoded is None or source_px is None:
+    if decoded is None or source_px is None:  # (both or neither: source_px asks for it)
         return _Prepared(digest, array, box, None)
-    _atomic_save(_source_path(cached, source_px), decoded)
-    return _Prepared(digest, array, box, _source_path(cached, source_px))
+    source_file = _source_path(cached, source_px)
+    _atomic_save(source_file, decoded)
+    return _Prepared(digest, array, box, source_file)
 
 
 def _prepare_or_reason(
