@@ -155,7 +155,8 @@ def test_missing_file_is_a_label_config_error(tmp_path: Path) -> None:
 
 def test_each_valve_model_has_one_reading_guide_shown_only_when_it_is_chosen() -> None:
     """docs/READING_GUIDES.md: a guide is a view that Label Studio shows while its model is
-    the ``valve`` choice; it names its source and says it is not verified yet."""
+    the ``valve`` choice; it names its source and says what of it was checked against that
+    source and what was not."""
     config = load_label_config(ROOT / "label_config.xml")
     guides = [
         el
@@ -167,7 +168,8 @@ def test_each_valve_model_has_one_reading_guide_shown_only_when_it_is_chosen() -
     assert sorted(shown_for) == sorted(PAPER_CLASSES)  # not "Other valve", "Not assessable"
     for guide in guides:
         text = " ".join(el.get("value") or "" for el in guide.iter())
-        assert "Instructions for Use" in text and "Not yet verified against the IFU" in text
+        assert "Instructions for Use" in text
+        assert "Checked against the IFU:" in text and "Not yet verified against the IFU:" in text
         assert "Scale:" in text and "On the X-ray:" in text
         (picture,) = [el for el in guide.iter() if el.tag == "Image"]
         assert picture.get("value", "").startswith("/data/local-files/?d=valve-id-guides/")
