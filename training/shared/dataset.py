@@ -185,9 +185,17 @@ def content_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+CACHE_VERSION = 1
+"""Part of every cache key: bump it when decoding (:mod:`training.shared.dicom`) or preparing
+(:mod:`training.shared.preprocess`) changes what a file becomes, so that no run trains on
+arrays the serving code would no longer make from the same file."""
+
+
 def _params_digest(params: PreprocessParams) -> str:
-    """Only the parameters that change the prepared array (not the normalisation)."""
+    """The code's version and the parameters that change the prepared array (not the
+    normalisation)."""
     relevant = {
+        "version": CACHE_VERSION,
         "size_px": params.size_px,
         "background_threshold": params.background_threshold,
         "min_foreground_fraction": params.min_foreground_fraction,

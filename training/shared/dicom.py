@@ -39,7 +39,8 @@ Everything that cannot become an image raises :class:`~training.shared.errors.Im
 (or :class:`~training.shared.errors.UnsupportedImageError` for valid files of a kind we cannot
 decode) naming the file; the pydicom/Pillow exception is kept as ``__cause__``. No
 message or log line contains patient data. :func:`read_dicom_header` reads the header
-only (for SOP Instance UID, Patient ID, ...) with the same errors.
+only (for SOP Instance UID, Patient ID, ...) with the same errors. A change to the image a
+file becomes must bump :data:`training.shared.dataset.CACHE_VERSION` (training caches it).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ step 5 (:func:`normalize_image`) is cheap and may run batched on the accelerator
 point of the original image (the valve centre) into the prepared square
 (:func:`to_prepared_fraction`); :func:`prepare_image_with_source` also keeps that crop at
 the X-ray's own pixels, unsquished, for the setting reader (:func:`native_source`).
+A change to what steps 2–4 produce must bump :data:`training.shared.dataset.CACHE_VERSION`.
 """
 
 from __future__ import annotations
