@@ -22,7 +22,10 @@ The fast path (default on): channels_last weights and inputs plus bf16 autocast 
 on every forward; stored, they take half the memory, and the answers are bit for bit the
 same). It was adopted because ``tests/backend/test_predictor.py::
 test_fast_path_agrees_with_fp32_on_a_trained_model`` shows the same top-1 as eager fp32 on
-a trained model; on a CPU with AMX it is several times faster. ``compile=True`` adds
+a trained model; on a CPU with AMX it is several times faster. Autocast computes only the
+versions whose folds were trained in its dtype (each fold records its precision): a
+version trained elsewhere in fp32 or fp16 is served in fp32, since Lite0's answers change
+with the precision (:func:`_serves_in_mixed_precision`). ``compile=True`` adds
 ``torch.compile`` (inductor, ``freezing``): off by default because compiling a ResNet-34
 takes minutes on a 2-core CPU. It happens at load (a warm-up batch of ``batch_size``, then
 one image, which compiles the dynamic-batch graph every other request size uses), while the
@@ -68,7 +71,13 @@ from backend.service.ranking import (
 )
 from training.shared.dicom import load_image
 from training.shared.errors import ModelLoadError, ValveIdError
-from training.shared.inference import autocast_dtype, autocast_for, iter_batches, to_network_input
+from training.shared.inference import (
+    autocast_dtype,
+    autocast_for,
+    iter_batches,
+    precision_name,
+    to_network_input,
+)
 from training.shared.locate_classify import (
     LocateClassifyNet,
     SettingLayout,
@@ -138,6 +147,9 @@ class _Served:
     source_px: int | None = None
     """The side each X-ray's unsquished source is kept at, for a setting reader that reads
     at the X-ray's own pixels (:attr:`TwoStageParams.source_px`); None: none is kept."""
+    mixed_precision: bool = True
+    """Whether the fast path's autocast computes this version's forwards: only where its
+    folds were trained in the same precision (:func:`_serves_in_mixed_precision`)."""
 
 
 @dataclass(frozen=True)
@@ -288,7 +300,11 @@ class Predictor:
             "n_models": len(state.models) if state else 0,
             "device": str(self._device),
             "fast_path": self._fast_path,
-            "mixed_precision": _precision_name(self._device) if self._fast_path else None,
+            "mixed_precision": (
+                _precision_name(self._device)
+                if self._fast_path and (state is None or state.mixed_precision)
+                else None
+            ),
             "compiled": self._compile,
         }
 
@@ -477,7 +493,7 @@ class Predictor:
             seen = None if sources is None else [torch.from_numpy(a) for a in sources[part]]
             # One batch at a time (see the module docstring), released between batches so
             # a small request is not stuck behind a large one.
-            with self._forward_lock, autocast_for(self._device, self._fast_path):
+            with self._forward_lock, autocast_for(self._device, state.mixed_precision):
                 located: list[np.ndarray] = []
                 features: list[np.ndarray] = []
                 with torch.inference_mode():
@@ -557,6 +573,7 @@ def _load_served(
                 f"fold classes {model.classes} differ from {CONFIG_FILE}'s {list(config.classes)}",
                 source=str(path / "weights"),
             )
+    mixed = fast_path and _serves_in_mixed_precision(config, device, version_id)
     if len({_how_it_reads(model) for model in models}) > 1:  # served as one, from models[0]
         raise ModelLoadError(
             "the fold networks read settings differently (scales, or square vs the X-ray's "
@@ -569,7 +586,9 @@ def _load_served(
         params=config.preprocess,
         temperature=config.temperature,
         acquisition=resolve_acquisition(acquisition, metrics),
-        models=tuple(_for_serving(m, fast_path=fast_path, compile=compile) for m in models),
+        models=tuple(
+            _for_serving(m, fast_path=fast_path, mixed=mixed, compile=compile) for m in models
+        ),
         # _for_serving prepared models[0] in place; compiling wrapped it, not replaced it.
         explainer=None if hasattr(models[0], "locate") else models[0],
         novelty=_load_novelty(path, len(models)),
@@ -580,10 +599,26 @@ def _load_served(
             if gate_settings
             else frozenset(valve for valve, _ in _setting_layout(models[0]))
         ),
+        mixed_precision=mixed,
     )
     if compile:  # compile now, while the previous version still serves
         _warm_up(served, device, warmup_batch, fast_path)
     return served
+
+
+def _serves_in_mixed_precision(config: VersionConfig, device: torch.device, version: str) -> bool:
+    """Whether autocast may compute this version's forwards on ``device``: only when every
+    fold was trained in what it would compute in here. A Lite0 trained in fp32 and scored in
+    bf16 autocast got 73 of 79 demo X-rays right instead of 76 (docs/PERFORMANCE.md), so a
+    version trained on another machine (fp32, or fp16 on a GPU) is served in fp32 on a bf16
+    CPU. Versions that did not record their precision are served as before."""
+    recorded = {fold.precision for fold in config.folds or () if fold.precision is not None}
+    here = precision_name(device)
+    if not recorded or recorded == {here}:
+        return True
+    trained = " and ".join(sorted(recorded))
+    logger.info("version %s was trained in %s; serving it in float32 here", version, trained)
+    return False
 
 
 def _how_it_reads(model: nn.Module) -> tuple[str, SettingLayout, int | None]:
@@ -611,10 +646,15 @@ def _load_novelty(path: Path, n_folds: int) -> Novelty | None:
     return novelty
 
 
-def _for_serving(model: nn.Module, *, fast_path: bool, compile: bool) -> nn.Module:
+def _for_serving(
+    model: nn.Module, *, fast_path: bool, compile: bool, mixed: bool | None = None
+) -> nn.Module:
+    """channels_last on the fast path, and weights in the autocast dtype where autocast
+    computes the forwards (``mixed``, default: the fast path)."""
     model.eval().requires_grad_(False)
     if fast_path:
         model = model.to(memory_format=torch.channels_last)
+    if fast_path if mixed is None else mixed:
         _keep_weights_in_autocast_dtype(model)
     if compile:
         import torch._inductor.config as inductor_config
@@ -648,7 +688,7 @@ def _warm_up(served: _Served, device: torch.device, batch: int, fast_path: bool)
     size = served.params.size_px
     for n in dict.fromkeys((batch, 1)):
         dummy = torch.zeros((n, size, size), device=device)
-        with torch.inference_mode(), autocast_for(device, fast_path):
+        with torch.inference_mode(), autocast_for(device, served.mixed_precision):
             net_input = to_network_input(dummy, served.params, channels_last=fast_path)
             for model in served.models:
                 model(net_input)

@@ -664,8 +664,11 @@ def trained_registry(tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
     # Separable out-of-fold predictions drive the fitted temperature to its lower bound
     # (0.05; the report flags it), which saturates every answer, faint ones included. The
     # comparison is about numerics, not calibration: serve the raw softmax.
+    # The fast-path tests compare bf16 with fp32 on this network whatever this machine
+    # trained it in: served like a version that predates the precision record, in bf16.
     config = json.loads((staging / "config.json").read_text())
-    (staging / "config.json").write_text(json.dumps({**config, "temperature": 1.0}))
+    folds = [{**fold, "precision": None} for fold in config["folds"]]
+    (staging / "config.json").write_text(json.dumps({**config, "temperature": 1.0, "folds": folds}))
     registry.publish(staging, version_id="trained-1")
     return registry
 
@@ -856,6 +859,7 @@ def _publish_two_stage(
     settings: tuple[tuple[str, tuple[str, ...]], ...] = (),
     read: dict[str, dict[str, float]] | None = None,
     native: bool | tuple[bool, bool] = False,
+    precision: str | None = None,
 ) -> None:
     from dataclasses import replace
 
@@ -884,7 +888,9 @@ def _publish_two_stage(
         "temperature": 1.5,
         "arch": TINY_ARCH,
         "design": "locate_classify",
-        "folds": [{"fold": k, "weights": f"weights/fold_{k}.pt"} for k in range(2)],
+        "folds": [
+            {"fold": k, "weights": f"weights/fold_{k}.pt", "precision": precision} for k in range(2)
+        ],
     }
     (staging / "config.json").write_text(json.dumps(config))
     metrics = {"mean": {"f1_macro": 0.5}, "classes": CLASSES, "uncertainty": {}}
@@ -921,6 +927,37 @@ def test_a_locate_then_classify_version_is_served_like_any_other(
     for a, b in zip(fast, exact, strict=True):
         assert sum(a.probs.values()) == pytest.approx(1.0, abs=1e-4)
         assert max(abs(a.probs[c] - b.probs[c]) for c in CLASSES) < 0.05
+
+
+def test_a_version_is_served_in_the_precision_its_folds_were_trained_in(
+    registry: ModelRegistry, native_bf16: None
+) -> None:
+    """On a bf16 CPU the fast path computes in bf16 only what was trained in bf16 (or did not
+    record it); a version trained in fp32 (another machine) is served in fp32, weights
+    included, and answers as the eager fp32 path does."""
+    images = [_png(seed) for seed in range(4)]
+    for version, precision, served_in in (
+        ("vbf16", "bfloat16", "bfloat16"),
+        ("vold", None, "bfloat16"),
+        ("vfp32", "float32", None),
+        ("vfp16", "float16", None),
+    ):
+        _publish_two_stage(registry, version, precision=precision)
+        with _predictor(registry) as predictor:
+            assert predictor.version == version
+            assert predictor.info()["mixed_precision"] == served_in, version
+            weights = {
+                m.weight.dtype
+                for model in predictor._state.models  # type: ignore[union-attr]
+                for m in model.modules()
+                if isinstance(m, nn.Conv2d)
+            }
+            assert weights == {torch.bfloat16 if served_in else torch.float32}, version
+            fast = _probs(predictor.predict(images))
+        with _predictor(registry, fast_path=False) as predictor:
+            exact = _probs(predictor.predict(images))
+        if served_in is None:
+            np.testing.assert_allclose(fast, exact, atol=1e-5)
 
 
 def test_a_version_that_reads_settings_answers_each_scale_and_ranks_by_both(

@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from redis import Redis
 from rq.job import Job
 
 from training.fitting.config import RecipeConfig
 from training.fitting.jobs import enqueue_training
+from training.shared.inference import precision_name
 from training.shared.labels import load_label_config
 from training.shared.loop_state import run_status
 from training.shared.registry import ModelRegistry
@@ -79,6 +81,10 @@ def test_enqueued_run_is_trained_by_a_worker_and_published(
     assert config["preprocess"]["size_px"] == 64
     assert config["init"]["init"] in {"imagenet", "random"}
     assert config["temperature"] > 0
+    # Each fold says what it computed in (on this worker, with the recipe's mixed precision),
+    # so that serving computes in the same.
+    trained_in = precision_name(torch.device("cpu"))
+    assert [fold["precision"] for fold in config["folds"]] == [trained_in] * 5
 
     # No patient in two folds: validation sets are disjoint by (pseudonymous) patient.
     snapshot = {

@@ -40,7 +40,13 @@ def _as_run_writes() -> dict[str, Any]:
         "temperature": 1.25,
         "init": {"arch": "resnet34", "init": "random", "weights_file": None, "reason": "test"},
         "folds": [
-            {"fold": k, "weights": f"weights/fold_{k}.pt", "n_train": 30, "n_val": 10}
+            {
+                "fold": k,
+                "weights": f"weights/fold_{k}.pt",
+                "n_train": 30,
+                "n_val": 10,
+                "precision": "bfloat16",
+            }
             for k in range(2)
         ],
         "data": {"source": "manifest.csv", "n_images": 40, "n_failed": 0, "snapshot": "run.json"},
@@ -55,8 +61,8 @@ def test_round_trip_keeps_the_layout_on_disk(tmp_path: Path) -> None:
     assert config.preprocess == PreprocessParams(size_px=64)
     assert config.temperature == 1.25
     assert config.folds == (
-        FoldEntry(0, "weights/fold_0.pt", 30, 10),
-        FoldEntry(1, "weights/fold_1.pt", 30, 10),
+        FoldEntry(0, "weights/fold_0.pt", 30, 10, "bfloat16"),
+        FoldEntry(1, "weights/fold_1.pt", 30, 10, "bfloat16"),
     )
     assert config.data == DataSummary("manifest.csv", 40, 0, "run.json")
     assert list(config.to_dict()) == list(stored)  # same keys, same order

@@ -251,13 +251,15 @@ def train_fold_stage(
 ) -> dict[str, Any]:
     """Train fold ``fold`` of a planned run; write its weights, OOF logits and history."""
     from training.fitting.config import RecipeConfig
-    from training.fitting.recipe import train_fold
+    from training.fitting.recipe import pick_device, train_fold
+    from training.shared.inference import precision_name
     from training.shared.model import save_checkpoint
 
     plan, prepared, labels = _load_plan(run_dir, cache_dir, sources=True)
     config = RecipeConfig.from_dict(plan["recipe"])
     train_idx, val_idx = _fold_indices(run_dir, plan, fold)
     extra: dict[str, np.ndarray] = {}
+    device = pick_device()
     fold_args = (train_idx, val_idx, len(plan["classes"]), config)
     result: FoldResult | TwoStageFoldResult
     if config.design == "locate_classify":
@@ -271,6 +273,7 @@ def train_fold_stage(
             prepared.centres,
             *fold_args,
             fold=fold,
+            device=device,
             progress=progress,
             settings=setting_targets(plan["classes"], labels, settings, layout),
             setting_layout=layout,
@@ -281,7 +284,9 @@ def train_fold_stage(
         if result.val_setting_logits is not None:
             extra["setting_logits"] = result.val_setting_logits
     elif config.design == "whole_image":
-        result = train_fold(prepared.arrays, labels, *fold_args, fold=fold, progress=progress)
+        result = train_fold(
+            prepared.arrays, labels, *fold_args, fold=fold, device=device, progress=progress
+        )
         if not np.isnan(prepared.centres[val_idx]).all():  # annotated centres to compare with
             params = PreprocessParams.from_dict(plan["preprocess"])
             extra["centres"] = _saliency_centres(result.model, prepared.arrays[val_idx], params)
@@ -291,7 +296,8 @@ def train_fold_stage(
     # Novelty: this fold's feature statistics, and its held-out X-rays' distances (the
     # out-of-fold reference new X-rays are ranked against).
     params = PreprocessParams.from_dict(plan["preprocess"])
-    features = _penultimate_features(result.model, prepared.arrays, params)
+    trained_in = precision_name(device, config.mixed_precision)
+    features = _penultimate_features(result.model, prepared.arrays, params, trained_in)
     novelty = FoldNovelty.fit(
         features[train_idx], labels[train_idx], len(plan["classes"]), features[val_idx]
     )
@@ -307,6 +313,7 @@ def train_fold_stage(
         "n_train": len(train_idx),
         "n_val": len(val_idx),
         "init": result.init.to_dict(),
+        "precision": trained_in,
         "class_weights": result.class_weights.tolist(),
         "history": result.history,
     }
@@ -428,6 +435,7 @@ def finalize_run(
                 weights=f"weights/fold_{h['fold']}.pt",
                 n_train=h["n_train"],
                 n_val=h["n_val"],
+                precision=h.get("precision"),
             )
             for h in histories
         ),
@@ -449,6 +457,7 @@ def finalize_run(
         "n_images": len(y),
         "class_counts": {c: int((y == i).sum()) for i, c in enumerate(plan["classes"])},
         "init": init,
+        "precision": ", ".join(sorted({str(h.get("precision")) for h in histories})),
         "image_size_px": plan["preprocess"]["size_px"],
         "epochs": config_recipe["epochs"]
         if config_recipe["pretrained"]
@@ -483,16 +492,26 @@ def _saliency_centres(model: Any, arrays: np.ndarray, params: PreprocessParams) 
     return peaks
 
 
-def _penultimate_features(model: Any, arrays: np.ndarray, params: PreprocessParams) -> np.ndarray:
-    """``(n, D)`` penultimate features of every prepared image, as serving computes them."""
+def _penultimate_features(
+    model: Any, arrays: np.ndarray, params: PreprocessParams, trained_in: str
+) -> np.ndarray:
+    """``(n, D)`` penultimate features of every prepared image, as serving computes them: in
+    the precision the network was trained in where this device computes it, else fp32
+    (``backend.service.predictor._serves_in_mixed_precision``)."""
     import torch
 
-    from training.shared.inference import iter_batches, to_network_input
+    from training.shared.inference import (
+        autocast_for,
+        iter_batches,
+        precision_name,
+        to_network_input,
+    )
 
     device = next(model.parameters()).device
     model.eval()
     parts = []
-    with torch.inference_mode():
+    mixed = precision_name(device) == trained_in
+    with torch.inference_mode(), autocast_for(device, mixed):
         for part in iter_batches(len(arrays), SALIENCY_BATCH):
             images = torch.from_numpy(arrays[part].astype(np.float32)).to(device)
             batch = to_network_input(images, params, channels_last=False)

@@ -23,6 +23,7 @@ __all__ = [
     "autocast_for",
     "cpu_has_native_bf16",
     "iter_batches",
+    "precision_name",
     "predict_logits",
     "to_network_input",
 ]
@@ -58,6 +59,16 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return None
+
+
+def precision_name(device: torch.device, enabled: bool = True) -> str:
+    """What :func:`autocast_for` ``(device, enabled)`` computes convolutions in: ``"bfloat16"``,
+    ``"float16"`` or ``"float32"``. Each fold records it: Lite0's answers change with the
+    precision (a fold trained in fp32 and scored in bf16 autocast: 73 of 79 demo X-rays right
+    instead of 76, docs/PERFORMANCE.md), so serving computes in the one a version was
+    trained in."""
+    dtype = autocast_dtype(device) if enabled else None
+    return str(dtype or torch.float32).removeprefix("torch.")
 
 
 def autocast_for(device: torch.device, enabled: bool = True) -> AbstractContextManager[object]:

@@ -64,6 +64,9 @@ class FoldEntry:
     weights: str
     n_train: int | None = None
     n_val: int | None = None
+    precision: str | None = None
+    """What it was trained in (:func:`training.shared.inference.precision_name`); serving
+    computes in the same. None: not recorded (versions before 2026-12-06)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # the fields, in the order config.json lists them
@@ -75,6 +78,7 @@ class FoldEntry:
             weights=_required(data, "weights", _string),
             n_train=_optional(data, "n_train", _integer),
             n_val=_optional(data, "n_val", _integer),
+            precision=_optional(data, "precision", _string),
         )
 
 
