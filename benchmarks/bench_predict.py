@@ -287,12 +287,12 @@ def agreement_table(options: PredictOptions, workdir: Path, *, with_compiled: bo
         trained_notes.append(f"{version.name} {time.perf_counter() - started:.0f} s")
         with Predictor(model_dir, device="cpu", fast_path=False) as predictor:
             p32 = probs(predictor.predict(images))
-        paths = {"bf16": False, **({"+ compiled": True} if version.compiled else {})}
-        for path, compiled in paths.items():
+        for compiled in (False, True) if version.compiled else (False,):
             with Predictor(model_dir, device="cpu", fast_path=True, compile=compiled) as predictor:
                 fast.append(probs(predictor.predict(images)))
+                served_in = predictor.info()["mixed_precision"] or "float32"
             exact.append(p32)
-            columns.append(f"{version.name}: {path}")
+            columns.append(f"{version.name}: {served_in}" + (" + compiled" if compiled else ""))
 
     n = len(images)
     table = Table(
@@ -325,9 +325,9 @@ def agreement_table(options: PredictOptions, workdir: Path, *, with_compiled: bo
         f"Each trained on {options.agreement_train_images} quadrant images through the real run "
         f"stages ({options.agreement_epochs} epochs, 2 folds; "
         + ", ".join(trained_notes)
-        + f"); {n} unseen images, a third faint and a third ambiguous. bf16 = the served "
-        "fast path (channels_last, bf16 weights and autocast). The served ensemble mean is "
-        "compared."
+        + f"); {n} unseen images, a third faint and a third ambiguous. Each column is the "
+        "served fast path (channels_last; bf16 weights and autocast only for a version trained "
+        "in bf16, else float32: the precision it names). The served ensemble mean is compared."
     )
     return table
 
