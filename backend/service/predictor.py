@@ -302,7 +302,7 @@ class Predictor:
             "fast_path": self._fast_path,
             "mixed_precision": (
                 _precision_name(self._device)
-                if self._fast_path and (state is None or state.mixed_precision)
+                if state is not None and state.mixed_precision
                 else None
             ),
             "compiled": self._compile,

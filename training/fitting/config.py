@@ -157,8 +157,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "batch_size": 16,
         "effective_batch_size": 16,
         "gradcam_per_class": 1,
-        # fp32 even where the CPU has bf16 units: Lite0 trained in bf16 autocast was right on
-        # 68 of 79 held-out demo X-rays, in fp32 on 76 (docs/TRAINING.md, "Precision").
+        # fp32 even where the CPU has bf16 units: Lite0 trained and served in bf16 autocast
+        # was right on 69 of 79 held-out demo X-rays, in fp32 on 76 (docs/TRAINING.md,
+        # "Precision").
         "mixed_precision": False,
     },
     # Small images and one short epoch: checks the mechanics in seconds, for unit tests only.

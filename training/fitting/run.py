@@ -457,7 +457,7 @@ def finalize_run(
         "n_images": len(y),
         "class_counts": {c: int((y == i).sum()) for i, c in enumerate(plan["classes"])},
         "init": init,
-        "precision": ", ".join(sorted({str(h.get("precision")) for h in histories})),
+        "precision": ", ".join(sorted({h.get("precision") or "not recorded" for h in histories})),
         "image_size_px": plan["preprocess"]["size_px"],
         "epochs": config_recipe["epochs"]
         if config_recipe["pretrained"]
@@ -495,8 +495,9 @@ def _saliency_centres(model: Any, arrays: np.ndarray, params: PreprocessParams) 
 def _penultimate_features(
     model: Any, arrays: np.ndarray, params: PreprocessParams, trained_in: str
 ) -> np.ndarray:
-    """``(n, D)`` penultimate features of every prepared image, as serving computes them: in
-    the precision the network was trained in where this device computes it, else fp32
+    """``(n, D)`` penultimate features of every prepared image, as a backend on this device
+    (the CPU: the trainers hand their networks back there) computes them: in the precision the
+    network was trained in where this device computes it, else fp32
     (``backend.service.predictor._serves_in_mixed_precision``)."""
     import torch
 
