@@ -74,8 +74,8 @@ from training.shared.errors import ModelLoadError, ValveIdError
 from training.shared.inference import (
     autocast_dtype,
     autocast_for,
+    computes_as_trained,
     iter_batches,
-    precision_name,
     to_network_input,
 )
 from training.shared.locate_classify import (
@@ -613,8 +613,7 @@ def _serves_in_mixed_precision(config: VersionConfig, device: torch.device, vers
     version trained on another machine (fp32, or fp16 on a GPU) is served in fp32 on a bf16
     CPU. Versions that did not record their precision are served as before."""
     recorded = {fold.precision for fold in config.folds or () if fold.precision is not None}
-    here = precision_name(device)
-    if not recorded or recorded == {here}:
+    if computes_as_trained(device, recorded):
         return True
     trained = " and ".join(sorted(recorded))
     logger.info("version %s was trained in %s; serving it in float32 here", version, trained)

@@ -497,22 +497,21 @@ def _penultimate_features(
 ) -> np.ndarray:
     """``(n, D)`` penultimate features of every prepared image, as a backend on this device
     (the CPU: the trainers hand their networks back there) computes them: in the precision the
-    network was trained in where this device computes it, else fp32
-    (``backend.service.predictor._serves_in_mixed_precision``)."""
+    network was trained in where this device computes it, else fp32 (as the predictor's
+    fast path decides, :func:`~training.shared.inference.computes_as_trained`)."""
     import torch
 
     from training.shared.inference import (
         autocast_for,
+        computes_as_trained,
         iter_batches,
-        precision_name,
         to_network_input,
     )
 
     device = next(model.parameters()).device
     model.eval()
     parts = []
-    mixed = precision_name(device) == trained_in
-    with torch.inference_mode(), autocast_for(device, mixed):
+    with torch.inference_mode(), autocast_for(device, computes_as_trained(device, {trained_in})):
         for part in iter_batches(len(arrays), SALIENCY_BATCH):
             images = torch.from_numpy(arrays[part].astype(np.float32)).to(device)
             batch = to_network_input(images, params, channels_last=False)

@@ -9,7 +9,7 @@ Normalisation is :func:`training.shared.preprocess.normalize_image`, the one pre
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
@@ -23,6 +23,7 @@ __all__ = [
     "autocast_for",
     "cpu_has_native_bf16",
     "iter_batches",
+    "computes_as_trained",
     "precision_name",
     "predict_logits",
     "to_network_input",
@@ -69,6 +70,14 @@ def precision_name(device: torch.device, enabled: bool = True) -> str:
     trained in."""
     dtype = autocast_dtype(device) if enabled else None
     return str(dtype or torch.float32).removeprefix("torch.")
+
+
+def computes_as_trained(device: torch.device, trained_in: Collection[str]) -> bool:
+    """Whether mixed precision on ``device`` computes in what every fold was trained in
+    (:func:`precision_name` each); none recorded (older versions): yes, as before. Serving
+    and the novelty reference that training computes for it both ask this."""
+    recorded = set(trained_in)
+    return not recorded or recorded == {precision_name(device)}
 
 
 def autocast_for(device: torch.device, enabled: bool = True) -> AbstractContextManager[object]:
