@@ -406,6 +406,8 @@ def run_point(
     device: Any,
 ) -> dict[str, Any]:
     """Calibrate, train and score one contender at one (labels, seed) point; its record."""
+    from training.shared.inference import precision_name
+
     config = contender.config(seed, dict(options.overrides))
     pool, test = data.at(config.image_size_px)
     chosen = labelled_order(pool.labels, seed)[:n_labels]
@@ -436,6 +438,7 @@ def run_point(
         "train_s": round(trained.epoch_ends_s[-1], 3),
         "total_s": round(trained.total_s, 3),
         "init": trained.init,
+        "precision": precision_name(device, config.mixed_precision),
         "n_test": len(test.labels),
         **_scores(test.labels, trained.logits, k),
     }
@@ -595,6 +598,7 @@ def learning_table(
         [
             "contender",
             "labels",
+            "precision",
             "macro-F1",
             "accuracy",
             *(f"recall {c}" for c in classes),
@@ -615,6 +619,8 @@ def learning_table(
             table.add_row(
                 rows[0]["description"],
                 n_labels,
+                # Records older than the field: bf16 autocast where the CPU had bf16 units.
+                " / ".join(sorted({r.get("precision", "not recorded") for r in rows})),
                 _mean_sd([r["f1_macro"] for r in rows], 3),
                 _mean_sd([r["accuracy"] for r in rows], 3),
                 *(_mean_sd(values, 2) for values in recalls),
