@@ -418,7 +418,7 @@ def _predict_and_write(
         for batch in _batches(tasks, batch_size):
             todo = batch
             if rescoring is not None:
-                have = retrainer.predicted_versions(project_key, [task_id(t) for t in batch])
+                have = retrainer.proposals.versions(project_key, [task_id(t) for t in batch])
                 todo = [t for t, v in zip(batch, have, strict=True) if v != rescoring]
                 stats["skipped"] += len(batch) - len(todo)
                 stats["done"] += len(batch) - len(todo)
@@ -450,7 +450,7 @@ def _predict_and_write(
                 recorded.append((answer.task_id, answer.label, version))
             if items:
                 label_studio.create_predictions(ls_project_id, items)
-                retrainer.record_predictions(project_key, recorded)
+                retrainer.proposals.record(project_key, recorded)
                 stats["written"] += len(items)
                 if not version_set:
                     version_set = _publish_version(

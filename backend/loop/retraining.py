@@ -23,10 +23,8 @@ Failure policy: after a failed run, automatic retraining waits until the count h
 ``N`` beyond the failed run's count (``failed_labels``), so a run that cannot succeed (e.g. too
 few patients for the folds) is not retried on every annotation; "Start training" always runs.
 
-Acceptance: the class each served version proposed for a task is remembered
-(:meth:`Retrainer.record_prediction`); each annotation is counted once per version it was
-proposed by, and the *latest* choice wins — an ``ANNOTATION_UPDATED`` that changes the answer
-moves the annotation between kept and changed instead of counting it twice.
+Each annotation's webhook is also counted for acceptance (:mod:`backend.loop.acceptance`:
+did the annotator keep the class the served version proposed?).
 
 Work for the workers goes through an injected :class:`LoopQueue` (``backend.loop.jobs.JobQueue`` on
 RQ), so this module names no job; the Redis keys are named in :mod:`training.shared.loop_state`.
@@ -42,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from redis import Redis
 
+from backend.loop.acceptance import Proposals
 from backend.service.labelstudio import project_key_of
 from training.shared import loop_state
 from training.shared.loop_state import RunStatus, run_status
@@ -76,8 +75,6 @@ CHECK_PENDING_TTL_S = 60
 key when it starts; the TTL only matters if the job is lost)."""
 RECONCILE_LOCK_TTL_S = 600
 """At most one reconciliation at a time; the key expires if its process dies."""
-PREDICTION_TTL_S = 180 * 24 * 3600
-"""A proposed class is kept this long for acceptance tracking."""
 
 _PENDING_PREFIX = "pending:"
 """A lock's value while its run is being enqueued (``pending:<token>:<unix time>``)."""
@@ -115,34 +112,6 @@ if followup == '1' then return 1 end
 return 0
 """
 
-# Count one annotation against the version that proposed its task's class; the latest
-# choice wins. KEYS: prediction hash, the project's annotation records.
-# ARGV: annotation id, chosen label, acceptance key prefix, versions set.
-_ACCEPT_LUA = """
-local rec = redis.call('HGET', KEYS[2], ARGV[1])
-local version, proposed, prev
-if rec then
-  local r = cjson.decode(rec)
-  version = r['v']; proposed = r['p']; prev = r['a']
-else
-  local pred = redis.call('HMGET', KEYS[1], 'label', 'version')
-  if not pred[1] or not pred[2] then return false end
-  proposed = pred[1]; version = pred[2]; prev = -1
-end
-local accepted = 0
-if ARGV[2] == proposed then accepted = 1 end
-local key = ARGV[3] .. version
-if prev == -1 then
-  redis.call('HINCRBY', key, 'total', 1)
-  redis.call('HINCRBY', key, 'accepted', accepted)
-  redis.call('SADD', ARGV[4], version)
-elseif prev ~= accepted then
-  redis.call('HINCRBY', key, 'accepted', accepted - prev)
-end
-redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({v = version, p = proposed, a = accepted}))
-return {version, accepted}
-"""
-
 
 class LabelCounter(Protocol):
     """The one Label Studio call retraining needs (``training.labelstudio.LabelStudio``)."""
@@ -168,12 +137,6 @@ class LoopQueue(Protocol):
 
     def rescore_project(self, ls_project_id: int, version: str) -> None:
         """Predict the project's unlabelled tasks with a newly promoted ``version``."""
-
-
-def _text(value: bytes | str | None) -> str:
-    if value is None:
-        return ""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _as_dict(event: Any) -> dict[str, Any]:
@@ -252,7 +215,8 @@ class Retrainer:
         self._release = redis.register_script(_RELEASE_LUA)
         self._refresh = redis.register_script(_REFRESH_LUA)
         self._finish = redis.register_script(_FINISH_LUA)
-        self._accept = redis.register_script(_ACCEPT_LUA)
+        self.proposals = Proposals(redis)
+        """What each served version proposed, and whether annotators kept it."""
 
     @property
     def label_studio(self) -> LabelCounter:
@@ -288,7 +252,7 @@ class Retrainer:
         if action in {"ANNOTATION_CREATED", "ANNOTATION_UPDATED"}:
             annotation = body.get("annotation") or {}
             if payload["label"] is not None and not annotation.get("was_cancelled"):
-                self.count_acceptance(
+                self.proposals.count(
                     key, payload["task_id"], payload["annotation_id"], payload["label"]
                 )
         # One pending check per project: it counts everything labelled before it starts.
@@ -320,81 +284,18 @@ class Retrainer:
         if project_key:
             return project_key
         index = self.redis.hget(loop_state.PROJECT_INDEX, str(ls_project_id))
-        return _text(index) or str(ls_project_id)
+        return loop_state.text(index) or str(ls_project_id)
 
     def project_key(self, ls_project_id: int) -> str:
         """The key a Label Studio project id's state lives under (latest seen)."""
         return self._resolve_key(ls_project_id, None)
-
-    # --- acceptance -------------------------------------------------------------------
-
-    def record_prediction(
-        self, project_key: str, task_id: int | str, label: str, version: str
-    ) -> None:
-        """Remember the class ``version`` proposed for a task (the predict path calls this)."""
-        self.record_predictions(project_key, [(task_id, label, version)])
-
-    def record_predictions(
-        self, project_key: str, items: Iterable[tuple[int | str, str, str]]
-    ) -> None:
-        """:meth:`record_prediction` for many tasks in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        for task_id, label, version in items:
-            key = loop_state.prediction(project_key, task_id)
-            pipe.hset(key, mapping={"label": label, "version": version})
-            pipe.expire(key, PREDICTION_TTL_S)
-        pipe.execute()
-
-    def predicted_versions(
-        self, project_key: str, task_ids: Iterable[int | str]
-    ) -> list[str | None]:
-        """Per task, the version whose proposal was last recorded (one round trip)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for task_id in task_ids:
-            pipe.hget(loop_state.prediction(project_key, task_id), "version")
-        return [_text(v) or None for v in pipe.execute()]
-
-    def count_acceptance(
-        self, project_key: str, task_id: int | str | None, annotation_id: Any, label: str
-    ) -> tuple[str, bool] | None:
-        """Count one annotation as kept or changed; ``(version, kept)`` or None if the task
-        had no recorded proposal. Idempotent per annotation (latest choice wins)."""
-        if task_id is None or annotation_id is None:
-            return None
-        out = self._accept(
-            keys=[
-                loop_state.prediction(project_key, task_id),
-                loop_state.annotation_acceptance(project_key),
-            ],
-            args=[
-                str(annotation_id),
-                label,
-                loop_state.ACCEPTANCE_PREFIX,
-                loop_state.ACCEPTANCE_VERSIONS,
-            ],
-        )
-        if not out:
-            return None
-        return _text(out[0]), bool(int(out[1]))
-
-    def acceptance(self) -> dict[str, dict[str, int]]:
-        """``{version: {"total": n, "accepted": k}}`` for ``/metrics`` and reports."""
-        versions = sorted(_text(v) for v in self.redis.smembers(loop_state.ACCEPTANCE_VERSIONS))
-        pipe = self.redis.pipeline(transaction=False)
-        for version in versions:
-            pipe.hgetall(loop_state.acceptance(version))
-        stats = {}
-        for version, raw in zip(versions, pipe.execute(), strict=True):
-            row = {_text(k): int(v) for k, v in raw.items()}
-            stats[version] = {"total": row.get("total", 0), "accepted": row.get("accepted", 0)}
-        return stats
 
     # --- worker: the decision ----------------------------------------------------------
 
     def state(self, project_key: str) -> dict[str, str]:
         """The project's hash (see docs/ARCHITECTURE.md)."""
         raw = self.redis.hgetall(loop_state.project(project_key))
-        return {_text(k): _text(v) for k, v in raw.items()}
+        return {loop_state.text(k): loop_state.text(v) for k, v in raw.items()}
 
     def mark_model_version(self, project_key: str, version: str) -> None:
         """Remember which version the project's ``model_version`` was set to."""
@@ -572,7 +473,7 @@ class Retrainer:
             return []
         started: list[str] = []
         try:
-            for key in sorted(_text(k) for k in self.redis.smembers(loop_state.PROJECTS)):
+            for key in sorted(loop_state.text(k) for k in self.redis.smembers(loop_state.PROJECTS)):
                 try:
                     run_id = self._reconcile_project(key)
                 except Exception:  # one broken project must not stop the others
@@ -589,13 +490,13 @@ class Retrainer:
         if not state.get("ls_id"):
             return None
         ls_id = int(state["ls_id"])
-        if _text(self.redis.hget(loop_state.PROJECT_INDEX, str(ls_id))) not in {"", key}:
+        if loop_state.text(self.redis.hget(loop_state.PROJECT_INDEX, str(ls_id))) not in {"", key}:
             # Label Studio was reinstalled: this id now names another project.
             logger.info("reconcile: project %s superseded; forgotten", key)
             self.redis.srem(loop_state.PROJECTS, key)
             return None
         lock_key = loop_state.project_lock(key)
-        lock = _text(self.redis.get(lock_key))
+        lock = loop_state.text(self.redis.get(lock_key))
         run_id = state.get("run_id") or ("" if lock.startswith(_PENDING_PREFIX) else lock)
         if run_id:
             status = RunStatus.of(run_status(self.redis, run_id))

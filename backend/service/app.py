@@ -155,7 +155,7 @@ def create_app(
     model = ValveModel(predictor, fetcher, settings=settings, retrainer=retrainer)
     webhook_pool = ThreadPoolExecutor(WEBHOOK_THREADS, thread_name_prefix="valve-id-webhook")
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(StateCollector(model, predictor, retrainer.acceptance))
+    registry.register(StateCollector(model, predictor, retrainer.proposals.per_version))
     predict_seconds = Histogram(
         "valve_id_predict_request_seconds",
         "Wall time of one /predict request",

@@ -78,14 +78,19 @@ class PredictorLike(Protocol):
     def stats(self) -> Mapping[str, Any]: ...
 
 
+class ProposalLog(Protocol):
+    """Where the proposed classes go (``backend.loop.acceptance.Proposals``)."""
+
+    def record(self, project_key: str, items: Iterable[tuple[int | str, str, str]]) -> None: ...
+
+
 class RetrainerHooks(Protocol):
     """What :class:`ValveModel` hands to the retrainer; each call is a few Redis writes."""
 
     def on_webhook(self, event: Mapping[str, Any]) -> Any: ...
 
-    def record_predictions(
-        self, project_key: str, items: Iterable[tuple[int | str, str, str]]
-    ) -> None: ...
+    @property
+    def proposals(self) -> ProposalLog: ...
 
     def register_project(self, ls_project_id: int, project_key: str | None = None) -> Any: ...
 
@@ -215,7 +220,7 @@ class ValveModel:
         )
         if proposed and context.project and self.retrainer is not None:
             self._hook(
-                "record_predictions", self.retrainer.record_predictions, context.project, proposed
+                "proposals.record", self.retrainer.proposals.record, context.project, proposed
             )
         return PredictResponse(results=results, model_version=served_version)
 

@@ -147,7 +147,12 @@ class FakeRetrainer:
         self.events.append(event)
         return "queued"
 
-    def record_predictions(self, project_key: str, items: Any) -> None:
+    @property
+    def proposals(self) -> FakeRetrainer:
+        """The fake also stands in for ``backend.loop.acceptance.Proposals``."""
+        return self
+
+    def record(self, project_key: str, items: Any) -> None:
         if self.fail:
             raise ConnectionError("Redis unreachable")
         self.recorded.append((project_key, list(items)))
@@ -158,7 +163,7 @@ class FakeRetrainer:
         self.projects.append((ls_project_id, project_key))
         return project_key or str(ls_project_id)
 
-    def acceptance(self) -> dict[str, dict[str, int]]:
+    def per_version(self) -> dict[str, dict[str, int]]:
         return {}
 
 

@@ -130,7 +130,7 @@ def test_rescore_job_predicts_every_unlabelled_task_in_pages(
     assert "ensure_review_view" in names
     assert names.count("create_predictions") == 3 and names.count("set_model_version") == 1
     # Remembered for acceptance tracking.
-    assert parts["rt"].predicted_versions(PROJECT_KEY, [100, 110, 249]) == ["v2", None, "v2"]
+    assert parts["rt"].proposals.versions(PROJECT_KEY, [100, 110, 249]) == ["v2", None, "v2"]
 
 
 def test_rescore_again_is_idempotent(parts: dict[str, Any], redis_conn: Redis) -> None:

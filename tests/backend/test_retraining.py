@@ -369,9 +369,9 @@ def test_twenty_simultaneous_checks_start_exactly_one_run(
 def test_acceptance_counts_kept_and_changed_classes_per_version(
     retrainer: Retrainer, redis_conn: Redis
 ) -> None:
-    retrainer.record_prediction(PROJECT_KEY, 3, "proGAV 2.0", "v1")
-    retrainer.record_predictions(
-        PROJECT_KEY, [(4, "Codman Hakim", "v1"), (5, "Codman Hakim", "v2")]
+    retrainer.proposals.record(
+        PROJECT_KEY,
+        [(3, "proGAV 2.0", "v1"), (4, "Codman Hakim", "v1"), (5, "Codman Hakim", "v2")],
     )
 
     retrainer.on_webhook(annotation_event(1, 3, "proGAV 2.0"))  # kept
@@ -380,7 +380,7 @@ def test_acceptance_counts_kept_and_changed_classes_per_version(
     retrainer.on_webhook(annotation_event(3, 5, "Codman Hakim"))  # kept, by v2
     retrainer.on_webhook(annotation_event(4, 9, "Codman Hakim"))  # no proposal recorded
     retrainer.on_webhook(annotation_event(5, 4, "Codman Hakim", cancelled=True))  # skipped
-    assert retrainer.acceptance() == {
+    assert retrainer.proposals.per_version() == {
         "v1": {"total": 2, "accepted": 1},
         "v2": {"total": 1, "accepted": 1},
     }
@@ -389,11 +389,11 @@ def test_acceptance_counts_kept_and_changed_classes_per_version(
     retrainer.on_webhook(
         webhook("ANNOTATION_UPDATED", project=webhook("START_TRAINING")["project"])
     )
-    assert retrainer.acceptance()["v1"] == {"total": 2, "accepted": 0}
+    assert retrainer.proposals.per_version()["v1"] == {"total": 2, "accepted": 0}
     # A later re-prediction of task 3 by v2 does not move annotation 1 to v2.
-    retrainer.record_prediction(PROJECT_KEY, 3, "Codman Hakim", "v2")
+    retrainer.proposals.record(PROJECT_KEY, [(3, "Codman Hakim", "v2")])
     retrainer.on_webhook(annotation_event(1, 3, "proGAV 2.0", action="ANNOTATION_UPDATED"))
-    assert retrainer.acceptance() == {
+    assert retrainer.proposals.per_version() == {
         "v1": {"total": 2, "accepted": 1},
         "v2": {"total": 1, "accepted": 1},
     }

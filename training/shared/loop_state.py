@@ -82,6 +82,13 @@ RUN_PATTERN = _RUN + "*"
 """``SCAN`` pattern of the run records (it can match keys below a record, see run_id_of)."""
 
 
+def text(value: bytes | str | None) -> str:
+    """A Redis reply as text (the connections here return bytes); None as ``""``."""
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def run(run_id: str) -> str:
     """Hash: the run's record (status, staging, jobs, version, reason, project fields)."""
     return _RUN + run_id
@@ -89,10 +96,10 @@ def run(run_id: str) -> str:
 
 def run_id_of(key: bytes | str) -> str | None:
     """The run id a :data:`RUN_PATTERN` match names, or None for any other key."""
-    text = key.decode() if isinstance(key, bytes) else key
-    if not text.startswith(_RUN):
+    name = text(key)
+    if not name.startswith(_RUN):
         return None
-    run_id = text[len(_RUN) :]
+    run_id = name[len(_RUN) :]
     return run_id if run_id and ":" not in run_id else None
 
 
