@@ -439,6 +439,8 @@ def run_point(
         "total_s": round(trained.total_s, 3),
         "init": trained.init,
         "precision": precision_name(device, config.mixed_precision),
+        # Per point: a --resume run may continue on another machine or day.
+        "machine": machine(),
         "n_test": len(test.labels),
         **_scores(test.labels, trained.logits, k),
     }
