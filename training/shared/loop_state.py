@@ -106,7 +106,7 @@ def run_id_of(key: bytes | str) -> str | None:
 def run_status(connection: Redis, run_id: str) -> dict[str, str]:
     """The run's record: status, staging, job ids, version, reason."""
     raw: dict[bytes, bytes] = connection.hgetall(run(run_id))  # type: ignore[assignment]
-    return {k.decode(): v.decode() for k, v in raw.items()}
+    return {text(k): text(v) for k, v in raw.items()}
 
 
 def run_ids(connection: Redis, *, limit: int) -> list[str]:
