@@ -231,6 +231,7 @@ def _train_and_score(
     import torch
     import torch.nn.functional as F
 
+    from training.fitting.two_stage import CropTrainer
     from training.shared.inference import autocast_for
     from training.shared.locate_classify import dihedral
     from training.shared.model import build_model, get_arch
@@ -248,34 +249,34 @@ def _train_and_score(
         return x.contiguous(memory_format=torch.channels_last)
 
     autocast = autocast_for(torch.device("cpu"))
-    bs = options.batch_size
-    steps = options.epochs * math.ceil(len(train) / bs)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=options.lr_max, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, options.lr_max, total_steps=steps, pct_start=0.25
-    )
     generator = torch.Generator().manual_seed(seed)
-    loss = torch.zeros(())
-    for _epoch in range(options.epochs):
-        order = torch.randperm(len(train), generator=generator)
-        for start in range(0, len(order), bs):
-            pick = order[start : start + bs]
-            view = views[int(torch.randint(len(views), (1,), generator=generator))]
-            gain = 1 + (torch.rand(len(pick), 1, 1, generator=generator) - 0.5) * 0.4
-            batch = network_input((dihedral(train[pick], view) * gain).clamp(0, 1))
-            with autocast:
-                out = net.train()(batch)
-            loss = F.cross_entropy(out.float(), y_train[pick])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    # The recipe's own loop on crops cut once: no jitter, the crop is the row.
+    trainer = CropTrainer(
+        train,
+        np.zeros((len(train), 2), np.float32),
+        0.0,
+        options,
+        network_input,
+        autocast,
+        generator,
+        torch.device("cpu"),
+    )
+    losses: list[float] = []
+    trainer.fit(
+        net.train(),
+        np.arange(len(train)),
+        lambda out, pick: F.cross_entropy(out, y_train[pick]),
+        lambda rows, _at: train[rows],
+        options.epochs,
+        lambda _epoch, loss: losses.append(loss),
+        views,
+    )
     net.eval()
     with torch.inference_mode(), autocast:
         # The test crops in one of the same views each (the reader must not rely on one).
         seen = [dihedral(c[None], views[i % len(views)])[0] for i, c in enumerate(test)]
         read = net(network_input(torch.stack(seen))).float().argmax(1).numpy()
-    return read, float(loss.item())
+    return read, losses[-1] if losses else math.nan
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:

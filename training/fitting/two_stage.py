@@ -30,7 +30,13 @@ from training.shared.locate_classify import (
 )
 from training.shared.model import InitInfo, build_model
 
-__all__ = ["TwoStageFoldResult", "setting_mask", "setting_targets", "train_two_stage_fold"]
+__all__ = [
+    "CropTrainer",
+    "TwoStageFoldResult",
+    "setting_mask",
+    "setting_targets",
+    "train_two_stage_fold",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +98,7 @@ def setting_mask(classes: list[str], layout: SettingLayout) -> np.ndarray:
     return mask
 
 
-class _CropTrainer:
+class CropTrainer:
     """The crop networks' fitting loop: AdamW one-cycle over crops around each image's centre
     (jittered by about the locator's error), dihedral + brightness augmentation."""
 
@@ -293,7 +299,7 @@ def train_two_stage_fold(
     loss_fn = nn.CrossEntropyLoss(weight=torch.from_numpy(weights).to(device))
     y_all = torch.from_numpy(labels.astype(np.int64))
     generator = torch.Generator().manual_seed(config.seed + fold)
-    crops = _CropTrainer(
+    crops = CropTrainer(
         all_images, crop_centres, jitter, config, network_input, autocast, generator, device
     )
 
