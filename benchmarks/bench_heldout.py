@@ -115,6 +115,14 @@ def _train(options: HeldoutOptions, work: Path) -> Any:
     return registry
 
 
+def _novelty_measure(registry: Any) -> str:
+    """The served version's novelty measure (``none`` where it has no novelty model)."""
+    from training.shared.novelty import NOVELTY_FILE, Novelty
+
+    path = registry.versions_dir / "heldout" / NOVELTY_FILE
+    return Novelty.load(path).measure if path.is_file() else "none"
+
+
 def _predict(
     registry: Any, data: Path, test_views: int | None = None
 ) -> list[tuple[dict[str, str], Any]]:
@@ -177,7 +185,15 @@ def run(options: HeldoutOptions, work: Path) -> tuple[list[Table], dict[str, Any
         "location_source": sources,
         "location_median_px": float(np.median(errors)) if errors else None,
         "location_p95_px": float(np.percentile(errors, 95)) if errors else None,
+        "novelty_measure": _novelty_measure(registry),
         "novelty_auroc": _auroc(novelty_in, novelty_out),
+        # For comparison: 1 - the served ensemble's top probability (calibrated), same X-rays.
+        "top_probability_auroc": _auroc(
+            np.array([1 - max(a.probs.values()) for _, a in known]),
+            np.array([1 - max(a.probs.values()) for _, a in unknown]),
+        ),
+        "novelty_known": [round(float(v), 4) for v in novelty_in],
+        "novelty_other": [round(float(v), 4) for v in novelty_out],
         "flagged_known": float(np.mean([a.unfamiliar for _, a in known])) if known else None,
         "flagged_other": float(np.mean([a.unfamiliar for _, a in unknown])) if unknown else None,
         "settings": settings,
@@ -197,7 +213,14 @@ def run(options: HeldoutOptions, work: Path) -> tuple[list[Table], dict[str, Any
             f"valve location error, {name} (px, {located})",
             "—" if value is None else f"{value:.1f}",
         )
-    table.add_row("novelty AUROC (other valves vs the four)", f"{result['novelty_auroc']:.3f}")
+    table.add_row(
+        f"novelty AUROC (other valves vs the four; {result['novelty_measure']})",
+        f"{result['novelty_auroc']:.3f}",
+    )
+    table.add_row(
+        "AUROC of 1 - the top class probability instead (for comparison)",
+        f"{result['top_probability_auroc']:.3f}",
+    )
     for name, key in (("four models", "flagged_known"), ("other valves", "flagged_other")):
         value = result[key]
         table.add_row(f"flagged as unfamiliar: {name}", "—" if value is None else f"{value:.2f}")

@@ -37,7 +37,7 @@ class Prediction:
     """How unlike every learned valve model the X-ray looks: the fraction of the labelled
     X-rays (out of fold) it is more unusual than; None if the version has no novelty model."""
     unfamiliar: bool = False
-    """Novelty at or above the version's flag quantile (0.95): possibly a valve model the
+    """Novelty at or above the version's flag quantile (0.90): possibly a valve model the
     version never learned ("Other valve"); such X-rays lead the review queue."""
     settings: dict[str, tuple[str, float]] = field(default_factory=dict)
     """Per valve model the version reads the setting of: its most probable setting (a value

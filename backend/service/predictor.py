@@ -519,7 +519,7 @@ class Predictor:
                 elif self._locate and state.explainer is not None:
                     centres[part] = _saliency_centres(state.explainer, batch)
                 if state.novelty is not None:
-                    novelty[part] = state.novelty.score(features)
+                    novelty[part] = state.novelty.score(features, logits[:, part])
         return _Outputs(logits, centres, novelty, readings)
 
     # --- lifecycle ----------------------------------------------------------------------

@@ -410,6 +410,55 @@ def test_probs_are_the_mean_of_the_members_temperature_scaled_softmax(
         assert result.uncertainty["bald"] > 0  # members disagree somewhat
 
 
+def test_an_energy_novelty_is_the_energy_of_the_members_mean_logits(
+    registry: ModelRegistry, tmp_path: Path
+) -> None:
+    """What a version's ``novelty.npz`` (energy measure) makes the backend serve: the members'
+    mean logits' free energy, standardised by the folds' centre and scale, ranked against the
+    out-of-fold reference; flagged from the version's flag quantile on."""
+    from training.shared.novelty import FoldNovelty, Novelty, free_energy
+
+    staged = _publish(registry, "v0", seed=6, n_folds=2)
+    images = [_png(12), _png(13), _png(14)]
+    params = PreprocessParams(size_px=SIZE_PX)
+    batch = np.stack([prepare_image(load_image(b), params) for b in images])
+    x = torch.from_numpy(batch)[:, None].expand(-1, 3, -1, -1)
+    x = (x - torch.tensor(params.mean)[:, None, None]) / torch.tensor(params.std)[:, None, None]
+    with torch.no_grad():
+        logits = [load_checkpoint(staged / "weights" / f"fold_{k}.pt")(x).numpy() for k in range(2)]
+    energy = free_energy(np.mean(logits, axis=0))
+    # A reference that puts the most unusual image above 99 % of it, the others at 80 %.
+    folds = tuple(
+        FoldNovelty(np.zeros((0, 0)), np.zeros((0, 0)), 0.5, "energy", c) for c in (0.1, -0.1)
+    )
+    distances = (energy - 0.0) / 0.5
+    top, second = np.sort(distances)[-1], np.sort(distances)[-2]
+    gap = (top - second) / 10  # far wider than fp32 rounding between two forward passes
+    reference = np.r_[
+        np.full(80, distances.min() - 1), np.linspace(second + gap, top - gap, 19), 1e9
+    ]
+    novelty = Novelty(folds, reference)
+    staging = registry.staging("energy")
+    for name in ("config.json", "metrics.json"):
+        (staging / name).write_bytes((staged / name).read_bytes())
+    for k in range(2):
+        (staging / "weights" / f"fold_{k}.pt").parent.mkdir(parents=True, exist_ok=True)
+        (staging / "weights" / f"fold_{k}.pt").write_bytes(
+            (staged / "weights" / f"fold_{k}.pt").read_bytes()
+        )
+    novelty.save(staging / "novelty.npz")
+    registry.publish(staging, version_id="v1")
+    with _predictor(registry, fast_path=False) as predictor:
+        results = predictor.predict(images)
+    expected = novelty.rank(distances)
+    flag = novelty.flag_quantile
+    assert sorted(expected)[-1] >= flag > sorted(expected)[-2]  # the check can tell them apart
+    for result, value in zip(results, expected, strict=True):
+        assert isinstance(result, Prediction)
+        assert result.novelty == pytest.approx(value)
+        assert result.unfamiliar == (value >= flag)
+
+
 @pytest.mark.parametrize(
     ("setting", "best", "expected"),
     [("auto", "margin", "margin"), ("auto", None, "entropy"), ("entropy", "margin", "entropy")],

@@ -11,7 +11,13 @@ import torch
 from training.shared.errors import ModelLoadError
 from training.shared.locate_classify import LocateClassifyNet, TwoStageParams
 from training.shared.model import ValveNet
-from training.shared.novelty import FLAG_QUANTILE, FoldNovelty, Novelty, features_and_logits
+from training.shared.novelty import (
+    FLAG_QUANTILE,
+    FoldNovelty,
+    Novelty,
+    features_and_logits,
+    free_energy,
+)
 
 DIM, K = 64, 4
 MIXING = np.eye(DIM) + 0.3 * np.random.default_rng(0).standard_normal((DIM, DIM))
@@ -33,7 +39,9 @@ def _folds(rng: np.random.Generator, n_folds: int = 3) -> Novelty:
     folds, distances = [], np.zeros(len(labels))
     for k in range(n_folds):
         val = np.arange(len(labels)) % n_folds == k
-        fold = FoldNovelty.fit(features[~val], labels[~val], K, features[val])
+        fold = FoldNovelty.fit(
+            features[~val], labels[~val], K, features[val], measure="mahalanobis"
+        )
         folds.append(fold)
         distances[val] = fold.distances(features[val])
     return Novelty(tuple(folds), np.sort(distances))
@@ -75,8 +83,7 @@ def test_a_version_s_novelty_model_round_trips_and_a_broken_file_is_a_load_error
     tmp_path: Path,
 ) -> None:
     novelty = _folds(np.random.default_rng(1))
-    novelty.save(tmp_path / "novelty.npz")
-    loaded = Novelty.load(tmp_path / "novelty.npz")
+    loaded = Novelty.load(_saved(novelty, tmp_path / "novelty.npz"))
     probe = _features(np.random.default_rng(5), np.arange(20) % K, shift=0.5)
     assert loaded.score([probe] * 3) == pytest.approx(novelty.score([probe] * 3), abs=1e-4)
     (tmp_path / "broken.npz").write_bytes(b"not an npz")
@@ -84,6 +91,95 @@ def test_a_version_s_novelty_model_round_trips_and_a_broken_file_is_a_load_error
         Novelty.load(tmp_path / "broken.npz")
     with pytest.raises(ValueError, match="feature sets"):
         novelty.score([probe])
+
+
+def _logits(rng: np.random.Generator, labels: np.ndarray, margin: float) -> np.ndarray:
+    """A fold network's logits: its class stands ``margin`` above the rest (plus noise)."""
+    z = rng.standard_normal((len(labels), K))
+    z[np.arange(len(labels)), labels] += margin
+    return z
+
+
+def _energy_folds(rng: np.random.Generator, n_folds: int = 3) -> Novelty:
+    """An energy novelty model fitted as a run fits it: each fold's held-out logits only."""
+    labels = np.arange(300) % K
+    folds, distances = [], np.zeros(len(labels))
+    for k in range(n_folds):
+        val = np.arange(len(labels)) % n_folds == k
+        held_out = _logits(rng, labels[val], margin=8.0 + k)  # folds differ in logit scale
+        fold = FoldNovelty.fit(np.zeros((0, 1)), labels[~val], K, np.zeros((0, 1)), held_out)
+        folds.append(fold)
+        distances[val] = fold.distances(np.zeros((val.sum(), 1)), held_out)
+    return Novelty(tuple(folds), np.sort(distances))
+
+
+def test_free_energy_is_minus_logsumexp_and_stable_for_large_logits() -> None:
+    z = np.array([[1.0, 2.0, 3.0], [1000.0, 0.0, -1000.0]])
+    assert free_energy(z)[0] == pytest.approx(-np.log(np.exp(z[0]).sum()))
+    assert free_energy(z)[1] == pytest.approx(-1000.0)
+
+
+def test_energy_flags_a_crop_no_class_stands_out_for() -> None:
+    """The default measure: an X-ray whose logits name no class clearly (what a valve unlike
+    every learned model gives, measured in docs/TRAINING.md) is flagged; confident ones are
+    flagged at about the construction rate."""
+    novelty = _energy_folds(np.random.default_rng(1))
+    assert novelty.measure == "energy"
+    assert np.median(novelty.reference) == pytest.approx(0.0, abs=0.1)  # centred per fold
+    rng = np.random.default_rng(2)
+    labels = np.arange(200) % K
+    confident = [_logits(rng, labels, margin=8.0 + k) for k in range(3)]
+    undecided = [_logits(rng, labels, margin=1.0) for _ in range(3)]
+    features = [np.zeros((len(labels), 1))] * 3
+    score_in = novelty.score(features, confident)
+    score_out = novelty.score(features, undecided)
+    assert float((score_in >= FLAG_QUANTILE).mean()) <= 0.15
+    assert float((score_out >= FLAG_QUANTILE).mean()) >= 0.9
+    assert _auroc(score_in, score_out) >= 0.95
+    with pytest.raises(ValueError, match="needs the fold network's logits"):
+        novelty.score(features)
+
+
+def test_an_energy_model_round_trips_and_an_older_file_loads_as_mahalanobis(
+    tmp_path: Path,
+) -> None:
+    energy = _energy_folds(np.random.default_rng(1))
+    loaded = Novelty.load(_saved(energy, tmp_path / "energy.npz"))
+    assert loaded.measure == "energy"
+    probe = [_logits(np.random.default_rng(5), np.arange(20) % K, margin=3.0)] * 3
+    features = [np.zeros((20, 1))] * 3
+    assert loaded.score(features, probe) == pytest.approx(energy.score(features, probe))
+    # A version published before the energy measure: no "measure" or "centres" arrays.
+    old = _folds(np.random.default_rng(1))
+    with np.load(_saved(old, tmp_path / "new.npz")) as data:
+        kept = {k: data[k] for k in data.files if k not in ("measure", "centres")}
+    np.savez(tmp_path / "old.npz", **kept)
+    assert Novelty.load(tmp_path / "old.npz").measure == "mahalanobis"
+    features_probe = _features(np.random.default_rng(5), np.arange(20) % K, shift=0.5)
+    assert Novelty.load(tmp_path / "old.npz").score([features_probe] * 3) == pytest.approx(
+        old.score([features_probe] * 3), abs=1e-4
+    )
+
+
+def _saved(novelty: Novelty, path: Path) -> Path:
+    novelty.save(path)
+    return path
+
+
+def test_a_version_s_folds_share_one_measure_and_the_recipe_knows_only_real_ones() -> None:
+    from training.fitting.config import RecipeConfig
+
+    mixed = (
+        _folds(np.random.default_rng(1)).folds[0],
+        _energy_folds(np.random.default_rng(1)).folds[0],
+    )
+    with pytest.raises(ValueError, match="share one novelty measure"):
+        Novelty(mixed, np.zeros(1))
+    assert RecipeConfig.from_profile("cpu").novelty_measure == "energy"
+    with pytest.raises(ValueError, match="novelty_measure must be one of"):
+        RecipeConfig.from_profile("cpu", novelty_measure="softmax")
+    with pytest.raises(ValueError, match="unknown novelty measure"):
+        FoldNovelty.fit(np.zeros((2, 1)), np.zeros(2), K, np.zeros((1, 1)), measure="softmax")
 
 
 @pytest.mark.parametrize("design", ["whole_image", "locate_classify"])

@@ -256,7 +256,12 @@ def test_where_the_valve_is_and_how_unfamiliar_valves_are_flagged(
     location = _section(text, "Valve location")
     assert "31.5" in location and "Grad-CAM" in location and "no locator" in location
     unfamiliar = _section(text, "Unfamiliar valves")
-    assert "all 40" in unfamiliar and "5 %" in unfamiliar and "poorly so far" in unfamiliar
+    assert "all 40" in unfamiliar and "5 %" in unfamiliar
+    assert "Mahalanobis" in unfamiliar and "poorly" in unfamiliar  # a version from before energy
+    energy = {**metrics, "novelty": {**metrics["novelty"], "measure": "energy"}}
+    unfamiliar = _section(_write(tmp_path, energy), "Unfamiliar valves")
+    assert "free energy" in unfamiliar and "AUROC of 0.84" in unfamiliar
+    assert "Mahalanobis" not in unfamiliar
     located = {**metrics["localisation"], "source": "locator"}
     assert "crop around the predicted" in _section(
         _write(tmp_path, {**metrics, "localisation": located}), "Valve location"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from training.shared.novelty import DEFAULT_MEASURE, MEASURES
 from training.shared.preprocess import PreprocessParams, source_side_px
 
 __all__ = [
@@ -71,12 +72,19 @@ class RecipeConfig:
     reader_native: bool = True  # its crop of the X-ray's own pixels, unsquished (TRAINING.md)
     reader_lr_max: float = 3e-3  # its one-cycle peak (measured: 3e-3 reads better than 1e-3)
     test_views: int = 4  # locate_classify: views of each crop averaged at inference (1, 2, 4, 8)
+    novelty_measure: str = (
+        DEFAULT_MEASURE  # how "unlike every learned valve" is measured (novelty.py)
+    )
     refit_all: bool = False  # also train one model on all data (off: serve the fold ensemble)
     gradcam_per_class: int = 2  # saliency examples per class in the report
 
     def __post_init__(self) -> None:
         if self.test_views not in TEST_VIEW_COUNTS:
             raise ValueError(f"test_views must be 1, 2, 4 or 8, got {self.test_views}")
+        if self.novelty_measure not in MEASURES:
+            raise ValueError(
+                f"novelty_measure must be one of {sorted(MEASURES)}, got {self.novelty_measure!r}"
+            )
 
     @classmethod
     def from_profile(cls, name: str = "paper", **overrides: Any) -> RecipeConfig:

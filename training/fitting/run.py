@@ -33,7 +33,13 @@ import numpy as np
 from training.shared.dataset import LabelledImage, PreparedImages, prepare_images
 from training.shared.errors import DatasetError
 from training.shared.labels import LabelConfig
-from training.shared.novelty import NOVELTY_FILE, FoldNovelty, Novelty, features_and_logits
+from training.shared.novelty import (
+    MEASURES,
+    NOVELTY_FILE,
+    FoldNovelty,
+    Novelty,
+    features_and_logits,
+)
 from training.shared.preprocess import PreprocessParams
 from training.shared.version_config import CONFIG_FILE, DataSummary, FoldEntry, VersionConfig
 
@@ -297,13 +303,20 @@ def train_fold_stage(
     # out-of-fold reference new X-rays are ranked against).
     params = PreprocessParams.from_dict(plan["preprocess"])
     trained_in = precision_name(device, config.mixed_precision)
-    features = _penultimate_features(result.model, prepared.arrays, params, trained_in)
+    features, served_logits = _features_and_logits(
+        result.model, prepared.arrays, params, trained_in
+    )
     novelty = FoldNovelty.fit(
-        features[train_idx], labels[train_idx], len(plan["classes"]), features[val_idx]
+        features[train_idx],
+        labels[train_idx],
+        len(plan["classes"]),
+        features[val_idx],
+        served_logits[val_idx],
+        measure=config.novelty_measure,
     )
     (run_dir / "novelty").mkdir(parents=True, exist_ok=True)
     Novelty((novelty,), np.zeros(0)).save(run_dir / "novelty" / f"fold_{fold}.npz")
-    extra["novelty_distance"] = novelty.distances(features[val_idx])
+    extra["novelty_distance"] = novelty.distances(features[val_idx], served_logits[val_idx])
     oof = run_dir / "oof" / f"fold_{fold}.npz"
     oof.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, Any] = {"val_idx": val_idx, "logits": result.val_logits, **extra}
@@ -492,13 +505,14 @@ def _saliency_centres(model: Any, arrays: np.ndarray, params: PreprocessParams) 
     return peaks
 
 
-def _penultimate_features(
+def _features_and_logits(
     model: Any, arrays: np.ndarray, params: PreprocessParams, trained_in: str
-) -> np.ndarray:
-    """``(n, D)`` penultimate features of every prepared image, as a backend on this device
-    (the CPU: the trainers hand their networks back there) computes them: in the precision the
-    network was trained in where this device computes it, else fp32 (as the predictor's
-    fast path decides, :func:`~training.shared.inference.computes_as_trained`)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, D)`` penultimate features and ``(n, K)`` logits of every prepared image, as a
+    backend on this device (the CPU: the trainers hand their networks back there) computes
+    them: in the precision the network was trained in where this device computes it, else fp32
+    (as the predictor's fast path decides,
+    :func:`~training.shared.inference.computes_as_trained`)."""
     import torch
 
     from training.shared.inference import (
@@ -510,13 +524,15 @@ def _penultimate_features(
 
     device = next(model.parameters()).device
     model.eval()
-    parts = []
+    features, logits = [], []
     with torch.inference_mode(), autocast_for(device, computes_as_trained(device, {trained_in})):
         for part in iter_batches(len(arrays), SALIENCY_BATCH):
             images = torch.from_numpy(arrays[part].astype(np.float32)).to(device)
             batch = to_network_input(images, params, channels_last=False)
-            parts.append(features_and_logits(model, batch)[0].float().cpu().numpy())
-    return np.concatenate(parts)
+            found, answer = features_and_logits(model, batch)
+            features.append(found.float().cpu().numpy())
+            logits.append(answer.float().cpu().numpy())
+    return np.concatenate(features), np.concatenate(logits)
 
 
 def _write_novelty(run_dir: Path, n_folds: int, distance: np.ndarray) -> dict[str, Any]:
@@ -529,7 +545,8 @@ def _write_novelty(run_dir: Path, n_folds: int, distance: np.ndarray) -> dict[st
     novelty.save(run_dir / NOVELTY_FILE)
     shutil.rmtree(run_dir / "novelty")  # the folds are in NOVELTY_FILE now
     return {
-        "measure": "Mahalanobis distance of penultimate features to the nearest class mean",
+        "measure": novelty.measure,
+        "measure_description": MEASURES[novelty.measure],
         "file": NOVELTY_FILE,
         "flag_quantile": novelty.flag_quantile,
         "n_reference": len(distance),

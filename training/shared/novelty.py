@@ -1,18 +1,27 @@
 """Novelty: how unlike every learned valve model an X-ray looks.
 
-A classifier answers one of the classes it knows, confidently, even for a valve it never saw
-("Other valve" has no examples until annotators label some). Its softmax cannot say so; its
-features can. Each fold network's penultimate features (the input of its last linear layer)
-of the labelled X-rays it trained on give one mean per class and a shared covariance
-(Ledoit-Wolf shrinkage: a few hundred X-rays, 512 dimensions). An X-ray's distance is the
-Mahalanobis distance to the nearest class mean (Lee et al., NeurIPS 2018), divided by the
-median distance of the fold's own held-out X-rays, so folds are comparable.
+A classifier answers one of the classes it knows, even for a valve it never saw ("Other
+valve" has no examples until annotators label some). Each fold network gives every X-ray a
+*distance* from what it learned, by one of two measures (:data:`MEASURES`):
+
+* ``energy`` (the default, Liu et al., NeurIPS 2020): the free energy ``-logsumexp`` of the
+  fold network's logits. Large where no class's logit stands out, so where the crop matches
+  none of the learned valves; it needs nothing fitted but its scale. Standardised per fold by
+  the median and interquartile range of the fold's own held-out X-rays' energies.
+* ``mahalanobis`` (Lee et al., NeurIPS 2018): the distance of the network's penultimate
+  features (the input of its last linear layer) to the nearest class mean under one shared
+  covariance (Ledoit-Wolf shrinkage: a few hundred X-rays, 512 dimensions), fitted on the
+  fold's training X-rays and divided by the median distance of its held-out X-rays.
+
+Measured on held-out synthetic X-rays (docs/TRAINING.md, "Unfamiliar valves"), energy
+separated "Other valve" devices from the four models far better than the features' distance.
 
 Fitted on out-of-fold predictions: the reference is every labelled X-ray's distance under the
 fold that did not train on it, exactly how a new X-ray is seen. Its **novelty** is the
-fraction of that reference it exceeds (0.97: more unusual than 97 % of the labelled X-rays),
-averaged over the folds' distances; above :data:`FLAG_QUANTILE` it is flagged. So about 5 % of
-ordinary X-rays are flagged by construction, and a valve unlike all learned models should be.
+fraction of that reference it exceeds (0.97: more unusual than 97 % of the labelled X-rays);
+from :data:`FLAG_QUANTILE` on it is flagged. About 10 % of the labelled X-rays lie there out of
+fold; of new ordinary X-rays, served by all folds at once, 7.5-14 % did (measured), and a valve
+unlike all learned models should more often.
 
 numpy at serving (torch only through the model it is given); scikit-learn only to fit.
 """
@@ -33,17 +42,38 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "DEFAULT_MEASURE",
     "FLAG_QUANTILE",
+    "MEASURES",
     "NOVELTY_FILE",
     "FoldNovelty",
     "Novelty",
     "features_and_logits",
+    "free_energy",
 ]
 
 NOVELTY_FILE = "novelty.npz"
 """A version's novelty model, beside ``config.json`` (absent in versions that predate it)."""
-FLAG_QUANTILE = 0.95
-"""Novelty at or above which an X-ray is flagged as unlike every learned valve model."""
+FLAG_QUANTILE = 0.90
+"""Novelty at or above which an X-ray is flagged as unlike every learned valve model. Not
+0.95: the reference's top few percent are labelled X-rays a fold got wrong, whose energies
+few new X-rays reach: on held-out synthetic X-rays (two seeds) 0.95 flagged 0-1 % of ordinary
+X-rays and 3-10 % of other valves, 0.90 flagged 7.5-14 % and 38-60 % (docs/TRAINING.md,
+"Unfamiliar valves")."""
+MEASURES: dict[str, str] = {
+    "energy": "free energy (-logsumexp) of the network's logits",
+    "mahalanobis": "Mahalanobis distance of penultimate features to the nearest class mean",
+}
+"""The distances a version's novelty can be measured by, and what each is (for reports)."""
+DEFAULT_MEASURE = "energy"
+"""Measured the better of the two on held-out synthetic X-rays (docs/TRAINING.md)."""
+
+
+def free_energy(logits: np.ndarray) -> np.ndarray:
+    """``(n,)`` ``-logsumexp`` over each row of ``(n, K)`` logits (stable in float64)."""
+    z = np.asarray(logits, dtype=np.float64)
+    top = z.max(axis=1, keepdims=True)
+    return -(top[:, 0] + np.log(np.exp(z - top).sum(axis=1)))
 
 
 def features_and_logits(
@@ -66,17 +96,28 @@ def features_and_logits(
 
 @dataclass(frozen=True)
 class FoldNovelty:
-    """One fold's class means, shared precision, and the scale of its held-out distances."""
+    """One fold's distance: its measure, what was fitted for it, and its scale."""
 
     means: np.ndarray
-    """``(K, D)``: one row per class the fold saw in training (NaN rows for absent ones)."""
+    """``(K, D)``: one row per class the fold saw in training (NaN rows for absent ones);
+    ``(0, 0)`` for the ``energy`` measure, which needs none."""
     precision: np.ndarray
-    """``(D, D)``: inverse of the shared, shrunk within-class covariance."""
+    """``(D, D)``: inverse of the shared, shrunk within-class covariance (``(0, 0)``: energy)."""
     scale: float
-    """Median distance of the fold's held-out X-rays: distances are reported in its units."""
+    """Spread of the fold's held-out distances: distances are reported in its units."""
+    measure: str = "mahalanobis"
+    """One of :data:`MEASURES` (files from before energy existed hold Mahalanobis ones)."""
+    centre: float = 0.0
+    """Subtracted before scaling: the median held-out energy (0 for Mahalanobis, whose
+    distances are ratios to their median)."""
 
-    def distances(self, features: np.ndarray) -> np.ndarray:
-        """``(n,)`` distance to the nearest class mean, in units of :attr:`scale`."""
+    def distances(self, features: np.ndarray, logits: np.ndarray | None = None) -> np.ndarray:
+        """``(n,)`` distances of X-rays with these ``features`` ``(n, D)`` and ``logits``
+        ``(n, K)`` from what the fold learned, in units of :attr:`scale`."""
+        if self.measure == "energy":
+            if logits is None:
+                raise ValueError("the energy measure needs the fold network's logits")
+            return (free_energy(logits) - self.centre) / self.scale
         f = np.asarray(features, dtype=np.float64)
         best = np.full(len(f), np.inf)
         for mean in self.means:
@@ -84,7 +125,7 @@ class FoldNovelty:
                 continue
             d = f - mean
             best = np.minimum(best, np.einsum("nd,de,ne->n", d, self.precision, d))
-        return np.sqrt(np.maximum(best, 0.0)) / self.scale
+        return (np.sqrt(np.maximum(best, 0.0)) - self.centre) / self.scale
 
     @classmethod
     def fit(
@@ -93,9 +134,29 @@ class FoldNovelty:
         labels: np.ndarray,
         num_classes: int,
         held_out: np.ndarray,
+        held_out_logits: np.ndarray | None = None,
+        *,
+        measure: str = DEFAULT_MEASURE,
     ) -> FoldNovelty:
-        """From a fold's training ``features``/``labels``; ``held_out`` (its validation
-        X-rays' features) fixes the scale."""
+        """From a fold's training ``features``/``labels`` (Mahalanobis) or nothing (energy);
+        its validation X-rays (``held_out`` features and logits) fix the scale."""
+        if measure not in MEASURES:
+            raise ValueError(f"unknown novelty measure {measure!r}; choose from {sorted(MEASURES)}")
+        if measure == "energy":
+            if held_out_logits is None:
+                raise ValueError("the energy measure needs the held-out X-rays' logits")
+            energy = free_energy(held_out_logits)
+            if not len(energy):
+                return cls(np.zeros((0, 0)), np.zeros((0, 0)), 1.0, measure)
+            low, centre, high = np.quantile(energy, [0.25, 0.5, 0.75])
+            spread = float(high - low)
+            return cls(
+                np.zeros((0, 0)),
+                np.zeros((0, 0)),
+                spread if spread > 0 else 1.0,
+                measure,
+                float(centre),
+            )
         from sklearn.covariance import LedoitWolf
 
         f = np.asarray(features, dtype=np.float64)
@@ -105,9 +166,9 @@ class FoldNovelty:
             means[int(c)] = f[y == c].mean(axis=0)
         centred = f - means[y]
         precision = LedoitWolf(assume_centered=True).fit(centred).get_precision()
-        unscaled = cls(means, precision, 1.0).distances(held_out)
+        unscaled = cls(means, precision, 1.0, measure).distances(held_out)
         scale = float(np.median(unscaled)) if len(unscaled) else 1.0
-        return cls(means, precision, scale if scale > 0 else 1.0)
+        return cls(means, precision, scale if scale > 0 else 1.0, measure)
 
 
 @dataclass(frozen=True)
@@ -120,15 +181,51 @@ class Novelty:
     """Sorted out-of-fold distances of the labelled X-rays."""
     flag_quantile: float = FLAG_QUANTILE
 
-    def score(self, member_features: Sequence[np.ndarray]) -> np.ndarray:
-        """``(n,)`` novelty in [0, 1] from each fold network's features of the same images."""
+    def __post_init__(self) -> None:
+        if len({fold.measure for fold in self.folds}) > 1:
+            raise ValueError("a version's folds must share one novelty measure")
+
+    @property
+    def measure(self) -> str:
+        """The folds' measure (:data:`MEASURES`)."""
+        return self.folds[0].measure if self.folds else DEFAULT_MEASURE
+
+    def score(
+        self,
+        member_features: Sequence[np.ndarray],
+        member_logits: Sequence[np.ndarray] | np.ndarray | None = None,
+    ) -> np.ndarray:
+        """``(n,)`` novelty in [0, 1] from each fold network's features and logits of the
+        same images."""
         if len(member_features) != len(self.folds):
             raise ValueError(f"{len(member_features)} feature sets for {len(self.folds)} folds")
+        logits = [None] * len(self.folds) if member_logits is None else list(member_logits)
+        if len(logits) != len(self.folds):
+            raise ValueError(f"{len(logits)} logit sets for {len(self.folds)} folds")
+        if self.measure == "energy":
+            return self.rank(self._ensemble_energy(logits))
         distance = np.mean(
-            [fold.distances(f) for fold, f in zip(self.folds, member_features, strict=True)],
+            [
+                fold.distances(f, z)
+                for fold, f, z in zip(self.folds, member_features, logits, strict=True)
+            ],
             axis=0,
         )
         return self.rank(distance)
+
+    def _ensemble_energy(self, member_logits: Sequence[np.ndarray | None]) -> np.ndarray:
+        """The energy of the folds' *mean* logits, standardised by the folds' mean centre and
+        scale. Where the folds agree (an X-ray like those they learned) it is about one
+        fold's energy, so the one-fold out-of-fold reference fits it; where they disagree
+        (as on a valve none of them learned) the mean names no class clearly and its energy
+        rises. Averaging the folds' energies instead shrinks every X-ray's spread below the
+        reference's, and nothing reached the flag (docs/TRAINING.md)."""
+        if any(z is None for z in member_logits):
+            raise ValueError("the energy measure needs the fold network's logits")
+        mean = np.mean([np.asarray(z, dtype=np.float64) for z in member_logits], axis=0)
+        centre = float(np.mean([fold.centre for fold in self.folds]))
+        scale = float(np.mean([fold.scale for fold in self.folds]))
+        return (free_energy(mean) - centre) / scale
 
     def rank(self, distance: np.ndarray) -> np.ndarray:
         """The fraction of the reference each distance exceeds."""
@@ -141,6 +238,8 @@ class Novelty:
             means=np.stack([f.means for f in self.folds]).astype(np.float32),
             precisions=np.stack([f.precision for f in self.folds]).astype(np.float32),
             scales=np.array([f.scale for f in self.folds]),
+            centres=np.array([f.centre for f in self.folds]),
+            measure=np.array(self.measure),
             reference=np.sort(self.reference),
             flag_quantile=np.array(self.flag_quantile),
         )
@@ -150,10 +249,15 @@ class Novelty:
         try:
             with np.load(Path(path)) as data:
                 arrays: dict[str, Any] = {k: data[k] for k in data.files}
+            # Files written before the energy measure hold Mahalanobis folds, uncentred.
+            measure = str(arrays.get("measure", "mahalanobis"))
+            if measure not in MEASURES:
+                raise ValueError(f"unknown measure {measure!r}")
+            centres = arrays.get("centres", np.zeros(len(arrays["scales"])))
             folds = tuple(
-                FoldNovelty(m.astype(np.float64), p.astype(np.float64), float(s))
-                for m, p, s in zip(
-                    arrays["means"], arrays["precisions"], arrays["scales"], strict=True
+                FoldNovelty(m.astype(np.float64), p.astype(np.float64), float(s), measure, float(c))
+                for m, p, s, c in zip(
+                    arrays["means"], arrays["precisions"], arrays["scales"], centres, strict=True
                 )
             )
             return cls(folds, np.sort(arrays["reference"]), float(arrays["flag_quantile"]))
