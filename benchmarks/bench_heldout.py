@@ -325,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument(
+        "--novelty-measure",
+        default=None,
+        help="train the version with this novelty measure (energy, mahalanobis)",
+    )
+    parser.add_argument(
         "--compare-test-views",
         type=int,
         nargs="+",
@@ -344,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         options = replace(options, seed=args.seed)
     if args.compare_test_views:
         options = replace(options, compare_test_views=tuple(args.compare_test_views))
+    if args.novelty_measure:
+        overrides = (*options.overrides, ("novelty_measure", args.novelty_measure))
+        options = replace(options, overrides=overrides)
     with tempfile.TemporaryDirectory(prefix="valve-id-heldout-") as tmp:
         tables, result = run(options, Path(tmp))
     emit(tables, args.markdown)

@@ -107,7 +107,9 @@ def _energy_folds(rng: np.random.Generator, n_folds: int = 3) -> Novelty:
     for k in range(n_folds):
         val = np.arange(len(labels)) % n_folds == k
         held_out = _logits(rng, labels[val], margin=8.0 + k)  # folds differ in logit scale
-        fold = FoldNovelty.fit(np.zeros((0, 1)), labels[~val], K, np.zeros((0, 1)), held_out)
+        fold = FoldNovelty.fit(
+            np.zeros((0, 1)), labels[~val], K, np.zeros((0, 1)), held_out, measure="energy"
+        )
         folds.append(fold)
         distances[val] = fold.distances(np.zeros((val.sum(), 1)), held_out)
     return Novelty(tuple(folds), np.sort(distances))
@@ -120,7 +122,7 @@ def test_free_energy_is_minus_logsumexp_and_stable_for_large_logits() -> None:
 
 
 def test_energy_flags_a_crop_no_class_stands_out_for() -> None:
-    """The default measure: an X-ray whose logits name no class clearly (what a valve unlike
+    """The energy measure: an X-ray whose logits name no class clearly (what a valve unlike
     every learned model gives, measured in docs/TRAINING.md) is flagged; confident ones are
     flagged at about the construction rate."""
     novelty = _energy_folds(np.random.default_rng(1))
@@ -175,7 +177,7 @@ def test_a_version_s_folds_share_one_measure_and_the_recipe_knows_only_real_ones
     )
     with pytest.raises(ValueError, match="share one novelty measure"):
         Novelty(mixed, np.zeros(1))
-    assert RecipeConfig.from_profile("cpu").novelty_measure == "energy"
+    assert RecipeConfig.from_profile("cpu").novelty_measure == "mahalanobis"
     with pytest.raises(ValueError, match="novelty_measure must be one of"):
         RecipeConfig.from_profile("cpu", novelty_measure="softmax")
     with pytest.raises(ValueError, match="unknown novelty measure"):
