@@ -57,7 +57,7 @@ NOVELTY_FILE = "novelty.npz"
 """A version's novelty model, beside ``config.json`` (absent in versions that predate it)."""
 FLAG_QUANTILE = 0.90
 """Novelty at or above which an X-ray is flagged as unlike every learned valve model. Not
-0.95: the reference's top few percent are labelled X-rays a fold got wrong, whose energies
+0.95: the reference's top few percent are labelled X-rays a fold got wrong, whose distances
 few new X-rays reach: on held-out synthetic X-rays (Mahalanobis, fp32) 0.95 flagged none of
 the ordinary X-rays and 22 % of other valves, 0.90 none and 38 % (docs/TRAINING.md,
 "Unfamiliar valves")."""
