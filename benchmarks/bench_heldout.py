@@ -8,7 +8,9 @@ scores it on X-rays it never saw, drawn by the same generator with other seeds:
 * localisation: distance from the served valve keypoint to the generator's true centre
   (pixels of the original image, median and 95th percentile);
 * novelty: AUROC of the served novelty between those X-rays and "Other valve" X-rays (geometries
-  the version never saw), and the share of each that is flagged;
+  the version never saw), and the share of each that is flagged; a version trained with the
+  ``combined`` measure is also served with each of its parts alone (the same networks), so
+  one run compares the measures;
 * pressure setting, per valve model: exact and within-one-step accuracy of the setting the
   version reads under the true model, a confusion matrix, and how often the whole reading
   (model and setting) is right;
@@ -123,6 +125,44 @@ def _novelty_measure(registry: Any) -> str:
     return Novelty.load(path).measure if path.is_file() else "none"
 
 
+def _novelty_scores(
+    known: list[tuple[dict[str, str], Any]], unknown: list[tuple[dict[str, str], Any]]
+) -> dict[str, Any]:
+    """AUROC, per-image novelty and flagged shares of served answers."""
+    novelty_in = np.array([a.novelty for _, a in known if a.novelty is not None])
+    novelty_out = np.array([a.novelty for _, a in unknown if a.novelty is not None])
+    return {
+        "novelty_auroc": _auroc(novelty_in, novelty_out),
+        "novelty_known": [round(float(v), 4) for v in novelty_in],
+        "novelty_other": [round(float(v), 4) for v in novelty_out],
+        "flagged_known": float(np.mean([a.unfamiliar for _, a in known])) if known else None,
+        "flagged_other": float(np.mean([a.unfamiliar for _, a in unknown])) if unknown else None,
+    }
+
+
+def _novelty_parts(registry: Any, test: Path, other: Path) -> dict[str, dict[str, Any]]:
+    """A ``combined`` version served with each part of its novelty alone: the version's
+    novelty file is swapped for the part's, then restored."""
+    from backend.service.prediction import Prediction
+    from training.shared.novelty import NOVELTY_FILE, Novelty
+
+    path = registry.versions_dir / "heldout" / NOVELTY_FILE
+    if not path.is_file():
+        return {}
+    combined = Novelty.load(path)
+    original = path.read_bytes()
+    found: dict[str, dict[str, Any]] = {}
+    try:
+        for part in combined.parts:
+            part.save(path)
+            known = [(r, a) for r, a in _predict(registry, test) if isinstance(a, Prediction)]
+            unknown = [(r, a) for r, a in _predict(registry, other) if isinstance(a, Prediction)]
+            found[part.measure] = _novelty_scores(known, unknown)
+    finally:
+        path.write_bytes(original)
+    return found
+
+
 def _predict(
     registry: Any, data: Path, test_views: int | None = None
 ) -> list[tuple[dict[str, str], Any]]:
@@ -172,8 +212,6 @@ def run(options: HeldoutOptions, work: Path) -> tuple[list[Table], dict[str, Any
         for row, a in known
         if a.centre_px is not None
     ]
-    novelty_in = np.array([a.novelty for _, a in known if a.novelty is not None])
-    novelty_out = np.array([a.novelty for _, a in unknown if a.novelty is not None])
     sources = sorted({a.centre_source for _, a in known if a.centre_source})
     settings = _setting_results(known)
     result = {
@@ -186,18 +224,16 @@ def run(options: HeldoutOptions, work: Path) -> tuple[list[Table], dict[str, Any
         "location_median_px": float(np.median(errors)) if errors else None,
         "location_p95_px": float(np.percentile(errors, 95)) if errors else None,
         "novelty_measure": _novelty_measure(registry),
-        "novelty_auroc": _auroc(novelty_in, novelty_out),
+        **_novelty_scores(known, unknown),
         # For comparison: 1 - the served ensemble's top probability (calibrated), same X-rays.
         "top_probability_auroc": _auroc(
             np.array([1 - max(a.probs.values()) for _, a in known]),
             np.array([1 - max(a.probs.values()) for _, a in unknown]),
         ),
-        "novelty_known": [round(float(v), 4) for v in novelty_in],
-        "novelty_other": [round(float(v), 4) for v in novelty_out],
-        "flagged_known": float(np.mean([a.unfamiliar for _, a in known])) if known else None,
-        "flagged_other": float(np.mean([a.unfamiliar for _, a in unknown])) if unknown else None,
         "settings": settings,
     }
+    if result["novelty_measure"] == "combined":
+        result["novelty_parts"] = _novelty_parts(registry, test, other)
     table = Table(
         f"Held-out synthetic X-rays: {options.profile} profile trained on {options.n_train}, "
         f"{options.n_folds} folds; tested on {len(known)} of the four models and "
@@ -224,6 +260,12 @@ def run(options: HeldoutOptions, work: Path) -> tuple[list[Table], dict[str, Any
     for name, key in (("four models", "flagged_known"), ("other valves", "flagged_other")):
         value = result[key]
         table.add_row(f"flagged as unfamiliar: {name}", "—" if value is None else f"{value:.2f}")
+    for measure, part in result.get("novelty_parts", {}).items():
+        table.add_row(
+            f"its {measure} part alone: AUROC / flagged, four models / other valves",
+            f"{part['novelty_auroc']:.3f} / {part['flagged_known']:.2f} / "
+            f"{part['flagged_other']:.2f}",
+        )
     for valve, found in settings.items():
         table.add_row(
             f"setting, {valve}: exact / within one step / whole reading right (n={found['n']})",
@@ -327,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--novelty-measure",
         default=None,
-        help="train the version with this novelty measure (energy, mahalanobis)",
+        help="train the version with this novelty measure (mahalanobis, energy, combined)",
     )
     parser.add_argument(
         "--compare-test-views",

@@ -637,9 +637,9 @@ def _load_novelty(path: Path, n_folds: int) -> Novelty | None:
     if not (path / NOVELTY_FILE).is_file():
         return None
     novelty = Novelty.load(path / NOVELTY_FILE)
-    if len(novelty.folds) != n_folds:
+    if novelty.n_folds != n_folds:
         raise ModelLoadError(
-            f"{NOVELTY_FILE} has {len(novelty.folds)} folds, the version {n_folds}",
+            f"{NOVELTY_FILE} has {novelty.n_folds} folds, the version {n_folds}",
             source=str(path),
         )
     return novelty

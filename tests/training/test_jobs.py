@@ -77,7 +77,7 @@ def test_enqueued_run_is_trained_by_a_worker_and_published(
     assert metrics["localisation"]["n"] == 40 and metrics["localisation"]["median_px"] >= 0
     # Its novelty model is fitted out of fold: every labelled X-ray is in the reference.
     assert metrics["novelty"]["n_reference"] == 40 and (version_dir / "novelty.npz").is_file()
-    assert metrics["novelty"]["measure"] == "mahalanobis"  # the default (docs/TRAINING.md)
+    assert metrics["novelty"]["measure"] == "combined"  # the default (docs/TRAINING.md)
     config = json.loads((version_dir / "config.json").read_text())
     assert config["preprocess"]["size_px"] == 64
     assert config["init"]["init"] in {"imagenet", "random"}

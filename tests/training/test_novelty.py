@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,13 @@ from training.shared.errors import ModelLoadError
 from training.shared.locate_classify import LocateClassifyNet, TwoStageParams
 from training.shared.model import ValveNet
 from training.shared.novelty import (
+    COMBINED_PARTS,
     FLAG_QUANTILE,
     FoldNovelty,
     Novelty,
     features_and_logits,
     free_energy,
+    parts_of,
 )
 
 DIM, K = 64, 4
@@ -177,11 +180,82 @@ def test_a_version_s_folds_share_one_measure_and_the_recipe_knows_only_real_ones
     )
     with pytest.raises(ValueError, match="share one novelty measure"):
         Novelty(mixed, np.zeros(1))
-    assert RecipeConfig.from_profile("cpu").novelty_measure == "mahalanobis"
+    assert RecipeConfig.from_profile("cpu").novelty_measure == "combined"
     with pytest.raises(ValueError, match="novelty_measure must be one of"):
         RecipeConfig.from_profile("cpu", novelty_measure="softmax")
     with pytest.raises(ValueError, match="unknown novelty measure"):
         FoldNovelty.fit(np.zeros((2, 1)), np.zeros(2), K, np.zeros((1, 1)), measure="softmax")
+
+
+def _combined(rng: np.random.Generator, n_folds: int = 3) -> Novelty:
+    """A combined novelty model fitted as a run fits it: every fold fits both measures on the
+    same X-rays, and the reference is the out-of-fold mean of their ranks."""
+    labels = np.arange(300) % K
+    features = _features(rng, labels)
+    logits = _logits(rng, labels, margin=8.0)
+    parts = []
+    for measure in COMBINED_PARTS:
+        folds, distances = [], np.zeros(len(labels))
+        for k in range(n_folds):
+            val = np.arange(len(labels)) % n_folds == k
+            fold = FoldNovelty.fit(
+                features[~val], labels[~val], K, features[val], logits[val], measure=measure
+            )
+            folds.append(fold)
+            distances[val] = fold.distances(features[val], logits[val])
+        parts.append((Novelty(tuple(folds), np.sort(distances)), distances))
+    return Novelty.combine([p for p, _ in parts], [d for _, d in parts])
+
+
+def test_combined_catches_what_either_measure_alone_misses() -> None:
+    """Two kinds of unfamiliar X-ray: features off every class but a confident answer (only
+    the Mahalanobis part sees it) and ordinary features with no class standing out (only
+    energy sees it). Together they separate both from ordinary X-rays better than either."""
+    novelty = _combined(np.random.default_rng(1))
+    assert novelty.measure == "combined"
+    assert [p.measure for p in novelty.parts] == list(COMBINED_PARTS)
+    rng = np.random.default_rng(2)
+    labels = np.arange(200) % K
+    ordinary = ([_features(rng, labels)] * 3, [_logits(rng, labels, margin=8.0)] * 3)
+    odd_shape = ([_features(rng, labels, shift=2.5)] * 3, [_logits(rng, labels, margin=8.0)] * 3)
+    undecided = ([_features(rng, labels)] * 3, [_logits(rng, labels, margin=1.0)] * 3)
+    score_in = novelty.score(*ordinary)
+    score_out = np.concatenate([novelty.score(*odd_shape), novelty.score(*undecided)])
+    combined = _auroc(score_in, score_out)
+    for part in novelty.parts:
+        alone = _auroc(
+            part.score(*ordinary),
+            np.concatenate([part.score(*odd_shape), part.score(*undecided)]),
+        )
+        assert alone <= 0.8 and combined > alone + 0.05, (part.measure, combined, alone)
+    assert combined >= 0.8
+    # Out of fold, the labelled X-rays are the reference: about 10 % lie above the flag.
+    assert float((score_in >= FLAG_QUANTILE).mean()) <= 0.2
+
+
+def test_a_combined_model_round_trips_and_is_made_of_its_parts_only(tmp_path: Path) -> None:
+    novelty = _combined(np.random.default_rng(1))
+    loaded = Novelty.load(_saved(novelty, tmp_path / "novelty.npz"))
+    assert loaded.measure == "combined" and loaded.flag_quantile == novelty.flag_quantile
+    rng = np.random.default_rng(5)
+    labels = np.arange(20) % K
+    probe = ([_features(rng, labels, shift=0.5)] * 3, [_logits(rng, labels, margin=2.0)] * 3)
+    assert loaded.score(*probe) == pytest.approx(novelty.score(*probe), abs=1e-4)
+    for part, again in zip(novelty.parts, loaded.parts, strict=True):
+        assert again.measure == part.measure
+        assert again.score(*probe) == pytest.approx(part.score(*probe), abs=1e-4)
+    with pytest.raises(ValueError, match="made of"):
+        Novelty(novelty.parts[0].folds, np.zeros(1), parts=novelty.parts)
+    with pytest.raises(ValueError, match="made of"):
+        Novelty((), np.zeros(1), parts=novelty.parts[::-1])
+    with pytest.raises(ValueError, match="one measure at a time"):
+        FoldNovelty.fit(np.zeros((2, 1)), np.zeros(2), K, np.zeros((1, 1)), measure="combined")
+    assert parts_of("combined") == COMBINED_PARTS and parts_of("energy") == ("energy",)
+    from training.fitting.config import RecipeConfig
+
+    assert RecipeConfig.from_profile("cpu", novelty_measure="combined").novelty_measure == (
+        "combined"
+    )
 
 
 @pytest.mark.parametrize("design", ["whole_image", "locate_classify"])
@@ -198,3 +272,49 @@ def test_features_and_logits_split_the_network_before_its_last_layer(design: str
         features, logits = features_and_logits(model, x)
         assert features.shape == (3, 512)
         assert torch.allclose(logits, model(x), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_run_with_the_combined_measure_serves_the_mean_of_its_parts(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """Through the recipe: every fold fits both measures, the version's file holds both
+    parts and the out-of-fold reference of their mean, and the backend serves that."""
+    from backend.service.prediction import Prediction
+    from backend.service.predictor import Predictor
+    from training.fitting.config import RecipeConfig
+    from training.fitting.run import run_in_process
+    from training.shared.dataset import load_manifest
+    from training.shared.labels import load_label_config
+    from training.shared.registry import ModelRegistry
+
+    label_config = load_label_config(Path(__file__).resolve().parents[2] / "label_config.xml")
+    recipe = RecipeConfig.from_profile("quick", novelty_measure="combined", gradcam_per_class=0)
+    registry = ModelRegistry(tmp_path / "models")
+    staging = registry.staging("combined")
+    run_in_process(
+        staging,
+        load_manifest(tiny_dataset, label_config.classes),
+        label_config,
+        recipe,
+        source="synthetic",
+        cache_dir=None,
+        run_id="combined",
+    )
+    metrics = json.loads((staging / "metrics.json").read_text())
+    assert metrics["novelty"]["measure"] == "combined"
+    assert metrics["novelty"]["n_reference"] == 40
+    novelty = Novelty.load(staging / "novelty.npz")
+    assert [p.measure for p in novelty.parts] == list(COMBINED_PARTS)
+    for part in novelty.parts:  # each part: one fold model per fold, all 40 X-rays out of fold
+        assert len(part.folds) == 5 and len(part.reference) == 40
+    # Out of fold, each X-ray's combined novelty is its rank in that same reference.
+    assert 0.0 < float(np.median(novelty.reference)) < 1.0
+    registry.publish(staging, version_id="combined")
+    images = sorted((tiny_dataset / "images").iterdir())[:4]
+    with Predictor(registry.root, device="cpu", refresh_interval_s=0.0) as predictor:
+        answers = predictor.predict([p.read_bytes() for p in images])
+    for answer in answers:
+        assert isinstance(answer, Prediction) and answer.novelty is not None
+        assert 0.0 <= answer.novelty <= 1.0
+        assert answer.unfamiliar == (answer.novelty >= novelty.flag_quantile)

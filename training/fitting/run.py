@@ -34,11 +34,13 @@ from training.shared.dataset import LabelledImage, PreparedImages, prepare_image
 from training.shared.errors import DatasetError
 from training.shared.labels import LabelConfig
 from training.shared.novelty import (
+    LEGACY_MEASURE,
     MEASURES,
     NOVELTY_FILE,
     FoldNovelty,
     Novelty,
     features_and_logits,
+    parts_of,
 )
 from training.shared.preprocess import PreprocessParams
 from training.shared.version_config import CONFIG_FILE, DataSummary, FoldEntry, VersionConfig
@@ -306,17 +308,18 @@ def train_fold_stage(
     features, served_logits = _features_and_logits(
         result.model, prepared.arrays, params, trained_in
     )
-    novelty = FoldNovelty.fit(
-        features[train_idx],
-        labels[train_idx],
-        len(plan["classes"]),
-        features[val_idx],
-        served_logits[val_idx],
-        measure=config.novelty_measure,
-    )
     (run_dir / "novelty").mkdir(parents=True, exist_ok=True)
-    Novelty((novelty,), np.zeros(0)).save(run_dir / "novelty" / f"fold_{fold}.npz")
-    extra["novelty_distance"] = novelty.distances(features[val_idx], served_logits[val_idx])
+    for measure in parts_of(config.novelty_measure):
+        novelty = FoldNovelty.fit(
+            features[train_idx],
+            labels[train_idx],
+            len(plan["classes"]),
+            features[val_idx],
+            served_logits[val_idx],
+            measure=measure,
+        )
+        Novelty((novelty,), np.zeros(0)).save(run_dir / "novelty" / f"fold_{fold}_{measure}.npz")
+        extra[f"novelty_{measure}"] = novelty.distances(features[val_idx], served_logits[val_idx])
     oof = run_dir / "oof" / f"fold_{fold}.npz"
     oof.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, Any] = {"val_idx": val_idx, "logits": result.val_logits, **extra}
@@ -388,7 +391,8 @@ def finalize_run(
     n_folds = config_recipe["n_folds"]
     logits = np.zeros((len(y), len(plan["classes"])), dtype=np.float32)
     centres = np.full((len(y), 2), np.nan, dtype=np.float32)
-    novelty_distance = np.full(len(y), np.nan)
+    novelty_measure = config_recipe.get("novelty_measure", LEGACY_MEASURE)  # older plans
+    novelty_distance = {m: np.full(len(y), np.nan) for m in parts_of(novelty_measure)}
     total = sum(len(values) for _, values in _setting_layout(plan))
     readings = np.full((len(y), total), np.nan, dtype=np.float32)
     fold_of = np.full(len(y), -1)
@@ -402,8 +406,9 @@ def finalize_run(
             fold_of[data["val_idx"]] = k
             if "centres" in data:
                 centres[data["val_idx"]] = data["centres"]
-            if "novelty_distance" in data:
-                novelty_distance[data["val_idx"]] = data["novelty_distance"]
+            for measure, distance in novelty_distance.items():
+                if f"novelty_{measure}" in data:
+                    distance[data["val_idx"]] = data[f"novelty_{measure}"]
             if "setting_logits" in data:
                 readings[data["val_idx"]] = data["setting_logits"]
         histories.append(read_json(run_dir / "history" / f"fold_{k}.json"))
@@ -418,7 +423,7 @@ def finalize_run(
             **localisation_error(centres, prepared.centres, prepared.boxes),
             "source": "locator" if config_recipe.get("design") == "locate_classify" else "saliency",
         }
-    if np.isfinite(novelty_distance).all():
+    if all(np.isfinite(d).all() for d in novelty_distance.values()):
         metrics["novelty"] = _write_novelty(run_dir, n_folds, novelty_distance)
     if total and np.isfinite(readings).any():
         metrics["settings"] = _setting_metrics(plan, y, readings)
@@ -535,23 +540,32 @@ def _features_and_logits(
     return np.concatenate(features), np.concatenate(logits)
 
 
-def _write_novelty(run_dir: Path, n_folds: int, distance: np.ndarray) -> dict[str, Any]:
-    """The version's novelty model (its folds + the out-of-fold reference), and its summary
-    for metrics.json."""
-    folds = tuple(
-        Novelty.load(run_dir / "novelty" / f"fold_{k}.npz").folds[0] for k in range(n_folds)
-    )
-    novelty = Novelty(folds, np.sort(distance))
+def _write_novelty(run_dir: Path, n_folds: int, distances: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The version's novelty model (its folds + the out-of-fold reference; for ``combined``,
+    one such model per measure and the reference of their mean), and its summary for
+    metrics.json. ``distances``: each measure's out-of-fold distances."""
+    parts = [
+        Novelty(
+            tuple(
+                Novelty.load(run_dir / "novelty" / f"fold_{k}_{measure}.npz").folds[0]
+                for k in range(n_folds)
+            ),
+            np.sort(distance),
+        )
+        for measure, distance in distances.items()
+    ]
+    novelty = parts[0] if len(parts) == 1 else Novelty.combine(parts, list(distances.values()))
     novelty.save(run_dir / NOVELTY_FILE)
     shutil.rmtree(run_dir / "novelty")  # the folds are in NOVELTY_FILE now
+    reference = novelty.reference
     return {
         "measure": novelty.measure,
         "measure_description": MEASURES[novelty.measure],
         "file": NOVELTY_FILE,
         "flag_quantile": novelty.flag_quantile,
-        "n_reference": len(distance),
-        "reference_median": round(float(np.median(distance)), 4),
-        "reference_flag_distance": round(float(np.quantile(distance, novelty.flag_quantile)), 4),
+        "n_reference": len(reference),
+        "reference_median": round(float(np.median(reference)), 4),
+        "reference_flag_distance": round(float(np.quantile(reference, novelty.flag_quantile)), 4),
     }
 
 
