@@ -147,8 +147,6 @@ def _novelty_parts(registry: Any, test: Path, other: Path) -> dict[str, dict[str
     from training.shared.novelty import NOVELTY_FILE, Novelty
 
     path = registry.versions_dir / "heldout" / NOVELTY_FILE
-    if not path.is_file():
-        return {}
     combined = Novelty.load(path)
     original = path.read_bytes()
     found: dict[str, dict[str, Any]] = {}

@@ -286,14 +286,17 @@ class Novelty:
         return below / max(len(self.reference), 1)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        arrays = {
+        arrays: dict[str, Any] = {
             "measure": np.array(self.measure),
-            "reference": np.sort(self.reference),
             "flag_quantile": np.array(self.flag_quantile),
         }
-        for part in self.parts:
-            arrays.update({f"{part.measure}_{k}": v for k, v in part._arrays().items()})
-        np.savez(path, **(arrays if self.parts else {**arrays, **self._arrays()}))
+        if not self.parts:
+            arrays.update(self._arrays())
+        else:  # the mean's reference, then each part under its measure's prefix
+            arrays["reference"] = np.sort(self.reference)
+            for part in self.parts:
+                arrays.update({f"{part.measure}_{k}": v for k, v in part._arrays().items()})
+        np.savez(path, **arrays)
 
     def _arrays(self) -> dict[str, np.ndarray]:
         """A single-measure model's folds and reference, as stored."""
