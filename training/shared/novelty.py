@@ -93,7 +93,8 @@ def parts_of(measure: str) -> tuple[str, ...]:
 
 
 def free_energy(logits: np.ndarray) -> np.ndarray:
-    """``(n,)`` ``-logsumexp`` over each row of ``(n, K)`` logits (stable in float64)."""
+    """``(n,)`` ``-logsumexp`` over each row of ``(n, K)`` logits (stable in float64). Written
+    out rather than ``scipy.special.logsumexp``: serving imports no scipy (its memory)."""
     z = np.asarray(logits, dtype=np.float64)
     top = z.max(axis=1, keepdims=True)
     return -(top[:, 0] + np.log(np.exp(z - top).sum(axis=1)))
