@@ -144,6 +144,22 @@ def test_the_view_pooled_reader_reads_every_upright_view_alike() -> None:
     }
 
 
+def test_the_setting_readers_soft_targets_spread_over_neighbouring_settings() -> None:
+    """``--label-sigma``: each row a distribution peaked at its own setting, neighbours alike
+    on both sides, the scale's ends not neighbours (no wrap); sigma 0 is one-hot, as versions
+    train, so the benchmark's default loss is the plain cross-entropy."""
+    import numpy as np
+
+    from benchmarks.bench_setting_reader import soft_targets
+
+    soft = soft_targets(6, 1.0)
+    np.testing.assert_allclose(soft.sum(1), 1.0, rtol=1e-6)
+    assert soft[2, 1] == pytest.approx(soft[2, 3])
+    assert soft[2, 2] > soft[2, 1] > soft[2, 0] > 0
+    assert soft[0, 5] < soft[0, 1]
+    np.testing.assert_array_equal(soft_targets(6, 0.0), np.eye(6))
+
+
 def test_the_setting_reader_refuses_seeds_whose_test_x_rays_another_trains_on() -> None:
     """A seed's test X-rays are drawn with seed + 1: seeds 0 and 1 would test one reader on
     the other's training X-rays, and the mean over seeds would flatter both."""
