@@ -18,6 +18,11 @@ three ways, and scores each on X-rays of another seed:
 * ``true axis``: turned by the generator's own valve angle (the axis a better estimate, or
   an annotated one, would give), also in those four views; the valve's direction along the
   axis and the face seen are still left to the reader;
+* ``true frame native``: the native crop turned by the generator's angle and unmirrored by
+  its face, seen as is: the reader's ceiling when nothing about the frame is left to it;
+* ``template frame native``: the native crop turned onto a template fitted on the training
+  crops (:mod:`benchmarks.template_frame`), face still left to the reader (measured: the
+  axis 4-8 × closer than the principal axis, the Hakim read no better);
 * ``upright pooled``: the upright crop read by :func:`view_pooled`, its features maxed
   over the four views, so it is invariant to which end and face it sees by construction
   (measured: no better than the plain reader given the same compute, so versions do not).
@@ -25,7 +30,8 @@ three ways, and scores each on X-rays of another seed:
 Per mode and valve model it reports the exact and within-one-step shares, and (in the JSON)
 ``mirror_reading``: the share read as the setting's mirror partner (-k of n, what the valve
 seen from its other face would show), the error a reader makes when it cannot tell the face.
-``--seeds`` repeats everything with other training X-rays and initial heads; the table gives
+``--frames-only`` trains no reader: it compares the frames (:func:`frames`), the principal
+axis's and the template's, with the generator's. ``--seeds`` repeats everything with other training X-rays and initial heads; the table gives
 the mean and spread. ``--label-sigma`` trains on targets spread over neighbouring settings
 (:func:`soft_targets`), ``--reader-fraction`` and ``--reader-px`` change the crop's size and
 resolution (versions: one-hot, the ``cpu`` profile's crop).
@@ -57,6 +63,8 @@ READER_MODES = (
     "directed unsquished",
     "directed native",
     "true axis",
+    "true frame native",
+    "template frame native",
     "upright pooled",
 )
 
@@ -90,6 +98,8 @@ class ReaderOptions:
     """Each seed draws its own training X-rays (test X-rays: seed + 1) and initialises the
     head anew; the table gives the mean (and spread) over them."""
     modes: tuple[str, ...] = READER_MODES
+    frames_only: bool = False
+    """Only compare the frames (:func:`frames`), no reader trained."""
 
     def __post_init__(self) -> None:
         if any(seed + 1 in self.seeds for seed in self.seeds):
@@ -114,7 +124,8 @@ QUICK = ReaderOptions(
 
 def _draw(options: ReaderOptions, label: str, n: int, seed: int) -> dict[str, Any]:
     """``n`` prepared X-rays of ``label``: images, true centres and axis angles (both in the
-    prepared square's coordinates) and setting indices."""
+    prepared square's coordinates), the sources the native crops cut, the axis angles on
+    them (the generator's own), whether the valve shows its other face, setting indices."""
     import torch
     import torch.nn.functional as F
 
@@ -124,6 +135,7 @@ def _draw(options: ReaderOptions, label: str, n: int, seed: int) -> dict[str, An
     rng = np.random.default_rng(seed)
     side = options.prepared_px
     images, originals, centres, angles, settings = [], [], [], [], []
+    native_angles, mirrored = [], []
     for _ in range(n):
         image, info = render_xray(rng, label, size_range_px=options.size_range_px)
         h, w = image.shape
@@ -136,6 +148,8 @@ def _draw(options: ReaderOptions, label: str, n: int, seed: int) -> dict[str, An
         centres.append([(info["valve_x"] + 0.5) / w, (info["valve_y"] + 0.5) / h])
         a = math.radians(info["valve_angle_deg"])  # the squish turns directions a little
         angles.append(math.atan2(math.sin(a) / h, math.cos(a) / w))
+        native_angles.append(a)
+        mirrored.append(bool(info["valve_mirrored"]))
         settings.append(int(info["valve_setting_index"]))
     return {
         "images": torch.stack(images),
@@ -143,6 +157,8 @@ def _draw(options: ReaderOptions, label: str, n: int, seed: int) -> dict[str, An
         "aspects": torch.tensor([o.shape[1] / o.shape[0] for o in originals]),
         "centres": torch.tensor(centres),
         "angles": torch.tensor(angles),
+        "native_angles": torch.tensor(native_angles),
+        "mirrored": torch.tensor(mirrored),
         "settings": torch.tensor(settings),
     }
 
@@ -189,11 +205,102 @@ def _crops_and_views(options: ReaderOptions, data: dict[str, Any], mode: str) ->
     if mode == "directed native":  # at the X-ray's own pixels, as versions read now
         crops = native_crops(data["originals"], data["centres"], *size, True, True)
         return crops, DIRECTED_VIEWS
+    if mode == "true frame native":  # the generator's axis, end and face: the reader's ceiling
+        return _native_turned(options, data, data["native_angles"], data["mirrored"]), (0,)
     params = _product_params(options, mode)
     if params is not None:
         return params.reader_crop(data["images"], data["centres"]), params.reader_views()
     args = (data["images"], data["centres"], options.reader_fraction, options.reader_px)
     return crop_around(*args, data["angles"]), UPRIGHT_VIEWS
+
+
+def _native_turned(options: ReaderOptions, data: dict[str, Any], angles: Any, mirrored: Any) -> Any:
+    """Native crops at the true centres turned by ``angles`` (rad, on the X-ray) and flipped
+    across their x axis where ``mirrored``: the valve in one frame, if the angles are right."""
+    import torch
+
+    from training.shared.locate_classify import _window_around, crop_around
+
+    crops = []
+    for source, (fx, fy), angle in zip(
+        data["originals"], data["centres"].tolist(), angles.tolist(), strict=True
+    ):
+        window, centre, fraction = _window_around(source, fx, fy, options.reader_fraction)
+        image = window.float()[None]
+        aspect = torch.tensor([image.shape[-1] / image.shape[-2]])
+        at = (image, centre, fraction, options.reader_px, torch.tensor([angle]), aspect)
+        crops.append(crop_around(*at)[0])
+    out = torch.stack(crops)
+    return torch.where(mirrored.view(-1, 1, 1), out.flip(-2), out)
+
+
+def frame_error(angles: Any, mirrored: Any, data: dict[str, Any]) -> dict[str, float]:
+    """How far a frame (``angles`` on the X-ray, ``mirrored`` or None where the face is left
+    open) is from the generator's: the axis error's median and 90th percentile in degrees,
+    and the share of crops given the face most of them got relative to the generator's. A
+    frame is the generator's up to one constant turn and one flip, so the constant is found
+    per face the generator drew (a flip reflects it)."""
+    import torch
+
+    error = torch.zeros(len(angles))
+    for face in (False, True):
+        pick = data["mirrored"] == face
+        if not pick.any():
+            continue
+        offset = angles[pick].float() - data["native_angles"][pick].float()
+        constant = torch.atan2(offset.sin().mean(), offset.cos().mean())
+        error[pick] = torch.atan2((offset - constant).sin(), (offset - constant).cos()).abs()
+    found = {
+        "axis_error_deg_median": float(error.rad2deg().median()),
+        "axis_error_deg_p90": float(error.rad2deg().quantile(0.9)),
+    }
+    if mirrored is not None:
+        flip = (mirrored ^ data["mirrored"]).float().mean().item()
+        found["face_consistent"] = max(flip, 1.0 - flip)
+    return found
+
+
+def _unturned(options: ReaderOptions, data: dict[str, Any]) -> Any:
+    from training.shared.locate_classify import native_crops
+
+    size = (options.reader_fraction, options.reader_px)
+    return native_crops(data["originals"], data["centres"], *size, False, False)
+
+
+def template_frame_crops(
+    options: ReaderOptions, train: dict[str, Any], test: dict[str, Any]
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Train and test crops turned onto a template fitted on the training crops alone
+    (:mod:`benchmarks.template_frame`), and how far that frame is from the generator's
+    on each (:func:`frame_error`)."""
+    from benchmarks.template_frame import align_to_template, fit_template
+    from training.shared.locate_classify import principal_axis
+
+    unturned = {"train": _unturned(options, train), "test": _unturned(options, test)}
+    template = fit_template(unturned["train"], principal_axis(unturned["train"], directed=True))
+    out, frame = [], {}
+    for name, d in (("train", train), ("test", test)):
+        angles, mirrored, _ = align_to_template(unturned[name], template)
+        out.append(_native_turned(options, d, angles, mirrored))
+        frame[name] = frame_error(angles, mirrored, d)
+    return out[0], out[1], frame
+
+
+def frames(options: ReaderOptions, train: dict[str, Any], test: dict[str, Any]) -> dict:
+    """The test crops' frame as versions find it (:func:`principal_axis`, directed; the face
+    left to the reader) and from a template fitted on the training crops, against the
+    generator's (:func:`frame_error`). No training: seconds once the X-rays are drawn."""
+    from benchmarks.template_frame import align_to_template, fit_template
+    from training.shared.locate_classify import principal_axis
+
+    unturned = _unturned(options, test)
+    start = _unturned(options, train)
+    template = fit_template(start, principal_axis(start, directed=True))
+    angles, mirrored, _ = align_to_template(unturned, template)
+    return {
+        "principal axis": frame_error(principal_axis(unturned, directed=True), None, test),
+        "template": frame_error(angles, mirrored, test),
+    }
 
 
 def view_pooled(reader: Any, views: tuple[int, ...]) -> Any:
@@ -314,8 +421,40 @@ def _cell(summary: dict[str, Any]) -> str:
     return f"{summary['exact']:.2f}{spread} / {summary['within_one']:.2f}"
 
 
+def run_frames(options: ReaderOptions) -> tuple[list[Table], dict[str, Any]]:
+    """:func:`frames` per valve model and seed: how far the reader's frame is off."""
+    results: dict[str, Any] = {"options": asdict(options), "models": {}}
+    table = Table(
+        f"The reader's frame against the generator's: {options.n_test} test X-rays per valve "
+        f"model (template fitted on {options.n_train} others), {len(options.seeds)} seed(s)",
+        ["valve model", "frame", "axis error median °", "axis error p90 °", "face consistent"],
+    )
+    for label in options.models:
+        runs = []
+        for seed in options.seeds:
+            train = _draw(options, label, options.n_train, seed)
+            test = _draw(options, label, options.n_test, seed + 1)
+            runs.append({"seed": seed, **frames(options, train, test)})
+        results["models"][label] = runs
+        for name in ("principal axis", "template"):
+            found = [r[name] for r in runs]
+            face = [f["face_consistent"] for f in found if "face_consistent" in f]
+            table.add_row(
+                label,
+                name,
+                f"{np.mean([f['axis_error_deg_median'] for f in found]):.1f}",
+                f"{np.mean([f['axis_error_deg_p90'] for f in found]):.1f}",
+                f"{np.mean(face):.2f}" if face else "left to the reader",
+            )
+    return [table], results
+
+
 def run(options: ReaderOptions) -> tuple[list[Table], dict[str, Any]]:
+    from training.shared.locate_classify import DIRECTED_VIEWS
     from training.synthetic.valves import SETTING_SCALES
+
+    if options.frames_only:
+        return run_frames(options)
 
     results: dict[str, Any] = {"options": asdict(options), "models": {}}
     table = Table(
@@ -332,8 +471,13 @@ def run(options: ReaderOptions) -> tuple[list[Table], dict[str, Any]]:
             test = _draw(options, label, options.n_test, seed + 1)
             truth = test["settings"].numpy()
             for mode in options.modes:
-                train_crops, views = _crops_and_views(options, train, mode)
-                test_crops, _ = _crops_and_views(options, test, mode)
+                frame = None
+                if mode == "template frame native":
+                    train_crops, test_crops, frame = template_frame_crops(options, train, test)
+                    views: tuple[int, ...] = DIRECTED_VIEWS  # the face is still unknown
+                else:
+                    train_crops, views = _crops_and_views(options, train, mode)
+                    test_crops, _ = _crops_and_views(options, test, mode)
                 read, last_loss = _train_and_score(
                     options,
                     train_crops,
@@ -351,6 +495,7 @@ def run(options: ReaderOptions) -> tuple[list[Table], dict[str, Any]]:
                         "within_one": float(np.mean(np.abs(read - truth) <= 1)),
                         "mirror_reading": float(np.mean((read != truth) & (read == -truth % n))),
                         "last_train_loss": last_loss,
+                        **({"frame": frame} if frame else {}),
                     }
                 )
         summary = {mode: _summary(runs) for mode, runs in found.items()}
@@ -390,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--modes", nargs="+", choices=READER_MODES, default=None, help="crops to compare"
     )
+    parser.add_argument(
+        "--frames-only", action="store_true", help="compare the frames, train no reader"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     options = QUICK if args.quick else ReaderOptions()
@@ -415,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         options = replace(options, reader_fraction=args.reader_fraction)
     if args.size_range:
         options = replace(options, size_range_px=tuple(args.size_range))
+    if args.frames_only:
+        options = replace(options, frames_only=True)
     tables, results = run(options)
     emit(tables, args.markdown)
     out = args.json or (args.markdown.with_suffix(".reader.json") if args.markdown else None)

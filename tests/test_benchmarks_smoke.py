@@ -168,3 +168,23 @@ def test_the_setting_reader_refuses_seeds_whose_test_x_rays_another_trains_on() 
     with pytest.raises(ValueError, match="at least 2 apart"):
         ReaderOptions(seeds=(0, 1))
     assert ReaderOptions(seeds=(0, 10, 20)).seeds == (0, 10, 20)
+
+
+def test_the_setting_reader_compares_frames_without_training(tmp_path: Path) -> None:
+    """``--frames-only``: per valve model a row for the principal axis and one for the template,
+    the template's face share a number (it searches the mirror), the axis's left open."""
+    from benchmarks.bench_setting_reader import main
+
+    markdown = tmp_path / "frames.md"
+    out = tmp_path / "frames.json"
+    assert main(["--quick", "--frames-only", "--markdown", str(markdown), "--json", str(out)]) == 0
+    assert "**The reader's frame against the generator's" in markdown.read_text(encoding="utf-8")
+    import json
+
+    (run,) = json.loads(out.read_text(encoding="utf-8"))["models"]["Sophysa Sophy SM8"]
+    assert "face_consistent" not in run["principal axis"]
+    assert 0.5 <= run["template"]["face_consistent"] <= 1.0
+    for frame in ("principal axis", "template"):
+        assert (
+            0.0 <= run[frame]["axis_error_deg_median"] <= run[frame]["axis_error_deg_p90"] <= 180.0
+        )

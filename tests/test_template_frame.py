@@ -1,0 +1,74 @@
+"""A template fitted on turned and mirrored copies of one drawing puts every copy back in one
+frame: the same turn relative to how it was drawn and the same face, copy after copy."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from benchmarks.template_frame import ALIGN_PX, align_to_template, fit_template, turn
+
+
+def _drawing() -> torch.Tensor:
+    """A valve-like drawing along x: a body, a bright disc towards +x and a dot off the axis
+    (so neither half a turn nor a mirror maps it onto itself)."""
+    c = torch.arange(ALIGN_PX, dtype=torch.float32) - (ALIGN_PX - 1) / 2
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    body = ((xx.abs() < 22) & (yy.abs() < 5)).float() * 0.4
+    disc = ((xx - 12).square() + yy.square() < 36).float()
+    dot = ((xx + 8).square() + (yy - 10).square() < 9).float()
+    return body + disc + dot
+
+
+def _copies(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` noisy copies of :func:`_drawing`, each turned to lie at a random angle and half of
+    them mirrored first; the angles and mirror flags."""
+    g = torch.Generator().manual_seed(seed)
+    angles = torch.rand(n, generator=g) * 2 * math.pi
+    mirrored = torch.rand(n, generator=g) < 0.5
+    base = _drawing().expand(n, -1, -1)
+    drawn = turn(
+        torch.where(mirrored.view(n, 1, 1), base.flip(-2), base),
+        -angles,
+        torch.zeros(n, dtype=torch.bool),
+    )
+    return drawn + 0.15 * torch.randn(drawn.shape, generator=g), angles, mirrored
+
+
+def _spread_deg(offsets: torch.Tensor) -> float:
+    """The largest angular distance of ``offsets`` (rad) from their circular mean, degrees."""
+    mean = torch.atan2(offsets.sin().mean(), offsets.cos().mean())
+    return float(torch.atan2((offsets - mean).sin(), (offsets - mean).cos()).abs().max().rad2deg())
+
+
+def test_a_fitted_template_puts_every_copy_in_one_frame() -> None:
+    crops, angles, mirrored = _copies(24, seed=0)
+    # Started from frames up to 40° off, as a principal axis would start it.
+    start = angles + (torch.rand(24, generator=torch.Generator().manual_seed(1)) - 0.5) * 1.4
+    template = fit_template(crops, start)
+    found, found_mirrored, score = align_to_template(crops, template)
+    flip = found_mirrored ^ mirrored
+    assert bool((flip == flip[0]).all()), "not every copy was given the same face"
+    for face in (False, True):
+        pick = mirrored == face
+        assert _spread_deg(found[pick] - angles[pick]) < 6.0
+    assert float(score.min()) > 0.5
+
+
+def test_aligning_a_turned_template_finds_the_turn() -> None:
+    """Copies of the template itself, turned and mirrored by known amounts, are found at those
+    turns (to the search step) and faces: the turn's direction is the one :func:`turn` undoes."""
+    template = _drawing()
+    angles = torch.tensor([0.0, 0.5, 2.0, 4.0])
+    mirrored = torch.tensor([False, True, False, True])
+    base = template.expand(4, -1, -1)
+    drawn = turn(
+        torch.where(mirrored.view(4, 1, 1), base.flip(-2), base),
+        -angles,
+        torch.zeros(4, dtype=torch.bool),
+    )
+    found, found_mirrored, _ = align_to_template(drawn, template)
+    assert found_mirrored.tolist() == mirrored.tolist()
+    error = torch.atan2((found - angles).sin(), (found - angles).cos()).abs().rad2deg()
+    assert float(error.max()) < 3.0
