@@ -31,10 +31,11 @@ Per mode and valve model it reports the exact and within-one-step shares, and (i
 ``mirror_reading``: the share read as the setting's mirror partner (-k of n, what the valve
 seen from its other face would show), the error a reader makes when it cannot tell the face.
 ``--frames-only`` trains no reader: it compares the frames (:func:`frames`), the principal
-axis's and the template's, with the generator's. ``--seeds`` repeats everything with other training X-rays and initial heads; the table gives
-the mean and spread. ``--label-sigma`` trains on targets spread over neighbouring settings
-(:func:`soft_targets`), ``--reader-fraction`` and ``--reader-px`` change the crop's size and
-resolution (versions: one-hot, the ``cpu`` profile's crop).
+axis's and the template's, with the generator's. ``--seeds`` repeats everything with other
+training X-rays and initial heads; the table gives the mean and spread. ``--label-sigma``
+trains on targets spread over neighbouring settings (:func:`soft_targets`),
+``--reader-fraction`` and ``--reader-px`` change the crop's size and resolution (versions:
+one-hot, the ``cpu`` profile's crop).
 
 Each X-ray is squished to a square of ``prepared_px`` (the product also crops the
 collimation first; the synthetic valve stays the same size either way) and cropped to
