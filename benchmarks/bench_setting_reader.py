@@ -268,17 +268,24 @@ def _unturned(options: ReaderOptions, data: dict[str, Any]) -> Any:
     return native_crops(data["originals"], data["centres"], *size, False, False)
 
 
+def _fitted_template(train_crops: Any) -> Any:
+    """A template fitted on unturned training crops, started from their principal axes."""
+    from benchmarks.template_frame import fit_template
+    from training.shared.locate_classify import principal_axis
+
+    return fit_template(train_crops, principal_axis(train_crops, directed=True))
+
+
 def template_frame_crops(
     options: ReaderOptions, train: dict[str, Any], test: dict[str, Any]
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Train and test crops turned onto a template fitted on the training crops alone
     (:mod:`benchmarks.template_frame`), and how far that frame is from the generator's
     on each (:func:`frame_error`)."""
-    from benchmarks.template_frame import align_to_template, fit_template
-    from training.shared.locate_classify import principal_axis
+    from benchmarks.template_frame import align_to_template
 
     unturned = {"train": _unturned(options, train), "test": _unturned(options, test)}
-    template = fit_template(unturned["train"], principal_axis(unturned["train"], directed=True))
+    template = _fitted_template(unturned["train"])
     out, frame = [], {}
     for name, d in (("train", train), ("test", test)):
         angles, mirrored, _ = align_to_template(unturned[name], template)
@@ -291,13 +298,11 @@ def frames(options: ReaderOptions, train: dict[str, Any], test: dict[str, Any]) 
     """The test crops' frame as versions find it (:func:`principal_axis`, directed; the face
     left to the reader) and from a template fitted on the training crops, against the
     generator's (:func:`frame_error`). No training: seconds once the X-rays are drawn."""
-    from benchmarks.template_frame import align_to_template, fit_template
+    from benchmarks.template_frame import align_to_template
     from training.shared.locate_classify import principal_axis
 
     unturned = _unturned(options, test)
-    start = _unturned(options, train)
-    template = fit_template(start, principal_axis(start, directed=True))
-    angles, mirrored, _ = align_to_template(unturned, template)
+    angles, mirrored, _ = align_to_template(unturned, _fitted_template(_unturned(options, train)))
     return {
         "principal axis": frame_error(principal_axis(unturned, directed=True), None, test),
         "template": frame_error(angles, mirrored, test),
