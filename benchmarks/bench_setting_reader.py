@@ -23,6 +23,11 @@ three ways, and scores each on X-rays of another seed:
 * ``template frame native``: the native crop turned onto a template fitted on the training
   crops (:mod:`benchmarks.template_frame`), face still left to the reader (measured: the
   axis 4-8 × closer than the principal axis, the Hakim read no better);
+* ``template scaled native``: the template's frame *and zoom* (a scaled template fitted on
+  crops twice the reader's window, :func:`scaled_template_crops`), the reader's crop cut
+  around where the settings differ on that template (:func:`~benchmarks.template_frame.
+  setting_region`, learned from the training crops' labels) at that zoom: a crop of the
+  rotor, whatever the valve's size on the X-ray; face left to the reader;
 * ``upright pooled``: the upright crop read by :func:`view_pooled`, its features maxed
   over the four views, so it is invariant to which end and face it sees by construction
   (measured: no better than the plain reader given the same compute, so versions do not).
@@ -66,6 +71,7 @@ READER_MODES = (
     "true axis",
     "true frame native",
     "template frame native",
+    "template scaled native",
     "upright pooled",
 )
 
@@ -126,7 +132,8 @@ QUICK = ReaderOptions(
 def _draw(options: ReaderOptions, label: str, n: int, seed: int) -> dict[str, Any]:
     """``n`` prepared X-rays of ``label``: images, true centres and axis angles (both in the
     prepared square's coordinates), the sources the native crops cut, the axis angles on
-    them (the generator's own), whether the valve shows its other face, setting indices."""
+    them (the generator's own), whether the valve shows its other face, the valve's length
+    (a fraction of the X-ray's geometric-mean side), setting indices."""
     import torch
     import torch.nn.functional as F
 
@@ -136,7 +143,7 @@ def _draw(options: ReaderOptions, label: str, n: int, seed: int) -> dict[str, An
     rng = np.random.default_rng(seed)
     side = options.prepared_px
     images, originals, centres, angles, settings = [], [], [], [], []
-    native_angles, mirrored = [], []
+    native_angles, mirrored, lengths = [], [], []
     for _ in range(n):
         image, info = render_xray(rng, label, size_range_px=options.size_range_px)
         h, w = image.shape
@@ -151,6 +158,7 @@ def _draw(options: ReaderOptions, label: str, n: int, seed: int) -> dict[str, An
         angles.append(math.atan2(math.sin(a) / h, math.cos(a) / w))
         native_angles.append(a)
         mirrored.append(bool(info["valve_mirrored"]))
+        lengths.append(info["valve_length_px"] / math.sqrt(h * w))
         settings.append(int(info["valve_setting_index"]))
     return {
         "images": torch.stack(images),
@@ -160,6 +168,7 @@ def _draw(options: ReaderOptions, label: str, n: int, seed: int) -> dict[str, An
         "angles": torch.tensor(angles),
         "native_angles": torch.tensor(native_angles),
         "mirrored": torch.tensor(mirrored),
+        "lengths": torch.tensor(lengths),
         "settings": torch.tensor(settings),
     }
 
@@ -217,30 +226,23 @@ def _crops_and_views(options: ReaderOptions, data: dict[str, Any], mode: str) ->
 
 def _native_turned(options: ReaderOptions, data: dict[str, Any], angles: Any, mirrored: Any) -> Any:
     """Native crops at the true centres turned by ``angles`` (rad, on the X-ray) and flipped
-    across their x axis where ``mirrored``: the valve in one frame, if the angles are right."""
+    across their x axis where ``mirrored``: the valve in one frame, if the angles are right.
+    The reader's own window: half the wide crop's side, unzoomed (:func:`_native_framed`)."""
     import torch
 
-    from training.shared.locate_classify import _window_around, crop_around
-
-    crops = []
-    for source, (fx, fy), angle in zip(
-        data["originals"], data["centres"].tolist(), angles.tolist(), strict=True
-    ):
-        window, centre, fraction = _window_around(source, fx, fy, options.reader_fraction)
-        image = window.float()[None]
-        aspect = torch.tensor([image.shape[-1] / image.shape[-2]])
-        at = (image, centre, fraction, options.reader_px, torch.tensor([angle]), aspect)
-        crops.append(crop_around(*at)[0])
-    out = torch.stack(crops)
-    return torch.where(mirrored.view(-1, 1, 1), out.flip(-2), out)
+    return _native_framed(options, data, (angles, mirrored, torch.ones(len(angles))), 0.0, 0.5)
 
 
-def frame_error(angles: Any, mirrored: Any, data: dict[str, Any]) -> dict[str, float]:
+def frame_error(
+    angles: Any, mirrored: Any, data: dict[str, Any], scales: Any = None
+) -> dict[str, float]:
     """How far a frame (``angles`` on the X-ray, ``mirrored`` or None where the face is left
     open) is from the generator's: the axis error's median and 90th percentile in degrees,
     and the share of crops given the face most of them got relative to the generator's. A
     frame is the generator's up to one constant turn and one flip, so the constant is found
-    per face the generator drew (a flip reflects it)."""
+    per face the generator drew (a flip reflects it). With ``scales`` (a zoom per crop, see
+    :func:`benchmarks.template_frame.turn`), also the zoom's relative error (median, 90th
+    percentile) against the valve's drawn length, up to one constant factor."""
     import torch
 
     error = torch.zeros(len(angles))
@@ -258,6 +260,11 @@ def frame_error(angles: Any, mirrored: Any, data: dict[str, Any]) -> dict[str, f
     if mirrored is not None:
         flip = (mirrored ^ data["mirrored"]).float().mean().item()
         found["face_consistent"] = max(flip, 1.0 - flip)
+    if scales is not None:
+        ratio = (data["lengths"].float() / scales.float()).log()
+        off = (ratio - ratio.median()).abs().exp() - 1
+        found["scale_error_median"] = float(off.median())
+        found["scale_error_p90"] = float(off.quantile(0.9))
     return found
 
 
@@ -294,18 +301,104 @@ def template_frame_crops(
     return out[0], out[1], frame
 
 
+def _wide(options: ReaderOptions, data: dict[str, Any]) -> Any:
+    """Unturned native crops twice the reader's window: room for a valve up to twice the
+    reader window's side, as a scaled search needs (:data:`~benchmarks.template_frame.SCALES`)."""
+    from training.shared.locate_classify import native_crops
+
+    size = (2 * options.reader_fraction, options.reader_px)
+    return native_crops(data["originals"], data["centres"], *size, False, False)
+
+
+def _native_framed(
+    options: ReaderOptions, data: dict[str, Any], frame: tuple, x: float, half: float
+) -> Any:
+    """Native crops in a scaled frame (``frame``: angles, mirrored, scales on the wide
+    crops of :func:`_wide`) centred ``x`` along its axis, ``half`` its half side (both
+    fractions of the zoomed wide crop's half side, as :func:`~benchmarks.template_frame.
+    setting_region` gives them), cut from the X-ray's own pixels at the reader's size."""
+    import torch
+
+    from training.shared.locate_classify import _window_around, crop_around
+
+    wide = 2 * options.reader_fraction
+    angles, mirrored, scales = frame
+    crops = []
+    for source, (fx, fy), angle, zoom in zip(
+        data["originals"], data["centres"].tolist(), angles.tolist(), scales.tolist(), strict=True
+    ):
+        height, width = source.shape[-2:]
+        shift = x * zoom * wide / 2 * math.sqrt(height * width)  # pixels along the axis
+        cx = fx + shift * math.cos(angle) / width
+        cy = fy + shift * math.sin(angle) / height
+        window, centre, fraction = _window_around(source, cx, cy, half * zoom * wide)
+        image = window.float()[None]
+        aspect = torch.tensor([image.shape[-1] / image.shape[-2]])
+        at = (image, centre, fraction, options.reader_px, torch.tensor([angle]), aspect)
+        crops.append(crop_around(*at)[0])
+    out = torch.stack(crops)
+    return torch.where(mirrored.view(-1, 1, 1), out.flip(-2), out)
+
+
+def _scaled_frames(
+    options: ReaderOptions, train: dict[str, Any], test: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, tuple]]:
+    """The wide crops (:func:`_wide`) of both sets and each X-ray's turn, face and zoom on a
+    scaled template fitted on the training set's, started from their principal axes."""
+    from benchmarks.template_frame import align_to_template, fit_template, scale_to_template
+    from training.shared.locate_classify import principal_axis
+
+    wide = {"train": _wide(options, train), "test": _wide(options, test)}
+    start = principal_axis(wide["train"], directed=True)
+    template = fit_template(wide["train"], start, scaled=True)
+    found = {}
+    for name, crops in wide.items():
+        angles, mirrored, _ = align_to_template(crops, template)
+        found[name] = (angles, mirrored, scale_to_template(crops, template, angles, mirrored)[0])
+    return wide, found
+
+
+def _scaled_error(frame: tuple, data: dict[str, Any]) -> dict[str, float]:
+    angles, mirrored, scales = frame
+    return frame_error(angles, mirrored, data, scales)
+
+
+def scaled_template_crops(
+    options: ReaderOptions, train: dict[str, Any], test: dict[str, Any], n_settings: int
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Train and test crops of where the setting shows: a scaled template fitted on the
+    training X-rays' wide crops gives each X-ray its turn, face and zoom; the training
+    crops in that frame and their settings give the region (:func:`~benchmarks.
+    template_frame.setting_region`); both sets are cut there from their own pixels. Also
+    each frame's error against the generator's and the region found."""
+    from benchmarks.template_frame import setting_region, turn
+
+    wide, found = _scaled_frames(options, train, test)
+    x, half = setting_region(turn(wide["train"], *found["train"]), train["settings"], n_settings)
+    sets = {"train": train, "test": test}
+    report: dict[str, Any] = {name: _scaled_error(found[name], d) for name, d in sets.items()}
+    report["setting_region"] = {"x": x, "half": half}
+    train_crops, test_crops = (
+        _native_framed(options, d, found[n], x, half) for n, d in sets.items()
+    )
+    return train_crops, test_crops, report
+
+
 def frames(options: ReaderOptions, train: dict[str, Any], test: dict[str, Any]) -> dict:
     """The test crops' frame as versions find it (:func:`principal_axis`, directed; the face
     left to the reader) and from a template fitted on the training crops, against the
-    generator's (:func:`frame_error`). No training: seconds once the X-rays are drawn."""
+    generator's (:func:`frame_error`), and from a scaled one (:func:`_scaled_frames`: also
+    the zoom). No training: a minute or two once the X-rays are drawn."""
     from benchmarks.template_frame import align_to_template
     from training.shared.locate_classify import principal_axis
 
     unturned = _unturned(options, test)
     angles, mirrored, _ = align_to_template(unturned, _fitted_template(_unturned(options, train)))
+    _, scaled = _scaled_frames(options, train, test)
     return {
         "principal axis": frame_error(principal_axis(unturned, directed=True), None, test),
         "template": frame_error(angles, mirrored, test),
+        "scaled template": _scaled_error(scaled["test"], test),
     }
 
 
@@ -433,7 +526,14 @@ def run_frames(options: ReaderOptions) -> tuple[list[Table], dict[str, Any]]:
     table = Table(
         f"The reader's frame against the generator's: {options.n_test} test X-rays per valve "
         f"model (template fitted on {options.n_train} others), {len(options.seeds)} seed(s)",
-        ["valve model", "frame", "axis error median °", "axis error p90 °", "face consistent"],
+        [
+            "valve model",
+            "frame",
+            "axis error median °",
+            "axis error p90 °",
+            "face consistent",
+            "zoom error median / p90",
+        ],
     )
     for label in options.models:
         runs = []
@@ -442,15 +542,21 @@ def run_frames(options: ReaderOptions) -> tuple[list[Table], dict[str, Any]]:
             test = _draw(options, label, options.n_test, seed + 1)
             runs.append({"seed": seed, **frames(options, train, test)})
         results["models"][label] = runs
-        for name in ("principal axis", "template"):
+        for name in ("principal axis", "template", "scaled template"):
             found = [r[name] for r in runs]
             face = [f["face_consistent"] for f in found if "face_consistent" in f]
+            zoom = [
+                (f["scale_error_median"], f["scale_error_p90"])
+                for f in found
+                if "scale_error_median" in f
+            ]
             table.add_row(
                 label,
                 name,
                 f"{np.mean([f['axis_error_deg_median'] for f in found]):.1f}",
                 f"{np.mean([f['axis_error_deg_p90'] for f in found]):.1f}",
                 f"{np.mean(face):.2f}" if face else "left to the reader",
+                " / ".join(f"{v:.0%}" for v in np.mean(zoom, 0)) if zoom else "not searched",
             )
     return [table], results
 
@@ -481,6 +587,9 @@ def run(options: ReaderOptions) -> tuple[list[Table], dict[str, Any]]:
                 if mode == "template frame native":
                     train_crops, test_crops, frame = template_frame_crops(options, train, test)
                     views: tuple[int, ...] = DIRECTED_VIEWS  # the face is still unknown
+                elif mode == "template scaled native":
+                    train_crops, test_crops, frame = scaled_template_crops(options, train, test, n)
+                    views = DIRECTED_VIEWS
                 else:
                     train_crops, views = _crops_and_views(options, train, mode)
                     test_crops, _ = _crops_and_views(options, test, mode)

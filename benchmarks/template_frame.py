@@ -26,10 +26,19 @@ size the frame is not what keeps the Hakim unread.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["align_to_template", "fit_template", "turn"]
+__all__ = [
+    "SCALES",
+    "align_to_template",
+    "fit_template",
+    "scale_to_template",
+    "setting_region",
+    "turn",
+]
 
 SEARCH_STEP_DEG = 3.0
 """Angle step of the exhaustive search (degrees); refinement is not needed below a tenth of
@@ -38,14 +47,26 @@ ALIGN_PX = 64
 """Side the crops are shrunk to for the search (the housing's outline needs no more)."""
 FIT_ROUNDS = 5
 """Rounds of align-then-average when a template is fitted."""
+SCALES = torch.exp(torch.linspace(math.log(0.6), math.log(1.6), 15))
+"""Zooms a scaled search tries (7 % apart): a valve's length on synthetic X-rays varies about
+2.5-fold relative to the X-ray's side, so the crops handed in must show up to 1.6 × the
+template's valve."""
 
 
-def turn(crops: torch.Tensor, angles: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
+def turn(
+    crops: torch.Tensor,
+    angles: torch.Tensor,
+    mirrored: torch.Tensor,
+    scales: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``(B, S, S)`` crops turned by ``angles`` (rad, so that the image direction at that angle
     becomes the x axis, as :func:`~training.shared.locate_classify.crop_around` turns), then
-    flipped across the x axis where ``mirrored``."""
+    flipped across the x axis where ``mirrored``. ``scales`` ``(B,)``: the turned crop shows
+    that many times the original's side around its centre (below 1 zooms in)."""
     n, s = crops.shape[0], crops.shape[-1]
     cos, sin = angles.float().cos(), angles.float().sin()
+    if scales is not None:
+        cos, sin = cos * scales.float(), sin * scales.float()
     theta = torch.zeros(n, 2, 3, dtype=torch.float32, device=crops.device)
     theta[:, 0, 0], theta[:, 0, 1] = cos, -sin
     theta[:, 1, 0], theta[:, 1, 1] = sin, cos
@@ -105,16 +126,78 @@ def align_to_template(
     return torch.cat(best_angle), torch.cat(best_mirror), torch.cat(best_score)
 
 
-def fit_template(crops: torch.Tensor, start_angles: torch.Tensor) -> torch.Tensor:
+def scale_to_template(
+    crops: torch.Tensor, template: torch.Tensor, angles: torch.Tensor, mirrored: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, S, S)`` crops already aligned in turn and face (``angles``, ``mirrored`` from
+    :func:`align_to_template`) → ``(scales, score)``: the zoom of :data:`SCALES` at which
+    each best matches ``template`` (see :func:`turn`), and that match's NCC. Searched after
+    the turn: the housing's outline finds the axis at any zoom, and one search over both
+    would cost :data:`SCALES` times as much."""
+    small = _small(crops)
+    disc = _disc(ALIGN_PX, small.device)
+    target = _standardised(template.float(), disc)
+    zooms = SCALES.to(small.device)
+    k = len(zooms)
+    seen = turn(
+        small.repeat_interleave(k, 0),
+        angles.repeat_interleave(k),
+        mirrored.repeat_interleave(k),
+        zooms.repeat(len(small)),
+    )
+    scores = (_standardised(seen, disc) * target).sum((-2, -1)).view(len(small), k)
+    score, index = scores.max(1)
+    return zooms[index], score
+
+
+def fit_template(
+    crops: torch.Tensor, start_angles: torch.Tensor, scaled: bool = False
+) -> torch.Tensor:
     """A valve model's template ``(ALIGN_PX, ALIGN_PX)`` from ``(B, S, S)`` crops centred on
     its valves: their mean once turned by ``start_angles`` (the principal axes), then
     :data:`FIT_ROUNDS` rounds of aligning every crop to the mean and averaging again. The
-    mean of standardised crops, so no one bright X-ray outweighs the rest."""
+    mean of standardised crops, so no one bright X-ray outweighs the rest. ``scaled``: each
+    round also zooms every crop onto the mean (:func:`scale_to_template`), so valves drawn
+    at different sizes add up to one sharp template (the crops must show the largest whole)."""
     small = _small(crops)
     disc = _disc(ALIGN_PX, small.device)
     unmirrored = torch.zeros(len(small), dtype=torch.bool, device=small.device)
     template = _standardised(turn(small, start_angles, unmirrored), disc).mean(0)
     for _ in range(FIT_ROUNDS):
         angles, mirrored, _ = align_to_template(small, template)
-        template = _standardised(turn(small, angles, mirrored), disc).mean(0)
+        scales = scale_to_template(small, template, angles, mirrored)[0] if scaled else None
+        template = _standardised(turn(small, angles, mirrored, scales), disc).mean(0)
     return template
+
+
+def setting_region(
+    framed: torch.Tensor, settings: torch.Tensor, n_settings: int
+) -> tuple[float, float]:
+    """Where on a valve its setting shows, learned from ``(B, S, S)`` crops in one frame
+    (turned, zoomed) and their setting indices: ``(x, half)``, the centre along the frame's
+    x axis and the half side of a square holding it, both as fractions of the crops' half
+    side. The weight is how much the per-setting means differ (their variance over
+    settings), above its 90th percentile; half is the radius that holds 80 % of it. The
+    face is pooled (each crop and its flip across the axis), so the region sits on the axis
+    whichever face the frame chose, and a valve model needs no drawing of its rotor."""
+    both = torch.cat([framed.float(), framed.float().flip(-2)])
+    labels = torch.cat([settings, settings])
+    flat = both.reshape(len(both), -1)
+    z = ((flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True).clamp(min=1e-6)).view(
+        both.shape
+    )
+    present = [k for k in range(n_settings) if bool((labels == k).any())]
+    if len(present) < 2:
+        raise ValueError(f"the setting region needs crops of 2 or more settings, got {present}")
+    variance = torch.stack([z[labels == k].mean(0) for k in present]).var(0)
+    weight = (variance - torch.quantile(variance.flatten(), 0.9)).clamp(min=0)
+    side = framed.shape[-1]
+    c = (torch.arange(side, dtype=torch.float32) - (side - 1) / 2) / (side / 2)
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    total = weight.sum().clamp(min=1e-12)
+    x = float((weight * xx).sum() / total)
+    radius = ((xx - x).square() + yy.square()).sqrt().flatten()
+    order = radius.argsort()
+    held = weight.flatten()[order].cumsum(0) / total
+    half = float(radius[order][int((held >= 0.8).nonzero()[0, 0])])
+    return x, max(half, 2.0 / side)

@@ -171,8 +171,9 @@ def test_the_setting_reader_refuses_seeds_whose_test_x_rays_another_trains_on() 
 
 
 def test_the_setting_reader_compares_frames_without_training(tmp_path: Path) -> None:
-    """``--frames-only``: per valve model a row for the principal axis and one for the template,
-    the template's face share a number (it searches the mirror), the axis's left open."""
+    """``--frames-only``: per valve model a row for the principal axis, the template and the
+    scaled template, the templates' face share a number (they search the mirror), the
+    axis's left open, the zoom's error only where it is searched."""
     from benchmarks.bench_setting_reader import main
 
     markdown = tmp_path / "frames.md"
@@ -184,7 +185,30 @@ def test_the_setting_reader_compares_frames_without_training(tmp_path: Path) -> 
     (run,) = json.loads(out.read_text(encoding="utf-8"))["models"]["Sophysa Sophy SM8"]
     assert "face_consistent" not in run["principal axis"]
     assert 0.5 <= run["template"]["face_consistent"] <= 1.0
-    for frame in ("principal axis", "template"):
+    assert "scale_error_median" not in run["template"]
+    zoom = run["scaled template"]
+    assert 0.0 <= zoom["scale_error_median"] <= zoom["scale_error_p90"]
+    for frame in ("principal axis", "template", "scaled template"):
         assert (
             0.0 <= run[frame]["axis_error_deg_median"] <= run[frame]["axis_error_deg_p90"] <= 180.0
         )
+
+
+def test_the_setting_reader_reads_in_the_scaled_template_frame(tmp_path: Path) -> None:
+    """``template scaled native``: the reader trains on crops of the region the training
+    settings say is the rotor, and the JSON says where that region is and how far each
+    frame is off."""
+    import json
+
+    from benchmarks.bench_setting_reader import main
+
+    out = tmp_path / "scaled.json"
+    assert main(["--quick", "--modes", "template scaled native", "--json", str(out)]) == 0
+    model = json.loads(out.read_text(encoding="utf-8"))["models"]["Sophysa Sophy SM8"]
+    (run,) = model["template scaled native"]["runs"]
+    region = run["frame"]["setting_region"]
+    assert -1.0 <= region["x"] <= 1.0 and 0.0 < region["half"] <= 1.5
+    for name in ("train", "test"):
+        frame = run["frame"][name]
+        assert 0.0 <= frame["scale_error_median"] <= frame["scale_error_p90"]
+    assert 0.0 <= run["exact"] <= run["within_one"] <= 1.0
