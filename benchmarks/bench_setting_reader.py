@@ -28,6 +28,8 @@ three ways, and scores each on X-rays of another seed:
   around where the settings differ on that template (:func:`~benchmarks.template_frame.
   setting_region`, learned from the training crops' labels) at that zoom: a crop of the
   rotor, whatever the valve's size on the X-ray; face left to the reader;
+* ``true zoomed native``: the same region and crop in the generator's own frame, face and
+  zoom (its drawn valve length): that reader's ceiling;
 * ``upright pooled``: the upright crop read by :func:`view_pooled`, its features maxed
   over the four views, so it is invariant to which end and face it sees by construction
   (measured: no better than the plain reader given the same compute, so versions do not).
@@ -72,6 +74,7 @@ READER_MODES = (
     "true frame native",
     "template frame native",
     "template scaled native",
+    "true zoomed native",
     "upright pooled",
 )
 
@@ -220,6 +223,8 @@ def _crops_and_views(options: ReaderOptions, data: dict[str, Any], mode: str) ->
     params = _product_params(options, mode)
     if params is not None:
         return params.reader_crop(data["images"], data["centres"]), params.reader_views()
+    if mode != "true axis":
+        raise ValueError(f"no crops for reader mode {mode!r} here")
     args = (data["images"], data["centres"], options.reader_fraction, options.reader_px)
     return crop_around(*args, data["angles"]), UPRIGHT_VIEWS
 
@@ -371,11 +376,39 @@ def scaled_template_crops(
     crops in that frame and their settings give the region (:func:`~benchmarks.
     template_frame.setting_region`); both sets are cut there from their own pixels. Also
     each frame's error against the generator's and the region found."""
-    from benchmarks.template_frame import setting_region, turn
 
     wide, found = _scaled_frames(options, train, test)
-    x, half = setting_region(turn(wide["train"], *found["train"]), train["settings"], n_settings)
+    return _region_crops(options, {"train": train, "test": test}, wide, found, n_settings)
+
+
+def true_zoomed_crops(
+    options: ReaderOptions, train: dict[str, Any], test: dict[str, Any], n_settings: int
+) -> tuple[Any, Any, dict[str, Any]]:
+    """:func:`scaled_template_crops` in the generator's frame: its angle, face and drawn
+    valve length (relative to the training X-rays' median) instead of the template's."""
     sets = {"train": train, "test": test}
+    wide = {name: _wide(options, d) for name, d in sets.items()}
+    typical = train["lengths"].float().median()
+    found = {
+        name: (d["native_angles"], d["mirrored"], d["lengths"].float() / typical)
+        for name, d in sets.items()
+    }
+    return _region_crops(options, sets, wide, found, n_settings)
+
+
+def _region_crops(
+    options: ReaderOptions,
+    sets: dict[str, dict[str, Any]],
+    wide: dict[str, Any],
+    found: dict[str, tuple],
+    n_settings: int,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Both sets' crops of the setting region (learned on the training set's wide crops in
+    their ``found`` frames), each frame's error against the generator's, and the region."""
+    from benchmarks.template_frame import setting_region, turn
+
+    train = sets["train"]
+    x, half = setting_region(turn(wide["train"], *found["train"]), train["settings"], n_settings)
     report: dict[str, Any] = {name: _scaled_error(found[name], d) for name, d in sets.items()}
     report["setting_region"] = {"x": x, "half": half}
     train_crops, test_crops = (
@@ -590,6 +623,9 @@ def run(options: ReaderOptions) -> tuple[list[Table], dict[str, Any]]:
                 elif mode == "template scaled native":
                     train_crops, test_crops, frame = scaled_template_crops(options, train, test, n)
                     views = DIRECTED_VIEWS
+                elif mode == "true zoomed native":
+                    train_crops, test_crops, frame = true_zoomed_crops(options, train, test, n)
+                    views = (0,)  # the generator's face: nothing left to the reader
                 else:
                     train_crops, views = _crops_and_views(options, train, mode)
                     test_crops, _ = _crops_and_views(options, test, mode)

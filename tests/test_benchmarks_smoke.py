@@ -194,21 +194,24 @@ def test_the_setting_reader_compares_frames_without_training(tmp_path: Path) -> 
         )
 
 
-def test_the_setting_reader_reads_in_the_scaled_template_frame(tmp_path: Path) -> None:
-    """``template scaled native``: the reader trains on crops of the region the training
-    settings say is the rotor, and the JSON says where that region is and how far each
-    frame is off."""
+@pytest.mark.parametrize("mode", ["template scaled native", "true zoomed native"])
+def test_the_setting_reader_reads_where_the_setting_shows(tmp_path: Path, mode: str) -> None:
+    """``template scaled native`` and its ceiling ``true zoomed native``: the reader trains on
+    crops of the region the training settings say is the rotor, and the JSON says where that
+    region is and how far each frame is off (the generator's own: not at all)."""
     import json
 
     from benchmarks.bench_setting_reader import main
 
     out = tmp_path / "scaled.json"
-    assert main(["--quick", "--modes", "template scaled native", "--json", str(out)]) == 0
+    assert main(["--quick", "--modes", mode, "--json", str(out)]) == 0
     model = json.loads(out.read_text(encoding="utf-8"))["models"]["Sophysa Sophy SM8"]
-    (run,) = model["template scaled native"]["runs"]
+    (run,) = model[mode]["runs"]
     region = run["frame"]["setting_region"]
     assert -1.0 <= region["x"] <= 1.0 and 0.0 < region["half"] <= 1.5
     for name in ("train", "test"):
         frame = run["frame"][name]
         assert 0.0 <= frame["scale_error_median"] <= frame["scale_error_p90"]
+        if mode == "true zoomed native":
+            assert frame["axis_error_deg_median"] < 0.01 and frame["scale_error_p90"] < 1e-4
     assert 0.0 <= run["exact"] <= run["within_one"] <= 1.0
