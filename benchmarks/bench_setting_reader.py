@@ -350,17 +350,13 @@ def _scaled_frames(
 ) -> tuple[dict[str, Any], dict[str, tuple]]:
     """The wide crops (:func:`_wide`) of both sets and each X-ray's turn, face and zoom on a
     scaled template fitted on the training set's, started from their principal axes."""
-    from benchmarks.template_frame import align_to_template, fit_template, scale_to_template
+    from benchmarks.template_frame import fit_template, scaled_alignment
     from training.shared.locate_classify import principal_axis
 
     wide = {"train": _wide(options, train), "test": _wide(options, test)}
     start = principal_axis(wide["train"], directed=True)
     template = fit_template(wide["train"], start, scaled=True)
-    found = {}
-    for name, crops in wide.items():
-        angles, mirrored, _ = align_to_template(crops, template)
-        found[name] = (angles, mirrored, scale_to_template(crops, template, angles, mirrored)[0])
-    return wide, found
+    return wide, {name: scaled_alignment(crops, template) for name, crops in wide.items()}
 
 
 def _scaled_error(frame: tuple, data: dict[str, Any]) -> dict[str, float]:

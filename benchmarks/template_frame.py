@@ -36,6 +36,7 @@ __all__ = [
     "align_to_template",
     "fit_template",
     "scale_to_template",
+    "scaled_alignment",
     "setting_region",
     "turn",
 ]
@@ -97,12 +98,20 @@ def _small(crops: torch.Tensor) -> torch.Tensor:
 
 
 def align_to_template(
-    crops: torch.Tensor, template: torch.Tensor, chunk: int = 32
+    crops: torch.Tensor,
+    template: torch.Tensor,
+    chunk: int = 32,
+    scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(B, S, S)`` crops centred on a valve → ``(angles, mirrored, score)``, each ``(B,)``:
     the turn (see :func:`turn`) and mirror that best match ``template`` ``(ALIGN_PX,
-    ALIGN_PX)``, and that match's normalised cross-correlation (1 = identical)."""
+    ALIGN_PX)``, and that match's normalised cross-correlation (1 = identical). ``scales``:
+    each crop zoomed so first (a zoom about the centre commutes with a turn, so the angles
+    are the unzoomed crop's too)."""
     small = _small(crops)
+    if scales is not None:
+        flat = torch.zeros(len(small), device=small.device)
+        small = turn(small, flat, flat.bool(), scales)
     disc = _disc(ALIGN_PX, small.device)
     target = _standardised(template.float(), disc)
     steps = torch.arange(0.0, 360.0, SEARCH_STEP_DEG, device=small.device).deg2rad()
@@ -150,6 +159,19 @@ def scale_to_template(
     return zooms[index], score
 
 
+def scaled_alignment(
+    crops: torch.Tensor, template: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(angles, mirrored, scales)`` of each crop on ``template``: turn and face at the
+    template's zoom, the zoom at that turn, then turn and face again at that zoom and the zoom
+    once more (a valve far from the template's size is turned poorly at its zoom)."""
+    angles, mirrored, _ = align_to_template(crops, template)
+    scales, _ = scale_to_template(crops, template, angles, mirrored)
+    angles, mirrored, _ = align_to_template(crops, template, scales=scales)
+    scales, _ = scale_to_template(crops, template, angles, mirrored)
+    return angles, mirrored, scales
+
+
 def fit_template(
     crops: torch.Tensor, start_angles: torch.Tensor, scaled: bool = False
 ) -> torch.Tensor:
@@ -164,9 +186,12 @@ def fit_template(
     unmirrored = torch.zeros(len(small), dtype=torch.bool, device=small.device)
     template = _standardised(turn(small, start_angles, unmirrored), disc).mean(0)
     for _ in range(FIT_ROUNDS):
-        angles, mirrored, _ = align_to_template(small, template)
-        scales = scale_to_template(small, template, angles, mirrored)[0] if scaled else None
-        template = _standardised(turn(small, angles, mirrored, scales), disc).mean(0)
+        if scaled:
+            angles, mirrored, scales = scaled_alignment(small, template)
+            template = _standardised(turn(small, angles, mirrored, scales), disc).mean(0)
+        else:
+            angles, mirrored, _ = align_to_template(small, template)
+            template = _standardised(turn(small, angles, mirrored), disc).mean(0)
     return template
 
 
