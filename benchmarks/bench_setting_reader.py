@@ -345,18 +345,14 @@ def _native_framed(
     return torch.where(mirrored.view(-1, 1, 1), out.flip(-2), out)
 
 
-def _scaled_frames(
-    options: ReaderOptions, train: dict[str, Any], test: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, tuple]]:
-    """The wide crops (:func:`_wide`) of both sets and each X-ray's turn, face and zoom on a
-    scaled template fitted on the training set's, started from their principal axes."""
-    from benchmarks.template_frame import fit_template, scaled_alignment
+def _scaled_template(options: ReaderOptions, train: dict[str, Any]) -> tuple[Any, Any]:
+    """The training set's wide crops (:func:`_wide`) and a scaled template fitted on them,
+    started from their principal axes."""
+    from benchmarks.template_frame import fit_template
     from training.shared.locate_classify import principal_axis
 
-    wide = {"train": _wide(options, train), "test": _wide(options, test)}
-    start = principal_axis(wide["train"], directed=True)
-    template = fit_template(wide["train"], start, scaled=True)
-    return wide, {name: scaled_alignment(crops, template) for name, crops in wide.items()}
+    wide = _wide(options, train)
+    return wide, fit_template(wide, principal_axis(wide, directed=True), scaled=True)
 
 
 def _scaled_error(frame: tuple, data: dict[str, Any]) -> dict[str, float]:
@@ -372,8 +368,11 @@ def scaled_template_crops(
     crops in that frame and their settings give the region (:func:`~benchmarks.
     template_frame.setting_region`); both sets are cut there from their own pixels. Also
     each frame's error against the generator's and the region found."""
+    from benchmarks.template_frame import scaled_alignment
 
-    wide, found = _scaled_frames(options, train, test)
+    wide_train, template = _scaled_template(options, train)
+    wide = {"train": wide_train, "test": _wide(options, test)}
+    found = {name: scaled_alignment(crops, template) for name, crops in wide.items()}
     return _region_crops(options, {"train": train, "test": test}, wide, found, n_settings)
 
 
@@ -416,18 +415,18 @@ def _region_crops(
 def frames(options: ReaderOptions, train: dict[str, Any], test: dict[str, Any]) -> dict:
     """The test crops' frame as versions find it (:func:`principal_axis`, directed; the face
     left to the reader) and from a template fitted on the training crops, against the
-    generator's (:func:`frame_error`), and from a scaled one (:func:`_scaled_frames`: also
+    generator's (:func:`frame_error`), and from a scaled one (:func:`_scaled_template`: also
     the zoom). No training: a minute or two once the X-rays are drawn."""
-    from benchmarks.template_frame import align_to_template
+    from benchmarks.template_frame import align_to_template, scaled_alignment
     from training.shared.locate_classify import principal_axis
 
     unturned = _unturned(options, test)
     angles, mirrored, _ = align_to_template(unturned, _fitted_template(_unturned(options, train)))
-    _, scaled = _scaled_frames(options, train, test)
+    scaled = scaled_alignment(_wide(options, test), _scaled_template(options, train)[1])
     return {
         "principal axis": frame_error(principal_axis(unturned, directed=True), None, test),
         "template": frame_error(angles, mirrored, test),
-        "scaled template": _scaled_error(scaled["test"], test),
+        "scaled template": _scaled_error(scaled, test),
     }
 
 

@@ -23,8 +23,8 @@ crop cut where the settings differ (:func:`setting_region`), the Hakim's reader 
 from 0.11 to 0.49 exact and the Certas Plus's from 0.39 to 0.57 (``bench_setting_reader``
 mode ``template scaled native``, 300 training X-rays, docs/TRAINING.md): the window's size,
 not its turn, was what kept the Hakim unread (the Sophy SM8 read worse, 0.61 to 0.52: its
-scaled template turns a tenth of its X-rays end for end). It lives beside the benchmarks as versions
-do not crop by it yet (that needs a template and region per model in the checkpoint).
+scaled template turns a tenth of its X-rays end for end). It lives beside the benchmarks as
+versions do not crop by it yet (that needs a template and region per model in the checkpoint).
 """
 
 from __future__ import annotations
