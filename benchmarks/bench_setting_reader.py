@@ -21,11 +21,11 @@ three ways, and scores each on X-rays of another seed:
 * ``true frame native``: the native crop turned by the generator's angle and unmirrored by
   its face, seen as is: the reader's ceiling when nothing about the frame is left to it;
 * ``template frame native``: the native crop turned onto a template fitted on the training
-  crops (:mod:`benchmarks.template_frame`), face still left to the reader (measured: the
+  crops (:mod:`training.shared.template_frame`), face still left to the reader (measured: the
   axis 4-8 × closer than the principal axis, the Hakim read no better);
 * ``template scaled native``: the template's frame *and zoom* (a scaled template fitted on
   crops twice the reader's window, :func:`scaled_template_crops`), the reader's crop cut
-  around where the settings differ on that template (:func:`~benchmarks.template_frame.
+  around where the settings differ on that template (:func:`~training.shared.template_frame.
   setting_region`, learned from the training crops' labels) at that zoom: a crop of the
   rotor, whatever the valve's size on the X-ray; face left to the reader;
 * ``true zoomed native``: the same region and crop in the generator's own frame, face and
@@ -246,7 +246,7 @@ def frame_error(
     and the share of crops given the face most of them got relative to the generator's. A
     frame is the generator's up to one constant turn and one flip, so the constant is found
     per face the generator drew (a flip reflects it). With ``scales`` (a zoom per crop, see
-    :func:`benchmarks.template_frame.turn`), also the zoom's relative error (median, 90th
+    :func:`training.shared.template_frame.turn`), also the zoom's relative error (median, 90th
     percentile) against the valve's drawn length, up to one constant factor."""
     import torch
 
@@ -282,8 +282,8 @@ def _unturned(options: ReaderOptions, data: dict[str, Any]) -> Any:
 
 def _fitted_template(train_crops: Any) -> Any:
     """A template fitted on unturned training crops, started from their principal axes."""
-    from benchmarks.template_frame import fit_template
     from training.shared.locate_classify import principal_axis
+    from training.shared.template_frame import fit_template
 
     return fit_template(train_crops, principal_axis(train_crops, directed=True))
 
@@ -292,9 +292,9 @@ def template_frame_crops(
     options: ReaderOptions, train: dict[str, Any], test: dict[str, Any]
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Train and test crops turned onto a template fitted on the training crops alone
-    (:mod:`benchmarks.template_frame`), and how far that frame is from the generator's
+    (:mod:`training.shared.template_frame`), and how far that frame is from the generator's
     on each (:func:`frame_error`)."""
-    from benchmarks.template_frame import align_to_template
+    from training.shared.template_frame import align_to_template
 
     unturned = {"train": _unturned(options, train), "test": _unturned(options, test)}
     template = _fitted_template(unturned["train"])
@@ -307,103 +307,91 @@ def template_frame_crops(
 
 
 def _wide(options: ReaderOptions, data: dict[str, Any]) -> Any:
-    """Unturned native crops twice the reader's window: room for a valve up to twice the
-    reader window's side, as a scaled search needs (:data:`~benchmarks.template_frame.SCALES`)."""
-    from training.shared.locate_classify import native_crops
+    """The template search's windows, as versions cut them (:func:`~training.shared.
+    locate_classify.wide_crops`)."""
+    from training.shared.locate_classify import wide_crops
 
-    size = (2 * options.reader_fraction, options.reader_px)
-    return native_crops(data["originals"], data["centres"], *size, False, False)
+    return wide_crops(
+        data["originals"], data["centres"], options.reader_fraction, options.reader_px
+    )
 
 
 def _native_framed(
     options: ReaderOptions, data: dict[str, Any], frame: tuple, x: float, half: float
 ) -> Any:
-    """Native crops in a scaled frame (``frame``: angles, mirrored, scales on the wide
-    crops of :func:`_wide`) centred ``x`` along its axis, ``half`` its half side (both
-    fractions of the zoomed wide crop's half side, as :func:`~benchmarks.template_frame.
-    setting_region` gives them), cut from the X-ray's own pixels at the reader's size."""
+    """Native crops in a scaled frame (``frame``: angles, mirrored, scales on the windows
+    of :func:`_wide`) centred ``x`` along its axis, ``half`` its half side, as versions cut
+    them (:func:`~training.shared.locate_classify.framed_crops`)."""
     import torch
 
-    from training.shared.locate_classify import _window_around, crop_around
+    from training.shared.locate_classify import ReaderFrames, framed_crops
 
-    wide = 2 * options.reader_fraction
-    angles, mirrored, scales = frame
-    crops = []
-    for source, (fx, fy), angle, zoom in zip(
-        data["originals"], data["centres"].tolist(), angles.tolist(), scales.tolist(), strict=True
-    ):
-        height, width = source.shape[-2:]
-        shift = x * zoom * wide / 2 * math.sqrt(height * width)  # pixels along the axis
-        cx = fx + shift * math.cos(angle) / width
-        cy = fy + shift * math.sin(angle) / height
-        window, centre, fraction = _window_around(source, cx, cy, half * zoom * wide)
-        image = window.float()[None]
-        aspect = torch.tensor([image.shape[-1] / image.shape[-2]])
-        at = (image, centre, fraction, options.reader_px, torch.tensor([angle]), aspect)
-        crops.append(crop_around(*at)[0])
-    out = torch.stack(crops)
-    return torch.where(mirrored.view(-1, 1, 1), out.flip(-2), out)
+    n = len(frame[0])
+    region = (torch.full((n,), float(x)), torch.full((n,), float(half)))
+    frames = ReaderFrames(*frame, *region)
+    size = (options.reader_fraction, options.reader_px)
+    return framed_crops(data["originals"], data["centres"], *size, frames)
 
 
 def _scaled_template(options: ReaderOptions, train: dict[str, Any]) -> tuple[Any, Any]:
-    """The training set's wide crops (:func:`_wide`) and a scaled template fitted on them,
-    started from their principal axes."""
-    from benchmarks.template_frame import fit_template
+    """The training set's search windows (:func:`_wide`) and a scaled template fitted on
+    them, started from their principal axes (as :func:`~training.fitting.two_stage.
+    fit_frame` fits it)."""
     from training.shared.locate_classify import principal_axis
+    from training.shared.template_frame import fit_template
 
     wide = _wide(options, train)
     return wide, fit_template(wide, principal_axis(wide, directed=True), scaled=True)
 
 
 def _scaled_error(frame: tuple, data: dict[str, Any]) -> dict[str, float]:
-    angles, mirrored, scales = frame
+    angles, mirrored, scales = frame[:3]
     return frame_error(angles, mirrored, data, scales)
 
 
 def scaled_template_crops(
     options: ReaderOptions, train: dict[str, Any], test: dict[str, Any], n_settings: int
 ) -> tuple[Any, Any, dict[str, Any]]:
-    """Train and test crops of where the setting shows: a scaled template fitted on the
-    training X-rays' wide crops gives each X-ray its turn, face and zoom; the training
-    crops in that frame and their settings give the region (:func:`~benchmarks.
-    template_frame.setting_region`); both sets are cut there from their own pixels. Also
-    each frame's error against the generator's and the region found."""
-    from benchmarks.template_frame import scaled_alignment
+    """Train and test crops of where the setting shows, as a version cuts them: a valve
+    model's frame fitted on the training X-rays (:func:`~training.fitting.two_stage.
+    fit_frame`: scaled template, each X-ray's turn, face and zoom, the setting region) and
+    found on the test X-rays (:func:`~training.shared.locate_classify.frames_on`); both
+    sets cut there from their own pixels. Also each frame's error against the generator's
+    and the region found."""
+    from training.fitting.two_stage import fit_frame
+    from training.shared.locate_classify import frames_on
 
-    wide_train, template = _scaled_template(options, train)
-    wide = {"train": wide_train, "test": _wide(options, test)}
-    found = {name: scaled_alignment(crops, template) for name, crops in wide.items()}
-    return _region_crops(options, {"train": train, "test": test}, wide, found, n_settings)
+    fit = fit_frame(_wide(options, train), train["settings"], n_settings)
+    if fit is None:
+        raise ValueError("the training X-rays hold fewer than two settings: no setting region")
+    template, x, half, found_train = fit
+    found_test = tuple(frames_on(template, x, half, _wide(options, test))[:3])
+    report: dict[str, Any] = {
+        "train": _scaled_error(found_train, train),
+        "test": _scaled_error(found_test, test),
+        "setting_region": {"x": x, "half": half},
+    }
+    train_crops = _native_framed(options, train, found_train, x, half)
+    test_crops = _native_framed(options, test, found_test, x, half)
+    return train_crops, test_crops, report
 
 
 def true_zoomed_crops(
     options: ReaderOptions, train: dict[str, Any], test: dict[str, Any], n_settings: int
 ) -> tuple[Any, Any, dict[str, Any]]:
     """:func:`scaled_template_crops` in the generator's frame: its angle, face and drawn
-    valve length (relative to the training X-rays' median) instead of the template's."""
+    valve length (relative to the training X-rays' median) instead of the template's; the
+    region learned on the training X-rays in that frame."""
+    from training.shared.template_frame import setting_region, turn
+
     sets = {"train": train, "test": test}
-    wide = {name: _wide(options, d) for name, d in sets.items()}
     typical = train["lengths"].float().median()
     found = {
         name: (d["native_angles"], d["mirrored"], d["lengths"].float() / typical)
         for name, d in sets.items()
     }
-    return _region_crops(options, sets, wide, found, n_settings)
-
-
-def _region_crops(
-    options: ReaderOptions,
-    sets: dict[str, dict[str, Any]],
-    wide: dict[str, Any],
-    found: dict[str, tuple],
-    n_settings: int,
-) -> tuple[Any, Any, dict[str, Any]]:
-    """Both sets' crops of the setting region (learned on the training set's wide crops in
-    their ``found`` frames), each frame's error against the generator's, and the region."""
-    from benchmarks.template_frame import setting_region, turn
-
-    train = sets["train"]
-    x, half = setting_region(turn(wide["train"], *found["train"]), train["settings"], n_settings)
+    framed = turn(_wide(options, train), *found["train"])
+    x, half = setting_region(framed, train["settings"], n_settings)
     report: dict[str, Any] = {name: _scaled_error(found[name], d) for name, d in sets.items()}
     report["setting_region"] = {"x": x, "half": half}
     train_crops, test_crops = (
@@ -417,8 +405,8 @@ def frames(options: ReaderOptions, train: dict[str, Any], test: dict[str, Any]) 
     left to the reader) and from a template fitted on the training crops, against the
     generator's (:func:`frame_error`), and from a scaled one (:func:`_scaled_template`: also
     the zoom). No training: a minute or two once the X-rays are drawn."""
-    from benchmarks.template_frame import align_to_template, scaled_alignment
     from training.shared.locate_classify import principal_axis
+    from training.shared.template_frame import align_to_template, scaled_alignment
 
     unturned = _unturned(options, test)
     angles, mirrored, _ = align_to_template(unturned, _fitted_template(_unturned(options, train)))

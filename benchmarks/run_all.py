@@ -19,7 +19,16 @@ from benchmarks.harness import machine_line
 
 __all__ = ["BENCHMARKS", "main"]
 
-BENCHMARKS = ("predict", "latency", "cache", "rescore", "training", "memory", "precision")
+BENCHMARKS = (
+    "predict",
+    "latency",
+    "cache",
+    "rescore",
+    "training",
+    "memory",
+    "precision",
+    "reader_frames",
+)
 """Run in this order (``bench_<name>.py``); paper_profile joins them with ``--device cuda``."""
 
 

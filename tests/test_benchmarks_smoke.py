@@ -29,6 +29,7 @@ EXPECTED_TITLES = {
     "training": ["Training throughput on CPU"],
     "memory": ["Backend RSS (MiB)"],
     "precision": ["bf16 autocast vs fp32 on this CPU"],
+    "reader_frames": ["Reading the setting in each model's own frame"],
     "paper_profile": ["Paper profile on", "What it learnt: out-of-fold over"],
     "learning": ["Learning curves (macro-F1 on the held-out split)"],
     "heldout": ["Held-out synthetic X-rays", "The same version, each crop averaged"],

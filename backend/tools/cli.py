@@ -201,6 +201,16 @@ def train(
             "pixels').",
         ),
     ] = None,
+    reader_template: Annotated[
+        bool | None,
+        typer.Option(
+            "--reader-template/--reader-principal-axis",
+            help="Read each valve model's setting in its own template's frame, turned, faced "
+            "and zoomed alike (the cpu profile's), or on the crop turned along the valve's "
+            "principal axis (docs/TRAINING.md, 'The crop, not the face, kept the Hakim "
+            "unread').",
+        ),
+    ] = None,
 ) -> None:
     """Train the paper's 5-fold recipe and publish a model version."""
     from training.fitting.config import RecipeConfig, recipe_request
@@ -215,6 +225,7 @@ def train(
         "reader_epochs": reader_epochs,
         "test_views": test_views,
         "reader_native": reader_native,
+        "reader_template": reader_template,
     }
     try:
         # Enqueued, "auto" is decided by the worker that plans the run, not by this machine.

@@ -36,6 +36,7 @@ def test_train_enqueues_the_reader_settings_and_test_views_it_was_given(
             "--test-views",
             "8",
             "--reader-square",
+            "--reader-principal-axis",
         ],
         env={**base, "VALVE_ID_STATE_DIR": str(tmp_path / "state"), "REDIS_URL": own_db},
         cwd=tmp_path,
@@ -49,7 +50,13 @@ def test_train_enqueues_the_reader_settings_and_test_views_it_was_given(
     plan = Job.fetch(plan_id, connection=redis)
     request = plan.args[4]
     redis.flushdb()
-    assert request["overrides"] == {"reader_epochs": 40, "test_views": 8, "reader_native": False}
+    assert request["overrides"] == {
+        "reader_epochs": 40,
+        "test_views": 8,
+        "reader_native": False,
+        "reader_template": False,
+    }
     recipe = resolve_recipe(request)
     assert recipe.reader_epochs == 40 and recipe.test_views == 8 and not recipe.reader_native
+    assert not recipe.reader_template
     assert recipe.reader_lr_max == 3e-3

@@ -289,6 +289,8 @@ def test_pressure_settings_are_reported_per_model_with_their_confusion(
         ["30", "50", "50", "30", "1"],
     )
     assert "Pressure setting" not in _write(tmp_path, metrics)  # no key, no section
+    settings["Codman Hakim"]["framed_folds"] = 0
+    settings[EVIL]["framed_folds"] = 2
     text = _write(tmp_path, {**metrics, "settings": settings})
     assert "<script" not in text.lower()
     section = _section(text, "Pressure setting (validated on synthetic images only)")
@@ -298,8 +300,10 @@ def test_pressure_settings_are_reported_per_model_with_their_confusion(
     # Proposed: 4 scored X-rays are too few for the setting gate, however right.
     assert (
         '<td class="l">Codman Hakim</td><td>4</td><td>50 %</td><td>75 %</td><td>0.75</td>'
-        "<td>no</td>" in section
+        "<td>directed</td><td>no</td>" in section
     )
+    folds = metrics.get("n_folds", len(metrics["splits"]))
+    assert f"<td>own frame (2 of {folds} folds)</td>" in section  # the crop each model read
     assert "left for the annotator" in section
     hakim = section.split("<h3>Codman Hakim</h3>")[1].split("</table>")[0]
     assert hakim.count("<tr>") == 4  # header + one row per value of the scale

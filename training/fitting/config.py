@@ -70,6 +70,7 @@ class RecipeConfig:
     reader_upright: bool = True  # turn its crop so the valve's long axis lies horizontal
     reader_directed: bool = True  # and its skewed end to the right (measured: reads better)
     reader_native: bool = True  # its crop of the X-ray's own pixels, unsquished (TRAINING.md)
+    reader_template: bool = True  # each model's crop in its own template's frame (TRAINING.md)
     reader_lr_max: float = 3e-3  # its one-cycle peak (measured: 3e-3 reads better than 1e-3)
     test_views: int = 4  # locate_classify: views of each crop averaged at inference (1, 2, 4, 8)
     novelty_measure: str = (

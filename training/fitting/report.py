@@ -266,6 +266,14 @@ def _localisation_section(metrics: Mapping[str, Any]) -> str:
     )
 
 
+def _crop_of(row: Mapping[str, Any], n_folds: int) -> str:
+    """Which crop a model's setting was read on, over the folds (absent in older runs)."""
+    if "framed_folds" not in row:
+        return "–"
+    folds = int(row["framed_folds"])
+    return f"own frame ({folds} of {n_folds} folds)" if folds else "directed"
+
+
 def _settings_section(metrics: Mapping[str, Any]) -> str:
     """How well the version reads the pressure setting (``metrics["settings"]``, from
     :func:`training.fitting.evaluation.setting_metrics`), per valve model."""
@@ -282,10 +290,12 @@ def _settings_section(metrics: Mapping[str, Any]) -> str:
     if not found:
         return f"{heading}<p>No X-ray with a labelled setting was scored.</p>{note}"
     proposed = proposed_settings(metrics)
+    n_folds = int(metrics.get("n_folds", len(metrics.get("splits", ()))))
     rows = "".join(
         f'<tr><td class="l">{_esc(name)}</td><td>{_esc(row["n"])}</td>'
         f"<td>{_pct(row['exact'])}</td><td>{_pct(row['within_one'])}</td>"
         f"<td>{_fmt(row['mean_abs_steps'])}</td>"
+        f"<td>{_crop_of(row, n_folds)}</td>"
         f"<td>{'yes' if name in proposed else 'no'}</td></tr>"
         for name, row in found.items()
     )
@@ -302,8 +312,12 @@ def _settings_section(metrics: Mapping[str, Any]) -> str:
     return (
         f"{heading}{note}"
         '<table><tr><th class="l">Valve model</th><th>X-rays</th><th>Exact</th>'
-        f"<th>Within one step</th><th>Mean |steps|</th><th>Proposed</th></tr>{rows}</table>"
-        f"{gate}"
+        f"<th>Within one step</th><th>Mean |steps|</th><th>Crop</th><th>Proposed</th></tr>"
+        f"{rows}</table>{gate}"
+        '<p class="note">Crop: where the reader looked. "Own frame": turned, faced and '
+        "zoomed onto a template of the model fitted on the fold's training X-rays, cut where "
+        'its settings differ; "directed": the crop turned along the valve\'s principal axis '
+        "(too few of the model's X-rays or settings to fit a template; docs/TRAINING.md).</p>"
         '<p class="note">Confusion of the settings, all splits pooled. Rows: labelled '
         "setting; columns: setting read; each cell counts X-rays (empty = none), the "
         "diagonal (exact) highlighted.</p>"

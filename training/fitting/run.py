@@ -254,6 +254,17 @@ def _setting_metrics(plan: dict, y: np.ndarray, readings: np.ndarray) -> dict[st
     return setting_metrics(scales, valves, truth, predicted)
 
 
+def _framed_folds(histories: list[dict[str, Any]], valve: str) -> int:
+    """How many folds read ``valve``'s setting in its template's frame (the rest on the
+    directed crop: too few of its X-rays or settings in that fold)."""
+    return sum(
+        valve in row.get("framed", ())
+        for h in histories
+        for row in h.get("history", ())
+        if row.get("stage") == "read"
+    )
+
+
 def train_fold_stage(
     run_dir: Path, fold: int, *, cache_dir: Path | None, progress: ProgressFn | None = None
 ) -> dict[str, Any]:
@@ -427,6 +438,8 @@ def finalize_run(
         metrics["novelty"] = _write_novelty(run_dir, n_folds, novelty_distance)
     if total and np.isfinite(readings).any():
         metrics["settings"] = _setting_metrics(plan, y, readings)
+        for valve, entry in metrics["settings"].items():
+            entry["framed_folds"] = _framed_folds(histories, valve)
     write_metrics(metrics, run_dir / METRICS_FILE)
     temperature = float(metrics["calibration"]["temperature"])
     oof = {"fold": fold_of, "probs": softmax(logits)}

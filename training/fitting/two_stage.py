@@ -20,19 +20,25 @@ from torch import nn
 from training.shared.inference import autocast_for
 from training.shared.locate_classify import (
     LocateClassifyNet,
+    ReaderFrames,
     SettingLayout,
     TwoStageParams,
     averaged_views,
     crop_around,
     dihedral,
+    principal_axis,
     setting_blocks,
     soft_argmax,
+    wide_crops,
 )
 from training.shared.model import InitInfo, build_model
 
 __all__ = [
     "CropTrainer",
+    "MIN_FRAME_XRAYS",
     "TwoStageFoldResult",
+    "fit_frame",
+    "fit_reader_frames",
     "setting_mask",
     "setting_targets",
     "train_two_stage_fold",
@@ -44,6 +50,11 @@ LOCATOR_LR = 1e-3
 """AdamW rate of the locator head (on cached features: hundreds of cheap passes)."""
 LOCATOR_BATCH = 32
 """Feature maps per locator-head step."""
+MIN_FRAME_XRAYS = 8
+"""Fewest training X-rays of a valve model its template is fitted from; a model with fewer
+(or with fewer than two of its settings labelled) is read on the directed crop."""
+FRAME_CHUNK = 64
+"""X-rays whose search windows are cut and aligned at once while frames are fitted."""
 MIN_ONE_CYCLE_STEPS = 10
 """Fewer optimiser steps (tiny test runs) train at a constant rate: one-cycle needs a warm-up
 and an annealing phase of at least one step each."""
@@ -96,6 +107,96 @@ def setting_mask(classes: list[str], layout: SettingLayout) -> np.ndarray:
         if valve in classes:
             mask[classes.index(valve), block] = True
     return mask
+
+
+def fit_reader_frames(
+    model: LocateClassifyNet,
+    classes: list[str],
+    labels: np.ndarray,
+    settings: np.ndarray,
+    rows: np.ndarray,
+    centres: np.ndarray,
+    sources_of: Callable[[np.ndarray], Sequence[torch.Tensor] | None],
+) -> ReaderFrames:
+    """Fit each valve model's template and setting region on the training ``rows`` and set
+    them on ``model`` (:meth:`~LocateClassifyNet.set_reader_frames`); return every image's
+    frame (NaN angle where its model has none or the row is not in ``rows``), found as
+    serving finds it, at ``centres``.
+
+    The template needs only the valve model (every X-ray of it in ``rows``); the region
+    needs settings (``settings``: setting-logit columns, -1 where unknown), at least two of
+    them. A model with fewer than :data:`MIN_FRAME_XRAYS` X-rays is left unframed."""
+    params = model.params
+    blocks = setting_blocks(params.settings)
+    found = ReaderFrames.none(len(labels))
+    fitted: dict[str, tuple[torch.Tensor, float, float]] = {}
+    for valve, block in blocks.items():
+        if valve not in classes:
+            continue
+        mine = rows[labels[rows] == classes.index(valve)]
+        if len(mine) < MIN_FRAME_XRAYS:
+            continue
+        wide = _wide_of(model, mine, centres, sources_of)
+        column = torch.from_numpy(settings[mine])
+        scale = torch.where(column >= 0, column - block.start, -1)
+        fit = fit_frame(wide, scale, block.stop - block.start)
+        if fit is None:
+            logger.info("no reader frame for %s: fewer than two of its settings labelled", valve)
+            continue
+        template, x, half, (angles, mirrored, scales) = fit
+        fitted[valve] = (template, x, half)
+        at = torch.from_numpy(mine)
+        found.angles[at] = angles.float().cpu()
+        found.mirrored[at] = mirrored.cpu()
+        found.scales[at] = scales.float().cpu()
+        found.x[at] = x
+        found.half[at] = half
+        logger.info("reader frame for %s: region x %.2f, half %.2f", valve, x, half)
+    model.set_reader_frames(fitted)
+    return found
+
+
+def fit_frame(
+    wide: torch.Tensor, scale: torch.Tensor, n_settings: int
+) -> tuple[torch.Tensor, float, float, tuple[torch.Tensor, ...]] | None:
+    """One valve model's frame from the search windows (:func:`~training.shared.
+    locate_classify.wide_crops`) of its training X-rays and their settings (indices on its
+    scale, -1 unknown): ``(template, x, half, (angles, mirrored, scales))``: the scaled
+    template (started from the directed principal axes), the setting region on it, and each
+    window's frame. None where fewer than two settings are known (no region to learn)."""
+    from training.shared.template_frame import (
+        fit_template,
+        scaled_alignment,
+        setting_region,
+        turn,
+    )
+
+    known = scale >= 0
+    if len(scale[known].unique()) < 2:
+        return None
+    template = fit_template(wide, principal_axis(wide, directed=True), scaled=True)
+    found = scaled_alignment(wide, template)
+    framed = turn(wide[known], *(t[known] for t in found))
+    x, half = setting_region(framed, scale[known], n_settings)
+    return template, x, half, found
+
+
+def _wide_of(
+    model: LocateClassifyNet,
+    rows: np.ndarray,
+    centres: np.ndarray,
+    sources_of: Callable[[np.ndarray], Sequence[torch.Tensor] | None],
+) -> torch.Tensor:
+    """The template search's windows of ``rows`` at ``centres``, cut a chunk at a time."""
+    parts = []
+    for start in range(0, len(rows), FRAME_CHUNK):
+        chunk = rows[start : start + FRAME_CHUNK]
+        sources = sources_of(chunk)
+        if sources is None:
+            raise ValueError("a reader frame is fitted on the X-rays' own pixels: pass sources")
+        at = torch.from_numpy(centres[chunk]).float()
+        parts.append(wide_crops(sources, at, model.params.reader_fraction, model.params.reader_px))
+    return torch.cat(parts)
 
 
 class CropTrainer:
@@ -334,6 +435,11 @@ def train_two_stage_fold(
         targets = torch.from_numpy(settings.astype(np.int64))
         readable = train_idx[settings[train_idx] >= 0]
         losses: list[float] = []
+        frames = ReaderFrames.none(len(labels))
+        if config.reader_template and params.reader_native:
+            frames = fit_reader_frames(
+                model, classes, labels, settings, train_idx, crop_centres, sources_of
+            )
 
         def read_loss(out: torch.Tensor, pick: np.ndarray) -> torch.Tensor:
             blocked = out.masked_fill(~allowed[y_all[pick].to(device)], float("-inf"))
@@ -344,18 +450,19 @@ def train_two_stage_fold(
             readable,
             read_loss,
             lambda rows, at: params.reader_crop(
-                None if params.reader_native else all_images[rows].float(), at, sources_of(rows)
+                None if params.reader_native else all_images[rows].float(),
+                at,
+                sources_of(rows),
+                frames.rows(torch.from_numpy(rows)),
             ),
             config.reader_epochs if len(readable) >= 2 else 0,
             lambda _epoch, loss: losses.append(loss),
             params.reader_views(),
             config.reader_lr_max,
         )
-        history.append(
-            {"fold": fold, "stage": "read", "n_train": len(readable), "train_loss": losses[-1]}
-            if losses
-            else {"fold": fold, "stage": "read", "n_train": len(readable)}
-        )
+        framed = [valve for valve, _, _ in model.params.reader_frames]
+        row = {"fold": fold, "stage": "read", "n_train": len(readable), "framed": framed}
+        history.append({**row, "train_loss": losses[-1]} if losses else row)
 
     # 3. Out-of-fold: crops at the predicted centres, as serving does.
     model.eval()

@@ -28,6 +28,10 @@ so checkpoints, the fold ensemble, out-of-fold evaluation and serving treat it e
   (:func:`upright_crop`): a setting is the rotor's angle *relative to the valve*, which a
   CNN fails to learn from a few hundred crops at arbitrary angles (measured: chance) but
   learns once the valve lies one way (docs/TRAINING.md, "The pressure setting").
+  Where a version fitted a valve model's template (:attr:`TwoStageParams.reader_frames`),
+  that model's setting is read on a crop in the template's frame instead: turned, faced and
+  zoomed onto the template and cut where its settings differ (:func:`framed_crops`,
+  :mod:`training.shared.template_frame`; the Hakim read 0.11 → 0.49 exact).
 
 Its recipe for one fold is :func:`training.fitting.two_stage.train_two_stage_fold`.
 """
@@ -37,7 +41,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -46,17 +50,21 @@ from torch import nn
 
 from training.shared.model import ValveNet, get_arch
 from training.shared.preprocess import PreprocessParams, normalize_image, source_side_px
+from training.shared.template_frame import ALIGN_PX, scaled_alignment
 
 __all__ = [
     "DESIGN",
     "DIRECTED_VIEWS",
+    "FRAME_WIDE",
     "CropAnswer",
     "LocateClassifyNet",
+    "ReaderFrames",
     "SettingLayout",
     "TwoStageParams",
     "UPRIGHT_VIEWS",
     "crop_around",
     "dihedral",
+    "framed_crops",
     "native_crops",
     "principal_axis",
     "setting_blocks",
@@ -77,8 +85,42 @@ AXIS_QUANTILE = 0.8
 valve's metal and housing). Measured on 600 product-like crops (0.08 of a 768-px prepared
 image): median axis error 4° (Certas Plus) and 9° (Sophy SM8), worse at 0.9 and above."""
 
+FRAME_WIDE = 2.0
+"""A template search sees this many reader windows' sides around the centre: room for a valve
+up to the zoom search's largest (:data:`~training.shared.template_frame.SCALES`)."""
+
 SettingLayout = tuple[tuple[str, tuple[str, ...]], ...]
 """``((valve model, its setting values lowest first), ...)``: the setting head's blocks."""
+FrameRegions = tuple[tuple[str, float, float], ...]
+"""``((valve model, x, half), ...)``: the models whose reader crop is cut in their template's
+frame, and where on it (:func:`~training.shared.template_frame.setting_region`)."""
+
+
+class ReaderFrames(NamedTuple):
+    """Where each reader crop sits on its valve, one entry per crop (each ``(B,)``): the turn
+    (rad, on the X-ray), the mirror, the zoom (:func:`~training.shared.template_frame.turn`),
+    and the setting region's centre along the axis and half side (fractions of the zoomed
+    search window's half side). A NaN angle: that crop has no frame (directed crop)."""
+
+    angles: torch.Tensor
+    mirrored: torch.Tensor
+    scales: torch.Tensor
+    x: torch.Tensor
+    half: torch.Tensor
+
+    @classmethod
+    def none(cls, n: int) -> ReaderFrames:
+        """``n`` crops without a frame."""
+        nan = torch.full((n,), math.nan)
+        return cls(nan, torch.zeros(n, dtype=torch.bool), nan.clone(), nan.clone(), nan.clone())
+
+    def rows(self, index: Any) -> ReaderFrames:
+        return ReaderFrames(*(t[index] for t in self))
+
+    @property
+    def framed(self) -> torch.Tensor:
+        """``(B,)`` bool: which crops have a frame."""
+        return ~self.angles.isnan()
 
 
 def setting_blocks(layout: SettingLayout) -> dict[str, slice]:
@@ -124,6 +166,11 @@ class TwoStageParams:
     keeps), not the squished prepared square: a rotor's angle relative to the valve is the
     X-ray's own, and a large radiograph's marks keep their pixels. False in checkpoints
     from before it existed."""
+    reader_frames: FrameRegions = ()
+    """The valve models whose setting is read on a crop in their template's frame (the
+    templates are the network's ``frame_templates`` buffer, in this order) and that crop's
+    region on it. Empty in checkpoints from before it existed and where none was fitted:
+    every setting is read on the directed crop."""
     test_views: tuple[int, ...] = (0,)
     """The flips/turns (:func:`dihedral`) each crop is seen in at inference, the answers
     averaged (test-time augmentation; :func:`averaged_views`). The classifier trained on all
@@ -134,6 +181,8 @@ class TwoStageParams:
         # A checkpoint stores the layout as lists; keep it hashable and comparable.
         layout = tuple((str(v), tuple(str(x) for x in values)) for v, values in self.settings)
         object.__setattr__(self, "settings", layout)
+        regions = tuple((str(v), float(x), float(h)) for v, x, h in self.reader_frames)
+        object.__setattr__(self, "reader_frames", regions)
         views = tuple(int(k) for k in self.test_views)
         if not views or views[0] != 0 or not set(views) <= set(range(8)):
             raise ValueError(f"test_views must start with 0 and lie in 0-7, got {views}")
@@ -168,12 +217,14 @@ class TwoStageParams:
         images: torch.Tensor | None,
         centres: torch.Tensor,
         sources: Sequence[torch.Tensor] | None = None,
+        frames: ReaderFrames | None = None,
     ) -> torch.Tensor:
         """The setting reader's window around ``centres``, turned as this version was trained
         (:func:`upright_crop` or :func:`crop_around`): of ``images`` (the prepared squares),
         or, where it reads at the X-ray's own pixels (:attr:`reader_native`), of
         ``sources`` (each ``(H, W)`` in [0, 1], the same crop unsquished; ``images`` is not
-        read then and may be None)."""
+        read then and may be None). ``frames``: the crops that have one are cut in it
+        (:func:`framed_crops`, own pixels only), the others as above."""
         size = (self.reader_fraction, self.reader_px)
         if self.reader_native:
             if sources is None:
@@ -181,7 +232,25 @@ class TwoStageParams:
                     "this version reads settings at the X-ray's own pixels: pass each "
                     "image's source (prepare_image_with_source)"
                 )
-            return native_crops(sources, centres, *size, self.reader_upright, self.reader_directed)
+            framed = None if frames is None else frames.framed.tolist()
+            if framed is None or not any(framed):
+                turns = (self.reader_upright, self.reader_directed)
+                return native_crops(sources, centres, *size, *turns)
+            out = torch.empty(len(centres), self.reader_px, self.reader_px, device=centres.device)
+            assert frames is not None
+            for has_frame in (True, False):
+                rows = [i for i, f in enumerate(framed) if f == has_frame]
+                if not rows:
+                    continue
+                picked = [sources[i] for i in rows]
+                if has_frame:
+                    at = frames.rows(torch.tensor(rows))
+                    out[rows] = framed_crops(picked, centres[rows], *size, at)
+                else:
+                    out[rows] = self.reader_crop(None, centres[rows], picked)
+            return out
+        if frames is not None and bool(frames.framed.any()):
+            raise ValueError("a reader frame is cut at the X-ray's own pixels (reader_native)")
         if images is None:
             raise ValueError("this version reads settings on the prepared square: pass the images")
         if not self.reader_upright:
@@ -342,6 +411,62 @@ def _window_around(
     return source[..., y0:y1, x0:x1], centre, side / math.sqrt(w * h)
 
 
+def wide_crops(
+    sources: Sequence[torch.Tensor], centres: torch.Tensor, fraction: float, size_px: int
+) -> torch.Tensor:
+    """Unturned native crops :data:`FRAME_WIDE` reader windows (``fraction``) wide: what a
+    template search (:func:`~training.shared.template_frame.scaled_alignment`) looks at."""
+    return native_crops(sources, centres, FRAME_WIDE * fraction, size_px, False, False)
+
+
+def framed_crops(
+    sources: Sequence[torch.Tensor],
+    centres: torch.Tensor,
+    fraction: float,
+    size_px: int,
+    frames: ReaderFrames,
+) -> torch.Tensor:
+    """``(B, size_px, size_px)`` crops of the sources in each crop's frame: the setting
+    region (``frames.x`` along the turned axis, ``frames.half`` its half side, fractions of
+    the zoomed search window's half side: the :data:`FRAME_WIDE` × ``fraction`` window of
+    :func:`wide_crops` times the zoom) around ``centres``, turned by ``frames.angles`` and
+    flipped across its axis where ``frames.mirrored``, cut from the X-ray's own pixels."""
+    wide = FRAME_WIDE * fraction
+    crops = []
+    rows = zip(
+        sources,
+        centres.detach().float().cpu().tolist(),
+        *(t.detach().float().cpu().tolist() for t in (frames.angles, frames.scales)),
+        *(t.detach().float().cpu().tolist() for t in (frames.x, frames.half)),
+        strict=True,
+    )
+    for source, (fx, fy), angle, zoom, x, half in rows:
+        height, width = source.shape[-2:]
+        shift = x * zoom * wide / 2 * math.sqrt(height * width)  # pixels along the axis
+        cx = fx + shift * math.cos(angle) / width
+        cy = fy + shift * math.sin(angle) / height
+        window, centre, window_fraction = _window_around(source, cx, cy, half * zoom * wide)
+        image = window.to(centres.device).float()[None]
+        aspect = torch.tensor([image.shape[-1] / image.shape[-2]], device=centres.device)
+        turn_by = torch.tensor([angle], device=centres.device)
+        at = (image, centre.to(centres.device), window_fraction, size_px, turn_by, aspect)
+        crops.append(crop_around(*at)[0])
+    if not crops:
+        return torch.zeros(0, size_px, size_px, device=centres.device)
+    out = torch.stack(crops)
+    mirrored = frames.mirrored.to(out.device).view(-1, 1, 1)
+    return torch.where(mirrored, out.flip(-2), out)
+
+
+def frames_on(template: torch.Tensor, x: float, half: float, wide: torch.Tensor) -> ReaderFrames:
+    """The frames of :func:`wide_crops` ``wide`` on a valve model's ``template``, with its
+    setting region ``(x, half)``."""
+    angles, mirrored, scales = scaled_alignment(wide, template)
+    n = len(wide)
+    full = (torch.full((n,), x, device=wide.device), torch.full((n,), half, device=wide.device))
+    return ReaderFrames(angles, mirrored, scales, *full)
+
+
 def upright_crop(
     images: torch.Tensor,
     centres: torch.Tensor,
@@ -446,6 +571,38 @@ class LocateClassifyNet(nn.Module):
         self._reader_input = PreprocessParams(
             size_px=self.params.reader_px, mean=weights.mean, std=weights.std
         )
+        if self.params.reader_frames:  # filled by load_state_dict or set_reader_frames
+            shape = (len(self.params.reader_frames), ALIGN_PX, ALIGN_PX)
+            self.register_buffer("frame_templates", torch.zeros(shape))
+
+    def set_reader_frames(self, frames: dict[str, tuple[torch.Tensor, float, float]]) -> None:
+        """Read each of these valve models' settings in its template's frame: ``{valve
+        model: (template (ALIGN_PX, ALIGN_PX), x, half)}`` (fitted by the recipe, saved with
+        the checkpoint)."""
+        unknown = set(frames) - set(self.setting_blocks())
+        if unknown:
+            raise ValueError(f"no setting scale to frame for {sorted(unknown)}")
+        regions = tuple((valve, x, half) for valve, (_, x, half) in frames.items())
+        self.params = replace(self.params, reader_frames=regions)
+        self._buffers.pop("frame_templates", None)
+        if frames:  # none: the checkpoint keeps the layout of a version without frames
+            templates = [template.float() for template, _, _ in frames.values()]
+            device = next(self.parameters()).device
+            self.register_buffer("frame_templates", torch.stack(templates).to(device))
+
+    def find_frames(
+        self, valve: str, centres: torch.Tensor, sources: Sequence[torch.Tensor]
+    ) -> ReaderFrames:
+        """Each X-ray's frame on ``valve``'s template: its turn, face and zoom
+        (:func:`~training.shared.template_frame.scaled_alignment` of :func:`wide_crops` at
+        ``centres``), with that model's setting region."""
+        index = [v for v, _, _ in self.params.reader_frames].index(valve)
+        _, x, half = self.params.reader_frames[index]
+        template = self.get_buffer("frame_templates")[index]
+        return frames_on(template, x, half, self._wide(centres, sources))
+
+    def _wide(self, centres: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+        return wide_crops(sources, centres, self.params.reader_fraction, self.params.reader_px)
 
     def setting_blocks(self) -> dict[str, slice]:
         """Each valve model's block of the setting logits."""
@@ -462,12 +619,36 @@ class LocateClassifyNet(nn.Module):
         if centres is None:
             centres = self.locate(x)
         features, logits = self.classify(self.crop(x, centres))
-        reading = None
-        if self.reader is not None:
-            views = self.params.reader_test_views()
-            crops = self.reader_crop(x, centres, sources)
-            reading = _mean_over_views(self.reader, crops, views)
+        reading = None if self.reader is None else self.read(x, centres, sources)
         return CropAnswer(centres, features, logits, reading)
+
+    def read(
+        self,
+        x: torch.Tensor,
+        centres: torch.Tensor,
+        sources: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``(B, T)`` setting logits: each valve model's block read on its own crop, the
+        framed models' in their template's frame (:meth:`find_frames`), the others on the
+        directed crop, so every block is that model's reading whichever model is proposed."""
+        if self.reader is None:
+            raise ValueError("this version reads no setting")
+        views = self.params.reader_test_views()
+        blocks = self.setting_blocks()
+        framed = [valve for valve, _, _ in self.params.reader_frames]
+        out: torch.Tensor | None = None
+        if set(blocks) - set(framed):
+            out = _mean_over_views(self.reader, self.reader_crop(x, centres, sources), views)
+        for valve in framed:
+            if sources is None:
+                raise ValueError("a framed reader reads the X-ray's own pixels: pass the sources")
+            frames = self.find_frames(valve, centres, sources)
+            crops = self.reader_crop(x, centres, sources, frames)
+            read = _mean_over_views(self.reader, crops, views)
+            out = read.clone() if out is None else out
+            out[:, blocks[valve]] = read[:, blocks[valve]]
+        assert out is not None  # a reader has at least one block
+        return out
 
     def classify(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The classifier on valve crops: its penultimate features ``(B, D)`` (the novelty
@@ -483,11 +664,13 @@ class LocateClassifyNet(nn.Module):
         x: torch.Tensor,
         centres: torch.Tensor,
         sources: Sequence[torch.Tensor] | None = None,
+        frames: ReaderFrames | None = None,
     ) -> torch.Tensor:
         """The reader's input: its crop of the network input ``x`` (normalised already), or of
-        the ``sources`` (in [0, 1]: normalised here, as the prepared squares were)."""
+        the ``sources`` (in [0, 1]: normalised here, as the prepared squares were); see
+        :meth:`TwoStageParams.reader_crop`."""
         # Native crops are cut where the centres are: on the network's device, like x's.
-        crops = self.params.reader_crop(x, centres.to(x.device), sources)
+        crops = self.params.reader_crop(x, centres.to(x.device), sources, frames)
         if self.params.reader_native:
             crops = normalize_image(crops, self._reader_input)
         return crops.to(x.dtype).contiguous(memory_format=torch.channels_last)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.template_frame import (
+from training.shared.template_frame import (
     ALIGN_PX,
     SCALES,
     align_to_template,
