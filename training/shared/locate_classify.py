@@ -232,12 +232,11 @@ class TwoStageParams:
                     "this version reads settings at the X-ray's own pixels: pass each "
                     "image's source (prepare_image_with_source)"
                 )
-            framed = None if frames is None else frames.framed.tolist()
-            if framed is None or not any(framed):
+            if frames is None or not bool(frames.framed.any()):
                 turns = (self.reader_upright, self.reader_directed)
                 return native_crops(sources, centres, *size, *turns)
+            framed = frames.framed.tolist()
             out = torch.empty(len(centres), self.reader_px, self.reader_px, device=centres.device)
-            assert frames is not None
             for has_frame in (True, False):
                 rows = [i for i, f in enumerate(framed) if f == has_frame]
                 if not rows:
