@@ -18,6 +18,10 @@ scores it on X-rays it never saw, drawn by the same generator with other seeds:
   or 8 flips/turns (test-time augmentation), side by side: accuracy, macro-F1, and the time
   to predict the test set relative to the first.
 
+``--size-range 1800 2600`` draws radiograph-sized X-rays; ``--reader-principal-axis`` trains
+the version to read settings on the directed crop instead of each model's own frame, so two
+runs compare the crops through the whole product.
+
 A quality measurement, not a speed one: it prints what the served product would tell an
 annotator on data the run did not train on. Synthetic X-rays only; nothing here says how a
 version does on real radiographs. ``--quick`` trains the ``quick`` profile on a few tiny
@@ -117,6 +121,16 @@ def _train(options: HeldoutOptions, work: Path) -> Any:
     return registry
 
 
+def _framed_folds(registry: Any) -> dict[str, int]:
+    """Per valve model, how many of the version's folds read its setting in its own frame
+    (the version's out-of-fold ``metrics.json``; empty where it reads no setting)."""
+    import json
+
+    metrics = json.loads((registry.versions_dir / "heldout" / "metrics.json").read_text())
+    found = metrics.get("settings") or {}
+    return {valve: int(entry.get("framed_folds", 0)) for valve, entry in found.items()}
+
+
 def _novelty_measure(registry: Any) -> str:
     """The served version's novelty measure (``none`` where it has no novelty model)."""
     from training.shared.novelty import NOVELTY_FILE, Novelty
@@ -213,7 +227,10 @@ def run(options: HeldoutOptions, work: Path) -> tuple[list[Table], dict[str, Any
     sources = sorted({a.centre_source for _, a in known if a.centre_source})
     settings = _setting_results(known)
     result = {
-        "options": {k: v for k, v in options.__dict__.items() if k != "overrides"},
+        "options": {
+            **{k: v for k, v in options.__dict__.items() if k != "overrides"},
+            "overrides": dict(options.overrides),
+        },
         "n_known": len(known),
         "n_other": len(unknown),
         "accuracy": float(np.mean([t == g for t, g in zip(truth, guess, strict=True)])),
@@ -229,6 +246,7 @@ def run(options: HeldoutOptions, work: Path) -> tuple[list[Table], dict[str, Any
             np.array([1 - max(a.probs.values()) for _, a in unknown]),
         ),
         "settings": settings,
+        "framed_folds": _framed_folds(registry),
     }
     if result["novelty_measure"] == "combined":
         result["novelty_parts"] = _novelty_parts(registry, test, other)
@@ -370,6 +388,21 @@ def main(argv: list[str] | None = None) -> int:
         help="train the version with this novelty measure (mahalanobis, energy, combined)",
     )
     parser.add_argument(
+        "--size-range",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="side of the drawn X-rays in px (default 600 1200, the demo's; 1800 2600 is "
+        "radiograph-sized)",
+    )
+    parser.add_argument(
+        "--reader-principal-axis",
+        action="store_true",
+        help="train the version to read settings on the directed crop, not in each valve "
+        "model's own frame (recipe reader_template off), to compare the two",
+    )
+    parser.add_argument(
         "--compare-test-views",
         type=int,
         nargs="+",
@@ -389,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         options = replace(options, seed=args.seed)
     if args.compare_test_views:
         options = replace(options, compare_test_views=tuple(args.compare_test_views))
+    if args.size_range:
+        options = replace(options, size_range_px=(args.size_range[0], args.size_range[1]))
+    if args.reader_principal_axis:
+        options = replace(options, overrides=(*options.overrides, ("reader_template", False)))
     if args.novelty_measure:
         overrides = (*options.overrides, ("novelty_measure", args.novelty_measure))
         options = replace(options, overrides=overrides)

@@ -216,3 +216,20 @@ def test_the_setting_reader_reads_where_the_setting_shows(tmp_path: Path, mode: 
         if mode == "true zoomed native":
             assert frame["axis_error_deg_median"] < 0.01 and frame["scale_error_p90"] < 1e-4
     assert 0.0 <= run["exact"] <= run["within_one"] <= 1.0
+
+
+def test_heldout_passes_the_crop_and_size_it_is_asked_for(tmp_path: Path) -> None:
+    """``--reader-principal-axis`` and ``--size-range`` reach the recipe and the drawing, and
+    the result says per model how many folds read it in its own frame (the quick run reads
+    no setting, so that is empty here; tests/training/test_reader_frames.py checks frames)."""
+    import json
+
+    from benchmarks.bench_heldout import main
+
+    out = tmp_path / "heldout.json"
+    argv = ["--quick", "--reader-principal-axis", "--size-range", "200", "240", "--json", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["options"]["overrides"]["reader_template"] is False
+    assert result["options"]["size_range_px"] == [200, 240]
+    assert isinstance(result["framed_folds"], dict)
