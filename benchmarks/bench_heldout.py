@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import Table, add_common_arguments, emit
+from benchmarks.harness import Table, add_common_arguments, add_size_range_argument, emit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -387,15 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="train the version with this novelty measure (mahalanobis, energy, combined)",
     )
-    parser.add_argument(
-        "--size-range",
-        type=int,
-        nargs=2,
-        default=None,
-        metavar=("LO", "HI"),
-        help="side of the drawn X-rays in px (default 600 1200, the demo's; 1800 2600 is "
-        "radiograph-sized)",
-    )
+    add_size_range_argument(parser)
     parser.add_argument(
         "--reader-principal-axis",
         action="store_true",

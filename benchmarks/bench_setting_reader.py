@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import Table, add_common_arguments, emit
+from benchmarks.harness import Table, add_common_arguments, add_size_range_argument, emit
 from training.fitting.config import RecipeConfig
 
 READER_MODES = (
@@ -658,14 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--reader-px", type=int, default=None, help="side the reader sees")
     parser.add_argument("--reader-fraction", type=float, default=None, help="crop / square side")
-    parser.add_argument(
-        "--size-range",
-        type=int,
-        nargs=2,
-        default=None,
-        metavar=("LO", "HI"),
-        help="sides of the generated X-rays, px (default 600 1200; a clinical radiograph: ~2000)",
-    )
+    add_size_range_argument(parser)
     parser.add_argument(
         "--modes", nargs="+", choices=READER_MODES, default=None, help="crops to compare"
     )

@@ -223,6 +223,19 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_size_range_argument(parser: argparse.ArgumentParser) -> None:
+    """``--size-range LO HI``: the sides of the synthetic X-rays a benchmark draws."""
+    parser.add_argument(
+        "--size-range",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="sides of the generated X-rays, px (default 600 1200, the demo's; 1800 2600 is "
+        "radiograph-sized)",
+    )
+
+
 def emit(tables: Sequence[Table], markdown: Path | None, *, header: str | None = None) -> None:
     """Print the tables (and the machine) and append them to ``markdown`` if given."""
     from rich.console import Console

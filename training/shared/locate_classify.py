@@ -590,15 +590,20 @@ class LocateClassifyNet(nn.Module):
             self.register_buffer("frame_templates", torch.stack(templates).to(device))
 
     def find_frames(
-        self, valve: str, centres: torch.Tensor, sources: Sequence[torch.Tensor]
+        self,
+        valve: str,
+        centres: torch.Tensor,
+        sources: Sequence[torch.Tensor],
+        wide: torch.Tensor | None = None,
     ) -> ReaderFrames:
         """Each X-ray's frame on ``valve``'s template: its turn, face and zoom
         (:func:`~training.shared.template_frame.scaled_alignment` of :func:`wide_crops` at
-        ``centres``), with that model's setting region."""
+        ``centres``; ``wide``: those crops, where already cut), with that model's setting
+        region."""
         index = [v for v, _, _ in self.params.reader_frames].index(valve)
         _, x, half = self.params.reader_frames[index]
         template = self.get_buffer("frame_templates")[index]
-        return frames_on(template, x, half, self._wide(centres, sources))
+        return frames_on(template, x, half, self._wide(centres, sources) if wide is None else wide)
 
     def _wide(self, centres: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
         return wide_crops(sources, centres, self.params.reader_fraction, self.params.reader_px)
@@ -638,10 +643,13 @@ class LocateClassifyNet(nn.Module):
         out: torch.Tensor | None = None
         if set(blocks) - set(framed):
             out = _mean_over_views(self.reader, self.reader_crop(x, centres, sources), views)
+        if framed and sources is None:
+            raise ValueError("a framed reader reads the X-ray's own pixels: pass the sources")
+        # Every model searches the same windows: cut them once.
+        wide = self._wide(centres, sources) if framed and sources is not None else None
         for valve in framed:
-            if sources is None:
-                raise ValueError("a framed reader reads the X-ray's own pixels: pass the sources")
-            frames = self.find_frames(valve, centres, sources)
+            assert sources is not None
+            frames = self.find_frames(valve, centres, sources, wide)
             crops = self.reader_crop(x, centres, sources, frames)
             read = _mean_over_views(self.reader, crops, views)
             out = read.clone() if out is None else out
