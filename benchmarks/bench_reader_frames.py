@@ -12,7 +12,11 @@ four setting scales and random weights and templates (speed does not depend on t
   ``--reader-principal-axis``);
 * ``own frame``: each of the four models read in its frame (versions now);
 * ``frame search alone``: the four template searches without any network, to tell the
-  search from the extra reader passes.
+  search from the extra reader passes;
+* ``own frame, one model proposed``: a server reads only the settings its version's gate
+  proposes (:meth:`~training.shared.locate_classify.LocateClassifyNet.read` ``valves``), here
+  one framed model's;
+* ``no setting proposed``: the gate proposes none, so nothing is read (the classifier alone).
 
 Rates are per X-ray for one fold; a served version runs each of its folds. Speed only: what the
 frames do for the reading is measured in ``bench_setting_reader`` (docs/TRAINING.md).
@@ -84,8 +88,8 @@ def run(options: FrameCostOptions) -> list[Table]:
     centres = torch.rand(n, 2) * 0.6 + 0.2
 
     @torch.inference_mode()
-    def answer(net: LocateClassifyNet) -> None:
-        net.answer(x, centres, sources)
+    def answer(net: LocateClassifyNet, valves: set[str] | None = None) -> None:
+        net.answer(x, centres, sources, valves)
 
     @torch.inference_mode()
     def search() -> None:
@@ -96,6 +100,8 @@ def run(options: FrameCostOptions) -> list[Table]:
         "directed": timed(lambda: answer(directed)),
         "own frame": timed(lambda: answer(framed)),
         "frame search alone": timed(search),
+        "own frame, one model proposed": timed(lambda: answer(framed, {layout[0][0]})),
+        "no setting proposed": timed(lambda: answer(framed, set())),
     }
     for contender in contenders.values():  # warm-up: oneDNN builds its kernels on first use
         contender(0)

@@ -247,7 +247,9 @@ def frame_error(
     frame is the generator's up to one constant turn and one flip, so the constant is found
     per face the generator drew (a flip reflects it). With ``scales`` (a zoom per crop, see
     :func:`training.shared.template_frame.turn`), also the zoom's relative error (median, 90th
-    percentile) against the valve's drawn length, up to one constant factor."""
+    percentile) against the valve's drawn length, up to one constant factor. ``end_turned``:
+    the share more than a quarter turn off, so turned end for end (a reading taken so is
+    another setting's)."""
     import torch
 
     error = torch.zeros(len(angles))
@@ -261,6 +263,7 @@ def frame_error(
     found = {
         "axis_error_deg_median": float(error.rad2deg().median()),
         "axis_error_deg_p90": float(error.rad2deg().quantile(0.9)),
+        "end_turned": float((error > math.pi / 2).float().mean()),
     }
     if mirrored is not None:
         flip = (mirrored ^ data["mirrored"]).float().mean().item()
@@ -404,17 +407,22 @@ def frames(options: ReaderOptions, train: dict[str, Any], test: dict[str, Any]) 
     """The test crops' frame as versions find it (:func:`principal_axis`, directed; the face
     left to the reader) and from a template fitted on the training crops, against the
     generator's (:func:`frame_error`), and from a scaled one (:func:`_scaled_template`: also
-    the zoom). No training: a minute or two once the X-rays are drawn."""
-    from training.shared.locate_classify import principal_axis
+    the zoom), by its search alone and as versions find it
+    (:func:`~training.shared.locate_classify.valve_frame`: the skew's end where the
+    template's is a guess). No training: a minute or two once the X-rays are drawn."""
+    from training.shared.locate_classify import principal_axis, valve_frame
     from training.shared.template_frame import align_to_template, scaled_alignment
 
     unturned = _unturned(options, test)
     angles, mirrored, _ = align_to_template(unturned, _fitted_template(_unturned(options, train)))
-    scaled = scaled_alignment(_wide(options, test), _scaled_template(options, train)[1])
+    wide, scaled_template = _wide(options, test), _scaled_template(options, train)[1]
     return {
         "principal axis": frame_error(principal_axis(unturned, directed=True), None, test),
         "template": frame_error(angles, mirrored, test),
-        "scaled template": _scaled_error(scaled, test),
+        "scaled template": _scaled_error(scaled_alignment(wide, scaled_template), test),
+        "scaled template, skew's end where unsure (versions)": _scaled_error(
+            valve_frame(wide, scaled_template), test
+        ),
     }
 
 
@@ -547,6 +555,7 @@ def run_frames(options: ReaderOptions) -> tuple[list[Table], dict[str, Any]]:
             "frame",
             "axis error median °",
             "axis error p90 °",
+            "end for end",
             "face consistent",
             "zoom error median / p90",
         ],
@@ -558,7 +567,7 @@ def run_frames(options: ReaderOptions) -> tuple[list[Table], dict[str, Any]]:
             test = _draw(options, label, options.n_test, seed + 1)
             runs.append({"seed": seed, **frames(options, train, test)})
         results["models"][label] = runs
-        for name in ("principal axis", "template", "scaled template"):
+        for name in [key for key in runs[0] if key != "seed"]:
             found = [r[name] for r in runs]
             face = [f["face_consistent"] for f in found if "face_consistent" in f]
             zoom = [
@@ -571,6 +580,7 @@ def run_frames(options: ReaderOptions) -> tuple[list[Table], dict[str, Any]]:
                 name,
                 f"{np.mean([f['axis_error_deg_median'] for f in found]):.1f}",
                 f"{np.mean([f['axis_error_deg_p90'] for f in found]):.1f}",
+                f"{np.mean([f['end_turned'] for f in found]):.2f}",
                 f"{np.mean(face):.2f}" if face else "left to the reader",
                 " / ".join(f"{v:.0%}" for v in np.mean(zoom, 0)) if zoom else "not searched",
             )

@@ -173,8 +173,9 @@ def test_the_setting_reader_refuses_seeds_whose_test_x_rays_another_trains_on() 
 
 def test_the_setting_reader_compares_frames_without_training(tmp_path: Path) -> None:
     """``--frames-only``: per valve model a row for the principal axis, the template and the
-    scaled template, the templates' face share a number (they search the mirror), the
-    axis's left open, the zoom's error only where it is searched."""
+    scaled template (its search alone and as versions find it), the templates' face share a
+    number (they search the mirror), the axis's left open, the zoom's error only where it
+    is searched, every frame's share turned end for end."""
     from benchmarks.bench_setting_reader import main
 
     markdown = tmp_path / "frames.md"
@@ -189,10 +190,15 @@ def test_the_setting_reader_compares_frames_without_training(tmp_path: Path) -> 
     assert "scale_error_median" not in run["template"]
     zoom = run["scaled template"]
     assert 0.0 <= zoom["scale_error_median"] <= zoom["scale_error_p90"]
-    for frame in ("principal axis", "template", "scaled template"):
-        assert (
-            0.0 <= run[frame]["axis_error_deg_median"] <= run[frame]["axis_error_deg_p90"] <= 180.0
-        )
+    versions = run["scaled template, skew's end where unsure (versions)"]
+    assert 0.0 <= versions["scale_error_median"] <= versions["scale_error_p90"]
+    assert versions["face_consistent"] == zoom["face_consistent"]  # the end turns, not the face
+    assert len(run) == 5  # the seed and four frames
+    for name, frame in run.items():
+        if name == "seed":
+            continue
+        assert 0.0 <= frame["axis_error_deg_median"] <= frame["axis_error_deg_p90"] <= 180.0
+        assert 0.0 <= frame["end_turned"] <= 1.0
 
 
 @pytest.mark.parametrize("mode", ["template scaled native", "true zoomed native"])

@@ -146,7 +146,8 @@ class _Served:
     (:mod:`training.shared.setting_gate`)."""
     source_px: int | None = None
     """The side each X-ray's unsquished source is kept at, for a setting reader that reads
-    at the X-ray's own pixels (:attr:`TwoStageParams.source_px`); None: none is kept."""
+    at the X-ray's own pixels (:attr:`TwoStageParams.source_px`); None: none is kept (also
+    where no setting it reads is proposed: nothing is read)."""
     mixed_precision: bool = True
     """Whether the fast path's autocast computes this version's forwards: only where its
     folds were trained in the same precision (:func:`_serves_in_mixed_precision`)."""
@@ -485,7 +486,10 @@ class Predictor:
         centres = np.full((n, 2), np.nan, dtype=np.float64)
         novelty = np.full(n, np.nan, dtype=np.float64)
         total = sum(len(values) for _, values in state.settings)
-        readings = np.empty((len(state.models), n, total), dtype=np.float32) if total else None
+        # Only the settings it will propose are read: a version whose gate proposes none
+        # spends nothing on its reader (a framed model's reading is a template search).
+        reads = total and state.proposed
+        readings = np.full((len(state.models), n, total), np.nan, np.float32) if reads else None
         for part in iter_batches(n, self._batch_size):
             batch = to_network_input(
                 images[part].to(self._device), state.params, channels_last=self._fast_path
@@ -504,7 +508,9 @@ class Predictor:
                         if where is not None:
                             located.append(where.float().cpu().numpy())
                         if readings is not None:  # one pass: class, features and setting
-                            crop = model.answer(batch, where, seen)  # type: ignore[operator]
+                            crop = model.answer(  # type: ignore[operator]
+                                batch, where, seen, valves=state.proposed
+                            )
                             features.append(crop.features.float().cpu().numpy())
                             readings[m, part] = crop.setting_logits.float().cpu().numpy()
                             answer = crop.logits
@@ -580,6 +586,8 @@ def _load_served(
             "own pixels): they come from different runs; train the version again",
             source=str(path / "weights"),
         )
+    readable = frozenset(valve for valve, _ in _setting_layout(models[0]))
+    proposed = readable & proposed_settings(metrics) if gate_settings else readable
     served = _Served(
         version=version_id,
         classes=config.classes,
@@ -593,12 +601,8 @@ def _load_served(
         explainer=None if hasattr(models[0], "locate") else models[0],
         novelty=_load_novelty(path, len(models)),
         settings=_setting_layout(models[0]),
-        source_px=models[0].params.source_px if isinstance(models[0], LocateClassifyNet) else None,
-        proposed=(
-            proposed_settings(metrics)
-            if gate_settings
-            else frozenset(valve for valve, _ in _setting_layout(models[0]))
-        ),
+        source_px=_source_px(models[0], proposed),
+        proposed=proposed,
         mixed_precision=mixed,
     )
     if compile:  # compile now, while the previous version still serves
@@ -625,6 +629,14 @@ def _how_it_reads(model: nn.Module) -> tuple[str, SettingLayout, int | None]:
     if isinstance(model, LocateClassifyNet):
         return "locate_classify", model.params.settings, model.params.source_px
     return "whole_image", (), None
+
+
+def _source_px(model: nn.Module, proposed: frozenset[str]) -> int | None:
+    """The side to keep each X-ray's own pixels at: where the version's reader reads there
+    and some setting it reads is proposed (none is read otherwise)."""
+    if not (isinstance(model, LocateClassifyNet) and proposed):
+        return None
+    return model.params.source_px
 
 
 def _setting_layout(model: nn.Module) -> SettingLayout:

@@ -1046,6 +1046,40 @@ def test_without_the_gate_every_scale_is_answered(registry: ModelRegistry) -> No
     assert isinstance(result, Prediction) and set(result.settings) == set(CLASSES[:2])
 
 
+def test_a_version_that_proposes_no_setting_reads_none(
+    registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the gate proposes none of the version's settings, the reader never runs and no
+    X-ray's own pixels are kept for it (a framed model's reading costs a template search per
+    X-ray); where it proposes one, only that model's block is asked for."""
+    from training.shared.locate_classify import LocateClassifyNet
+
+    scale = ("1", "2", "3")
+    layout = ((CLASSES[0], scale), (CLASSES[1], scale))
+    asked: list[object] = []
+    read = LocateClassifyNet.read
+
+    def spy(self: LocateClassifyNet, *args: object, **kwargs: object) -> torch.Tensor:
+        asked.append(kwargs.get("valves", args[3] if len(args) > 3 else None))
+        return read(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LocateClassifyNet, "read", spy)
+    poor = {CLASSES[0]: {"n": 30, "exact": 0.3}, CLASSES[1]: {"n": 30, "exact": 0.3}}
+    _publish_two_stage(registry, "vnone", layout, poor, native=True)
+    with _predictor(registry, fast_path=False) as predictor:
+        assert predictor._state is not None and predictor._state.source_px is None
+        results = predictor.predict([_png(1), _png(2)])
+    assert all(isinstance(r, Prediction) and r.settings == {} for r in results)
+    assert asked == []
+    good = {CLASSES[0]: {"n": 30, "exact": 0.8}, CLASSES[1]: {"n": 30, "exact": 0.3}}
+    _publish_two_stage(registry, "vone", layout, good, native=True)
+    with _predictor(registry, fast_path=False) as predictor:
+        assert predictor._state is not None and predictor._state.source_px is not None
+        (result,) = predictor.predict([_png(3)])
+    assert isinstance(result, Prediction) and set(result.settings) == {CLASSES[0]}
+    assert asked and all(valves == frozenset({CLASSES[0]}) for valves in asked)
+
+
 def test_a_version_reading_at_the_xrays_own_pixels_reads_each_images_own_source(
     registry: ModelRegistry,
 ) -> None:

@@ -5,6 +5,7 @@ is cut where the settings differ (training and serving find the frame the same w
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,12 @@ from training.shared.locate_classify import (
     crop_around,
     framed_crops,
     native_crops,
+    principal_axis,
     upright_crop,
+    valve_frame,
 )
 from training.shared.model import load_checkpoint, save_checkpoint
+from training.shared.template_frame import ALIGN_PX, scaled_alignment, turn
 
 N_SETTINGS = 6
 LAYOUT = (("valve", tuple(str(k) for k in range(N_SETTINGS))),)
@@ -236,3 +240,88 @@ def test_a_fold_fits_frames_only_where_its_recipe_says(template: bool) -> None:
     frames = result.model.params.reader_frames
     assert [valve for valve, _, _ in frames] == (["ring"] if template else [])
     assert result.val_setting_logits is not None and result.val_setting_logits.shape == (4, 2)
+
+
+def _body_and_blob(blob_at: float, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` noisy search windows (64 px) of an oval body alike at both ends with a bright blob
+    ``blob_at`` px along its axis, each turned to a random angle; and the direction from
+    the blob along the axis towards the body's far end (the end a directed
+    :func:`~training.shared.locate_classify.principal_axis` names: the bright structure's
+    long tail)."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.arange(ALIGN_PX, dtype=torch.float32) - (ALIGN_PX - 1) / 2
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    body = (xx.square() / 13**2 + yy.square() / 4**2 < 1).float() * 0.4
+    blob = ((xx - blob_at).square() + yy.square() < 3.5**2).float()
+    angles = torch.rand(n, generator=g) * 2 * math.pi
+    # turn(.., -a) shows the drawing's +x axis at direction a: the blob's end is at a.
+    drawn = turn((body + blob).expand(n, -1, -1), -angles, torch.zeros(n, dtype=torch.bool))
+    noisy = drawn + 0.03 * torch.randn(drawn.shape, generator=g)
+    return noisy, (angles + math.pi) % (2 * math.pi)
+
+
+def _off_deg(found: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    return torch.atan2((found - truth).sin(), (found - truth).cos()).abs().rad2deg()
+
+
+def test_where_the_template_cannot_tell_the_ends_the_skew_names_them() -> None:
+    """A template of the body alone looks alike from both ends, so the search's end is a
+    guess; the blob the template lacks skews the bright structure, and every window's frame
+    points to the end the skew names (the search alone turned some end for end)."""
+    windows, tail = _body_and_blob(8.0, 16, seed=0)
+    c = torch.arange(ALIGN_PX, dtype=torch.float32) - (ALIGN_PX - 1) / 2
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    template = (xx.square() / 13**2 + yy.square() / 4**2 < 1).float()
+    found, _, _ = valve_frame(windows, template)
+    assert float(_off_deg(found, tail).max()) < 10.0
+    searched = scaled_alignment(windows, template)[0]
+    assert float((_off_deg(searched, tail) > 90).float().mean()) > 0.2
+
+
+def test_where_the_template_tells_the_ends_its_end_stands() -> None:
+    """A template that shows the blob names the end by itself, and its frame points to the
+    blob on every window, though the skew names the other end on every one (an end is a
+    convention: the template's must stand where it is sure, or the frames would mix them)."""
+    windows, tail = _body_and_blob(8.0, 16, seed=1)
+    c = torch.arange(ALIGN_PX, dtype=torch.float32) - (ALIGN_PX - 1) / 2
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    body = (xx.square() / 13**2 + yy.square() / 4**2 < 1).float() * 0.4
+    template = body + ((xx - 8).square() + yy.square() < 3.5**2).float()
+    skew = principal_axis(windows[:, 16:48, 16:48], directed=True)
+    assert float(_off_deg(skew, tail).max()) < 10.0
+    found, _, _ = valve_frame(windows, template)
+    assert float(_off_deg(found, tail + math.pi).max()) < 10.0  # the template's +x: its blob
+
+
+def test_a_server_reads_only_the_settings_it_asks_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two valve models, one framed, one on the directed crop: asked for one, ``read`` gives
+    that block exactly as a full reading does, NaN in the other, and runs no frame search
+    unless the framed model is asked for; asked for none, ``answer`` reads nothing."""
+    sources, centres, settings = _xrays(24, seed=3)
+    layout = (("framed", LAYOUT[0][1]), ("directed", LAYOUT[0][1]))
+    net = LocateClassifyNet(2, replace(_net().params, settings=layout)).eval()
+    fit_reader_frames(
+        net,
+        ["framed", "directed"],
+        np.zeros(24, dtype=np.int64),  # every X-ray a "framed" valve: "directed" stays unframed
+        settings,
+        np.arange(24),
+        centres.numpy(),
+        lambda picked: [sources[int(i)] for i in picked],
+    )
+    assert [valve for valve, _, _ in net.params.reader_frames] == ["framed"]
+    x_in, at, seen = torch.zeros(3, 3, 64, 64), centres[:3], sources[:3]
+    searches: list[str] = []
+    search = net.find_frames
+    monkeypatch.setattr(net, "find_frames", lambda v, *a: searches.append(v) or search(v, *a))
+    with torch.inference_mode():
+        full = net.read(x_in, at, seen)
+        assert searches == ["framed"] and not full.isnan().any()
+        only_framed = net.read(x_in, at, seen, valves={"framed"})
+        only_directed = net.read(x_in, at, seen, valves={"directed", "not a model"})
+        assert searches == ["framed", "framed"]  # none for the directed model alone
+        nothing = net.answer(x_in, at, seen, valves=set())
+    n = len(LAYOUT[0][1])
+    assert torch.equal(only_framed[:, :n], full[:, :n]) and only_framed[:, n:].isnan().all()
+    assert torch.equal(only_directed[:, n:], full[:, n:]) and only_directed[:, :n].isnan().all()
+    assert nothing.setting_logits is None and nothing.logits.shape == (3, 2)

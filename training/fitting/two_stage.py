@@ -29,6 +29,7 @@ from training.shared.locate_classify import (
     principal_axis,
     setting_blocks,
     soft_argmax,
+    valve_frame,
     wide_crops,
 )
 from training.shared.model import InitInfo, build_model
@@ -163,19 +164,15 @@ def fit_frame(
     locate_classify.wide_crops`) of its training X-rays and their settings (indices on its
     scale, -1 unknown): ``(template, x, half, (angles, mirrored, scales))``: the scaled
     template (started from the directed principal axes), the setting region on it, and each
-    window's frame. None where fewer than two settings are known (no region to learn)."""
-    from training.shared.template_frame import (
-        fit_template,
-        scaled_alignment,
-        setting_region,
-        turn,
-    )
+    window's frame (:func:`~training.shared.locate_classify.valve_frame`, as serving finds
+    it). None where fewer than two settings are known (no region to learn)."""
+    from training.shared.template_frame import fit_template, setting_region, turn
 
     known = scale >= 0
     if len(scale[known].unique()) < 2:
         return None
     template = fit_template(wide, principal_axis(wide, directed=True), scaled=True)
-    found = scaled_alignment(wide, template)
+    found = valve_frame(wide, template)
     framed = turn(wide[known], *(t[known] for t in found))
     x, half = setting_region(framed, scale[known], n_settings)
     return template, x, half, found
