@@ -336,17 +336,6 @@ def _native_framed(
     return framed_crops(data["originals"], data["centres"], *size, frames)
 
 
-def _scaled_template(options: ReaderOptions, train: dict[str, Any]) -> tuple[Any, Any]:
-    """The training set's search windows (:func:`_wide`) and a scaled template fitted on
-    them, started from their principal axes (as :func:`~training.fitting.two_stage.
-    fit_frame` fits it)."""
-    from training.shared.locate_classify import principal_axis
-    from training.shared.template_frame import fit_template
-
-    wide = _wide(options, train)
-    return wide, fit_template(wide, principal_axis(wide, directed=True), scaled=True)
-
-
 def _scaled_error(frame: tuple, data: dict[str, Any]) -> dict[str, float]:
     angles, mirrored, scales = frame[:3]
     return frame_error(angles, mirrored, data, scales)
@@ -404,24 +393,30 @@ def true_zoomed_crops(
 
 
 def frames(options: ReaderOptions, train: dict[str, Any], test: dict[str, Any]) -> dict:
-    """The test crops' frame as versions find it (:func:`principal_axis`, directed; the face
-    left to the reader) and from a template fitted on the training crops, against the
-    generator's (:func:`frame_error`), and from a scaled one (:func:`_scaled_template`: also
-    the zoom), by its search alone and as versions find it
-    (:func:`~training.shared.locate_classify.valve_frame`: the skew's end where the
-    template's is a guess). No training: a minute or two once the X-rays are drawn."""
+    """Each test crop's frame against the generator's (:func:`frame_error`): the directed
+    principal axis (the face left to the reader); a template fitted on the training crops
+    (the reader's window); the scaled template :func:`~training.fitting.two_stage.fit_frame`
+    fits (also the zoom) by its search alone; and as versions find it
+    (:func:`~training.shared.locate_classify.valve_frame`: the zoom by the scaled template,
+    axis, face and end by fit_frame's template of the reader's window). No training: a
+    minute or two once the X-rays are drawn."""
+    from training.fitting.two_stage import fit_frame
     from training.shared.locate_classify import principal_axis, valve_frame
     from training.shared.template_frame import align_to_template, scaled_alignment
 
     unturned = _unturned(options, test)
     angles, mirrored, _ = align_to_template(unturned, _fitted_template(_unturned(options, train)))
-    wide, scaled_template = _wide(options, test), _scaled_template(options, train)[1]
+    wide_train, wide = _wide(options, train), _wide(options, test)
+    fit = fit_frame(wide_train, train["settings"], int(train["settings"].max()) + 1)
+    if fit is None:
+        raise ValueError("the training X-rays hold fewer than two settings: no frame fitted")
+    scaled_template = fit[0][0]
     return {
         "principal axis": frame_error(principal_axis(unturned, directed=True), None, test),
         "template": frame_error(angles, mirrored, test),
         "scaled template": _scaled_error(scaled_alignment(wide, scaled_template), test),
-        "scaled template, skew's end where unsure (versions)": _scaled_error(
-            valve_frame(wide, scaled_template), test
+        "versions: zoom by the scaled template, the rest by the window's": _scaled_error(
+            valve_frame(wide, fit[0]), test
         ),
     }
 

@@ -21,9 +21,9 @@ from training.shared.locate_classify import (
     crop_around,
     framed_crops,
     native_crops,
-    principal_axis,
     upright_crop,
     valve_frame,
+    wide_crops,
 )
 from training.shared.model import load_checkpoint, save_checkpoint
 from training.shared.template_frame import ALIGN_PX, scaled_alignment, turn
@@ -177,6 +177,8 @@ def test_in_its_frame_every_xray_of_a_setting_looks_alike(tmp_path: Path) -> Non
     loaded = load_checkpoint(path)
     assert isinstance(loaded, LocateClassifyNet)
     assert loaded.params.reader_frames == net.params.reader_frames
+    assert loaded.params.frame_window  # a scaled template and a window template per model
+    assert loaded.get_buffer("frame_templates").shape == (1, 2, ALIGN_PX, ALIGN_PX)
     assert torch.equal(loaded.get_buffer("frame_templates"), net.get_buffer("frame_templates"))
     x_in = torch.zeros(2, 3, 64, 64)
     with torch.inference_mode():
@@ -242,55 +244,8 @@ def test_a_fold_fits_frames_only_where_its_recipe_says(template: bool) -> None:
     assert result.val_setting_logits is not None and result.val_setting_logits.shape == (4, 2)
 
 
-def _body_and_blob(blob_at: float, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` noisy search windows (64 px) of an oval body alike at both ends with a bright blob
-    ``blob_at`` px along its axis, each turned to a random angle; and the direction from
-    the blob along the axis towards the body's far end (the end a directed
-    :func:`~training.shared.locate_classify.principal_axis` names: the bright structure's
-    long tail)."""
-    g = torch.Generator().manual_seed(seed)
-    c = torch.arange(ALIGN_PX, dtype=torch.float32) - (ALIGN_PX - 1) / 2
-    yy, xx = torch.meshgrid(c, c, indexing="ij")
-    body = (xx.square() / 13**2 + yy.square() / 4**2 < 1).float() * 0.4
-    blob = ((xx - blob_at).square() + yy.square() < 3.5**2).float()
-    angles = torch.rand(n, generator=g) * 2 * math.pi
-    # turn(.., -a) shows the drawing's +x axis at direction a: the blob's end is at a.
-    drawn = turn((body + blob).expand(n, -1, -1), -angles, torch.zeros(n, dtype=torch.bool))
-    noisy = drawn + 0.03 * torch.randn(drawn.shape, generator=g)
-    return noisy, (angles + math.pi) % (2 * math.pi)
-
-
 def _off_deg(found: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return torch.atan2((found - truth).sin(), (found - truth).cos()).abs().rad2deg()
-
-
-def test_where_the_template_cannot_tell_the_ends_the_skew_names_them() -> None:
-    """A template of the body alone looks alike from both ends, so the search's end is a
-    guess; the blob the template lacks skews the bright structure, and every window's frame
-    points to the end the skew names (the search alone turned some end for end)."""
-    windows, tail = _body_and_blob(8.0, 16, seed=0)
-    c = torch.arange(ALIGN_PX, dtype=torch.float32) - (ALIGN_PX - 1) / 2
-    yy, xx = torch.meshgrid(c, c, indexing="ij")
-    template = (xx.square() / 13**2 + yy.square() / 4**2 < 1).float()
-    found, _, _ = valve_frame(windows, template)
-    assert float(_off_deg(found, tail).max()) < 10.0
-    searched = scaled_alignment(windows, template)[0]
-    assert float((_off_deg(searched, tail) > 90).float().mean()) > 0.2
-
-
-def test_where_the_template_tells_the_ends_its_end_stands() -> None:
-    """A template that shows the blob names the end by itself, and its frame points to the
-    blob on every window, though the skew names the other end on every one (an end is a
-    convention: the template's must stand where it is sure, or the frames would mix them)."""
-    windows, tail = _body_and_blob(8.0, 16, seed=1)
-    c = torch.arange(ALIGN_PX, dtype=torch.float32) - (ALIGN_PX - 1) / 2
-    yy, xx = torch.meshgrid(c, c, indexing="ij")
-    body = (xx.square() / 13**2 + yy.square() / 4**2 < 1).float() * 0.4
-    template = body + ((xx - 8).square() + yy.square() < 3.5**2).float()
-    skew = principal_axis(windows[:, 16:48, 16:48], directed=True)
-    assert float(_off_deg(skew, tail).max()) < 10.0
-    found, _, _ = valve_frame(windows, template)
-    assert float(_off_deg(found, tail + math.pi).max()) < 10.0  # the template's +x: its blob
 
 
 def test_a_server_reads_only_the_settings_it_asks_for(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -325,3 +280,45 @@ def test_a_server_reads_only_the_settings_it_asks_for(monkeypatch: pytest.Monkey
     assert torch.equal(only_framed[:, :n], full[:, :n]) and only_framed[:, n:].isnan().all()
     assert torch.equal(only_directed[:, n:], full[:, n:]) and only_directed[:, :n].isnan().all()
     assert nothing.setting_logits is None and nothing.logits.shape == (3, 2)
+
+
+def test_the_window_template_sets_the_axis_and_the_scaled_one_the_zoom() -> None:
+    """A version's templates are a pair: the scaled one (here a round blob, which names no
+    axis) gives only the zoom; the template of the reader's window (the middle half of the
+    search window) gives the axis, face and end, found to the search step on every window."""
+    g = torch.Generator().manual_seed(4)
+    c = torch.arange(ALIGN_PX, dtype=torch.float32) - (ALIGN_PX - 1) / 2
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    drawing = (xx.square() / 20**2 + yy.square() / 6**2 < 1).float() * 0.4
+    drawing += ((xx - 10).square() + yy.square() < 4**2).float()
+    drawing += ((xx + 9).square() + (yy - 8).square() < 2.5**2).float()  # off the axis: a face
+    angles = torch.rand(12, generator=g) * 2 * math.pi
+    turned = turn(drawing.expand(12, -1, -1), -angles, torch.zeros(12, dtype=torch.bool))
+    wide = torch.zeros(12, 2 * ALIGN_PX, 2 * ALIGN_PX)
+    wide[:, ALIGN_PX // 2 : 3 * ALIGN_PX // 2, ALIGN_PX // 2 : 3 * ALIGN_PX // 2] = turned
+    wide += 0.03 * torch.randn(wide.shape, generator=g)
+    blob = (xx.square() + yy.square() < 12**2).float()
+    found, mirrored, scales = valve_frame(wide, torch.stack([blob, drawing]))
+    assert float(_off_deg(found, angles).max()) < 4.0 and not bool(mirrored.any())
+    assert torch.equal(scales, scaled_alignment(wide, blob)[2])
+    alone, _, _ = valve_frame(wide, blob)  # the scaled template alone cannot tell the axis
+    assert float(_off_deg(alone, angles).max()) > 20.0
+
+
+def test_a_version_with_scaled_templates_alone_still_loads_and_reads(tmp_path: Path) -> None:
+    """Versions fitted before the window template hold one template per model: they load,
+    say so (``frame_window`` False) and find their frames by it alone."""
+    sources, centres, _ = _xrays(4, seed=5)
+    net = _net()
+    template = torch.rand(ALIGN_PX, ALIGN_PX)
+    net.set_reader_frames({"valve": (template, 0.2, 0.3)})
+    assert not net.params.frame_window
+    save_checkpoint(net, tmp_path / "fold_0.pt", classes=["valve"])
+    loaded = load_checkpoint(tmp_path / "fold_0.pt")
+    assert isinstance(loaded, LocateClassifyNet) and not loaded.params.frame_window
+    assert torch.equal(loaded.get_buffer("frame_templates")[0], template)
+    with torch.inference_mode():
+        found = loaded.find_frames("valve", centres, sources)
+        wide = wide_crops(sources, centres, net.params.reader_fraction, net.params.reader_px)
+        assert torch.equal(found.angles, valve_frame(wide, template)[0])
+        assert loaded.read(torch.zeros(4, 3, 64, 64), centres, sources).isfinite().all()

@@ -12,7 +12,6 @@ from training.shared.template_frame import (
     ALIGN_PX,
     SCALES,
     align_to_template,
-    end_margin,
     fit_template,
     scale_to_template,
     setting_region,
@@ -145,20 +144,3 @@ def test_the_setting_region_is_where_the_settings_differ() -> None:
     assert 4 / (ALIGN_PX / 2) < half < 12 / (ALIGN_PX / 2)
     with pytest.raises(ValueError, match="2 or more settings"):
         setting_region(torch.stack(crops[:1]), settings[:1], 8)
-
-
-def test_the_end_margin_is_large_for_a_one_ended_drawing_and_nil_for_a_two_ended_one() -> None:
-    """The drawing's ends differ (a disc at one, a dot off the axis): in its found frame it
-    matches far better than turned end for end. A body alike from both ends matches its
-    template turned either way: no lead, so its end is a guess."""
-    crops, _, _ = _copies(8, seed=5)
-    template = _drawing()
-    found, mirrored, _ = align_to_template(crops, template)
-    ones = torch.ones(8)
-    assert float(end_margin(crops, template, found, mirrored, ones).min()) > 0.3
-    c = torch.arange(ALIGN_PX, dtype=torch.float32) - (ALIGN_PX - 1) / 2
-    yy, xx = torch.meshgrid(c, c, indexing="ij")
-    oval = (xx.square() / 20**2 + yy.square() / 7**2 < 1).float()
-    ovals = turn(oval.expand(8, -1, -1), -found, torch.zeros(8, dtype=torch.bool))
-    at, faces, _ = align_to_template(ovals, oval)
-    assert float(end_margin(ovals, oval, at, faces, ones).abs().max()) < 0.02

@@ -27,6 +27,7 @@ from training.shared.locate_classify import (
     crop_around,
     dihedral,
     principal_axis,
+    reader_windows,
     setting_blocks,
     soft_argmax,
     valve_frame,
@@ -162,8 +163,9 @@ def fit_frame(
 ) -> tuple[torch.Tensor, float, float, tuple[torch.Tensor, ...]] | None:
     """One valve model's frame from the search windows (:func:`~training.shared.
     locate_classify.wide_crops`) of its training X-rays and their settings (indices on its
-    scale, -1 unknown): ``(template, x, half, (angles, mirrored, scales))``: the scaled
-    template (started from the directed principal axes), the setting region on it, and each
+    scale, -1 unknown): ``(templates, x, half, (angles, mirrored, scales))``: the scaled
+    template and the reader-window template, stacked (each started from the directed
+    principal axes), the setting region on the scaled frame, and each
     window's frame (:func:`~training.shared.locate_classify.valve_frame`, as serving finds
     it). None where fewer than two settings are known (no region to learn)."""
     from training.shared.template_frame import fit_template, setting_region, turn
@@ -171,11 +173,14 @@ def fit_frame(
     known = scale >= 0
     if len(scale[known].unique()) < 2:
         return None
-    template = fit_template(wide, principal_axis(wide, directed=True), scaled=True)
-    found = valve_frame(wide, template)
+    scaled = fit_template(wide, principal_axis(wide, directed=True), scaled=True)
+    windows = reader_windows(wide)
+    window = fit_template(windows, principal_axis(windows, directed=True))
+    templates = torch.stack([scaled, window])
+    found = valve_frame(wide, templates)
     framed = turn(wide[known], *(t[known] for t in found))
     x, half = setting_region(framed, scale[known], n_settings)
-    return template, x, half, found
+    return templates, x, half, found
 
 
 def _wide_of(

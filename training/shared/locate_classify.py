@@ -50,7 +50,7 @@ from torch import nn
 
 from training.shared.model import ValveNet, get_arch
 from training.shared.preprocess import PreprocessParams, normalize_image, source_side_px
-from training.shared.template_frame import ALIGN_PX, end_margin, scaled_alignment
+from training.shared.template_frame import ALIGN_PX, align_to_template, scaled_alignment
 
 __all__ = [
     "DESIGN",
@@ -71,6 +71,7 @@ __all__ = [
     "soft_argmax",
     "TEST_VIEW_ORDER",
     "averaged_views",
+    "reader_windows",
     "upright_crop",
     "valve_frame",
 ]
@@ -89,14 +90,6 @@ image): median axis error 4° (Certas Plus) and 9° (Sophy SM8), worse at 0.9 an
 FRAME_WIDE = 2.0
 """A template search sees this many reader windows' sides around the centre: room for a valve
 up to the zoom search's largest (:data:`~training.shared.template_frame.SCALES`)."""
-
-END_MARGIN = 0.2
-"""Where the template's chosen end leads the other by less NCC than this
-(:func:`~training.shared.template_frame.end_margin`), :func:`valve_frame` takes the end the
-bright structure's skew names instead. Measured on 80 radiograph-sized synthetic test X-rays
-per model, the share turned end for end: Sophy SM8 0.33 by the template alone, 0.13 so (0.11
-always by the skew), Hakim 0.04 / 0.04 (0.05), Certas Plus 0.05 / 0.04 (0.04), proGAV 2.0
-0.45 / 0.38 (0.39); 0.1 gave 0.16, 0.03, 0.03, 0.41 (docs/TRAINING.md)."""
 
 SettingLayout = tuple[tuple[str, tuple[str, ...]], ...]
 """``((valve model, its setting values lowest first), ...)``: the setting head's blocks."""
@@ -180,6 +173,10 @@ class TwoStageParams:
     templates are the network's ``frame_templates`` buffer, in this order) and that crop's
     region on it. Empty in checkpoints from before it existed and where none was fitted:
     every setting is read on the directed crop."""
+    frame_window: bool = False
+    """Each framed model also has a template of the reader's own window, unzoomed, which
+    sets the frame's axis, face and end; the scaled template sets only the zoom
+    (:func:`valve_frame`). False in checkpoints from before it existed (2026-12-07)."""
     test_views: tuple[int, ...] = (0,)
     """The flips/turns (:func:`dihedral`) each crop is seen in at inference, the answers
     averaged (test-time augmentation; :func:`averaged_views`). The classifier trained on all
@@ -466,23 +463,32 @@ def framed_crops(
     return torch.where(mirrored, out.flip(-2), out)
 
 
+def reader_windows(wide: torch.Tensor) -> torch.Tensor:
+    """The middle half of :func:`wide_crops` ``wide``: the reader's own window, unturned."""
+    side = wide.shape[-1]
+    return wide[:, side // 4 : side - side // 4, side // 4 : side - side // 4]
+
+
 def valve_frame(
-    wide: torch.Tensor, template: torch.Tensor
+    wide: torch.Tensor, templates: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(angles, mirrored, scales)``: each of :func:`wide_crops` ``wide``'s frame on a valve
-    model's ``template``. The axis, face and zoom are the template search's
-    (:func:`~training.shared.template_frame.scaled_alignment`); the end is too unless the
-    template hardly tells its ends apart on that crop (:data:`END_MARGIN`), where the skew of
-    the bright structure in the reader's own window (the middle half of ``wide``, as
-    :func:`principal_axis` directs it) names it: an oval housing looks alike from both ends,
-    and a reading taken from the wrong end is another setting."""
-    angles, mirrored, scales = scaled_alignment(wide, template)
-    side = wide.shape[-1]
-    window = wide[:, side // 4 : side - side // 4, side // 4 : side - side // 4]
-    skew = principal_axis(window, directed=True).to(angles.device)
-    guess = end_margin(wide, template, angles, mirrored, scales) < END_MARGIN
-    against = torch.cos(angles - skew) < 0
-    angles = torch.where(guess & against, angles + math.pi, angles) % (2 * math.pi)
+    model's ``templates``: ``(2, ALIGN_PX, ALIGN_PX)``, its scaled template (fitted on the
+    wide windows) and its window template (fitted on :func:`reader_windows`); or the scaled
+    one alone, ``(ALIGN_PX, ALIGN_PX)``, which versions fitted before 2026-12-07 afternoon
+    hold and were trained on, so they are served by it alone as before.
+
+    The zoom is the scaled template's (:func:`~training.shared.template_frame.
+    scaled_alignment`); the axis, face and end are the window template's
+    (:func:`~training.shared.template_frame.align_to_template`), which sees the valve at
+    twice the pixels. On 80 radiograph-sized synthetic test X-rays per model the axis error
+    at the 90th percentile fell from 17-20° to 6.5° (Hakim, Certas Plus) and from 175° to
+    21° (Sophy SM8), the share turned end for end from 0.04-0.05 to 0 and from 0.32 to 0.06
+    (docs/TRAINING.md)."""
+    if templates.dim() == 2:
+        return scaled_alignment(wide, templates)
+    _, _, scales = scaled_alignment(wide, templates[0])
+    angles, mirrored, _ = align_to_template(reader_windows(wide), templates[1])
     return angles, mirrored, scales
 
 
@@ -600,18 +606,23 @@ class LocateClassifyNet(nn.Module):
             size_px=self.params.reader_px, mean=weights.mean, std=weights.std
         )
         if self.params.reader_frames:  # filled by load_state_dict or set_reader_frames
-            shape = (len(self.params.reader_frames), ALIGN_PX, ALIGN_PX)
+            per_model = (2,) if self.params.frame_window else ()
+            shape = (len(self.params.reader_frames), *per_model, ALIGN_PX, ALIGN_PX)
             self.register_buffer("frame_templates", torch.zeros(shape))
 
     def set_reader_frames(self, frames: dict[str, tuple[torch.Tensor, float, float]]) -> None:
         """Read each of these valve models' settings in its template's frame: ``{valve
-        model: (template (ALIGN_PX, ALIGN_PX), x, half)}`` (fitted by the recipe, saved with
-        the checkpoint)."""
+        model: (templates, x, half)}`` (fitted by the recipe, saved with the checkpoint);
+        templates as :func:`valve_frame` takes them, the same kind for every model."""
         unknown = set(frames) - set(self.setting_blocks())
         if unknown:
             raise ValueError(f"no setting scale to frame for {sorted(unknown)}")
+        kinds = {tuple(template.shape) for template, _, _ in frames.values()}
+        if len(kinds) > 1:
+            raise ValueError(f"every framed model needs the same kind of templates, got {kinds}")
+        window = bool(kinds) and len(next(iter(kinds))) == 3
         regions = tuple((valve, x, half) for valve, (_, x, half) in frames.items())
-        self.params = replace(self.params, reader_frames=regions)
+        self.params = replace(self.params, reader_frames=regions, frame_window=window)
         self._buffers.pop("frame_templates", None)
         if frames:  # none: the checkpoint keeps the layout of a version without frames
             templates = [template.float() for template, _, _ in frames.values()]

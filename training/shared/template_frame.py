@@ -23,9 +23,11 @@ crop cut where the settings differ (:func:`setting_region`), the Hakim's reader 
 from 0.11 to 0.49 exact and the Certas Plus's from 0.39 to 0.57 (``bench_setting_reader``
 mode ``template scaled native``, 300 training X-rays, docs/TRAINING.md): the window's size,
 not its turn, was what kept the Hakim unread (the Sophy SM8 read worse, 0.61 to 0.52: its
-scaled template turned a third of its X-rays end for end, which
-:func:`~training.shared.locate_classify.valve_frame` corrects where :func:`end_margin` says
-the template cannot tell its ends, and its face is left unknown). Versions read this way since
+scaled template turned a third of its X-rays end for end). Since 2026-12-07 afternoon a
+version also fits each model's template on the reader's own window, unzoomed, which sets the
+frame's axis, face and end, the scaled template only its zoom
+(:func:`~training.shared.locate_classify.valve_frame`): it sees the valve at twice the
+pixels, and the Sophy SM8 turned end for end fell to 0.06. Versions read this way since
 2026-12-07: the recipe fits a template and region per valve model on each fold's training
 X-rays (:func:`training.fitting.two_stage.fit_reader_frames`), the checkpoint keeps them, and
 the network reads each model's setting in its own frame
@@ -42,7 +44,6 @@ import torch.nn.functional as F
 __all__ = [
     "SCALES",
     "align_to_template",
-    "end_margin",
     "fit_template",
     "scale_to_template",
     "scaled_alignment",
@@ -198,33 +199,6 @@ def scaled_alignment(
     angles, mirrored, _ = align_to_template(crops, template, scales=scales)
     scales, _ = scale_to_template(crops, template, angles, mirrored)
     return angles, mirrored, scales
-
-
-def end_margin(
-    crops: torch.Tensor,
-    template: torch.Tensor,
-    angles: torch.Tensor,
-    mirrored: torch.Tensor,
-    scales: torch.Tensor,
-) -> torch.Tensor:
-    """``(B,)``: how much better each crop matches ``template`` in its frame (``angles``,
-    ``mirrored``, ``scales`` from :func:`scaled_alignment`) than turned end for end (half a
-    turn more, either face): the NCC's lead of the end the search chose. Small where the
-    template looks alike from both ends (an oval housing), so its end is a guess.
-
-    Measured on 80 radiograph-sized synthetic test X-rays per model: the Hakim's and Certas
-    Plus's crops whose end the search got wrong led by 0.05 on average, the right ones by
-    0.26-0.27; the Sophy SM8's led by 0.10 either way (it chose the wrong end on a third)."""
-    small = _small(crops)
-    disc = _disc(ALIGN_PX, small.device)
-    target = _standardised(template.float(), disc)
-
-    def score(turned_by: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-        seen = _standardised(turn(small, turned_by, faces, scales), disc)
-        return (seen * target).sum((-2, -1))
-
-    other = angles + math.pi
-    return score(angles, mirrored) - torch.maximum(score(other, mirrored), score(other, ~mirrored))
 
 
 def fit_template(
