@@ -691,7 +691,8 @@ class LocateClassifyNet(nn.Module):
         out = torch.full((len(centres), columns), math.nan, device=centres.device)
         if wanted - set(framed):
             read = _mean_over_views(self.reader, self.reader_crop(x, centres, sources), views)
-            out = torch.where(self._columns(wanted - set(framed), out), read.to(out.dtype), out)
+            for valve in wanted - set(framed):
+                out[:, blocks[valve]] = read[:, blocks[valve]].to(out.dtype)
         if framed and sources is None:
             raise ValueError("a framed reader reads the X-ray's own pixels: pass the sources")
         # Every model searches the same windows: cut them once.
@@ -703,14 +704,6 @@ class LocateClassifyNet(nn.Module):
             read = _mean_over_views(self.reader, crops, views)
             out[:, blocks[valve]] = read[:, blocks[valve]].to(out.dtype)
         return out
-
-    def _columns(self, valves: Collection[str], like: torch.Tensor) -> torch.Tensor:
-        """``(1, T)`` bool: the setting-logit columns of these valve models' blocks."""
-        mask = torch.zeros(1, like.shape[1], dtype=torch.bool, device=like.device)
-        for valve, block in self.setting_blocks().items():
-            if valve in valves:
-                mask[:, block] = True
-        return mask
 
     def classify(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The classifier on valve crops: its penultimate features ``(B, D)`` (the novelty
