@@ -3,7 +3,8 @@
 A version with reader frames (:attr:`~training.shared.locate_classify.TwoStageParams.
 reader_frames`) reads every framed model's block on that model's own crop: per X-ray and model
 a template search (two turn-and-face searches and two zoom searches on a 64-px window, then a
-turn-and-face search on the reader's own window) and one more pass of the reader. Timed here,
+turn-and-face search on the reader's own window, then the face template's check) and one more
+pass of the reader (the crop as it is: the frame names the face). Timed here,
 side by side in interleaved rounds, on one fold of the ``cpu`` profile's network as it serves
 (768² prepared, locator 384², classifier crop 160², reader crop 128² of the X-ray's own
 pixels, the profile's test views, fp32), with the demo's four setting scales and random
@@ -79,7 +80,7 @@ def run(options: FrameCostOptions) -> list[Table]:
     directed = LocateClassifyNet(4, params).eval()
     framed = copy.deepcopy(directed)
     framed.set_reader_frames(
-        {valve: (torch.randn(2, ALIGN_PX, ALIGN_PX), 0.3, 0.3) for valve, _ in layout}
+        {valve: (torch.randn(3, ALIGN_PX, ALIGN_PX), 0.3, 0.3) for valve, _ in layout}
     )
     n = options.batch
     x = torch.randn(n, 3, options.prepared_px, options.prepared_px)

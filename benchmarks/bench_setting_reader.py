@@ -27,7 +27,9 @@ three ways, and scores each on X-rays of another seed:
   crops twice the reader's window, :func:`scaled_template_crops`), the reader's crop cut
   around where the settings differ on that template (:func:`~training.shared.template_frame.
   setting_region`, learned from the training crops' labels) at that zoom: a crop of the
-  rotor, whatever the valve's size on the X-ray; face left to the reader;
+  rotor, whatever the valve's size on the X-ray; the face by the frame's face template
+  (:func:`~training.shared.template_frame.fit_face`), so the reader sees each crop as is,
+  as versions do since 2026-12-08 (before, the face was left to the reader: two views);
 * ``true zoomed native``: the same region and crop in the generator's own frame, face and
   zoom (its drawn valve length): that reader's ceiling;
 * ``upright pooled``: the upright crop read by :func:`view_pooled`, its features maxed
@@ -398,7 +400,8 @@ def frames(options: ReaderOptions, train: dict[str, Any], test: dict[str, Any]) 
     (the reader's window); the scaled template :func:`~training.fitting.two_stage.fit_frame`
     fits (also the zoom) by its search alone; and as versions find it
     (:func:`~training.shared.locate_classify.valve_frame`: the zoom by the scaled template,
-    axis, face and end by fit_frame's template of the reader's window). No training: a
+    axis and end by fit_frame's template of the reader's window, the face by its face
+    template; and without the face template, as versions of 2026-12-07 did). No training: a
     minute or two once the X-rays are drawn."""
     from training.fitting.two_stage import fit_frame
     from training.shared.locate_classify import principal_axis, valve_frame
@@ -415,7 +418,10 @@ def frames(options: ReaderOptions, train: dict[str, Any], test: dict[str, Any]) 
         "principal axis": frame_error(principal_axis(unturned, directed=True), None, test),
         "template": frame_error(angles, mirrored, test),
         "scaled template": _scaled_error(scaled_alignment(wide, scaled_template), test),
-        "versions: zoom by the scaled template, the rest by the window's": _scaled_error(
+        "zoom by the scaled template, the rest by the window's (2026-12-07)": _scaled_error(
+            valve_frame(wide, fit[0][:2]), test
+        ),
+        "versions: the same, the face by the face template": _scaled_error(
             valve_frame(wide, fit[0]), test
         ),
     }
@@ -610,7 +616,7 @@ def run(options: ReaderOptions) -> tuple[list[Table], dict[str, Any]]:
                     views: tuple[int, ...] = DIRECTED_VIEWS  # the face is still unknown
                 elif mode == "template scaled native":
                     train_crops, test_crops, frame = scaled_template_crops(options, train, test, n)
-                    views = DIRECTED_VIEWS
+                    views = (0,)  # the face template names the face, as versions read
                 elif mode == "true zoomed native":
                     train_crops, test_crops, frame = true_zoomed_crops(options, train, test, n)
                     views = (0,)  # the generator's face: nothing left to the reader

@@ -173,8 +173,9 @@ def test_the_setting_reader_refuses_seeds_whose_test_x_rays_another_trains_on() 
 
 def test_the_setting_reader_compares_frames_without_training(tmp_path: Path) -> None:
     """``--frames-only``: per valve model a row for the principal axis, the template and the
-    scaled template (its search alone, and as versions find it: zoom by it, the rest by a
-    template of the reader's window), the templates' face share a
+    scaled template (its search alone; zoom by it, the rest by a template of the reader's
+    window; and as versions find it, the face by a face template too), the templates' face
+    share a
     number (they search the mirror), the axis's left open, the zoom's error only where it
     is searched, every frame's share turned end for end."""
     from benchmarks.bench_setting_reader import main
@@ -191,9 +192,12 @@ def test_the_setting_reader_compares_frames_without_training(tmp_path: Path) -> 
     assert "scale_error_median" not in run["template"]
     zoom = run["scaled template"]
     assert 0.0 <= zoom["scale_error_median"] <= zoom["scale_error_p90"]
-    versions = run["versions: zoom by the scaled template, the rest by the window's"]
+    window = run["zoom by the scaled template, the rest by the window's (2026-12-07)"]
+    versions = run["versions: the same, the face by the face template"]
+    assert versions["axis_error_deg_median"] == window["axis_error_deg_median"]  # face alone
     assert 0.0 <= versions["scale_error_median"] <= versions["scale_error_p90"]
-    assert len(run) == 5  # the seed and four frames
+    assert 0.5 <= versions["face_consistent"] <= 1.0
+    assert len(run) == 6  # the seed and five frames
     for name, frame in run.items():
         if name == "seed":
             continue

@@ -56,11 +56,11 @@ def _valve_xray(
     return image.clamp(0, 1)
 
 
-def _xrays(n: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor, np.ndarray]:
+def _xrays(n: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor, np.ndarray, torch.Tensor]:
     """``n`` X-rays of settings 0-5 in turn at random angles, faces, sizes (40-62 px) and
-    places; their sources (noisy), centres (fractions) and settings."""
+    places; their sources (noisy), centres (fractions), settings and faces (mirrored)."""
     g = torch.Generator().manual_seed(seed)
-    sources, centres, settings = [], [], []
+    sources, centres, settings, faces = [], [], [], []
     for i in range(n):
         r = torch.rand(5, generator=g).tolist()
         centre = (70 + 60 * r[0], 60 + 40 * r[1])
@@ -68,7 +68,8 @@ def _xrays(n: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor, np.ndar
         sources.append((image + 0.02 * torch.randn(image.shape, generator=g)).clamp(0, 1))
         centres.append((centre[0] / 200, centre[1] / 160))
         settings.append(i % N_SETTINGS)
-    return sources, torch.tensor(centres), np.array(settings)
+        faces.append(r[3] < 0.5)
+    return sources, torch.tensor(centres), np.array(settings), torch.tensor(faces)
 
 
 def _net() -> LocateClassifyNet:
@@ -141,7 +142,7 @@ def test_in_its_frame_every_xray_of_a_setting_looks_alike(tmp_path: Path) -> Non
     most like another of its setting, far more often than its directed crop (which neither
     zooms nor knows the face); serving finds the frames training used; the
     checkpoint keeps the template and the region."""
-    sources, centres, settings = _xrays(48, seed=0)
+    sources, centres, settings, faces = _xrays(48, seed=0)
     net = _net()
     rows = np.arange(48)
     found = fit_reader_frames(
@@ -171,26 +172,34 @@ def test_in_its_frame_every_xray_of_a_setting_looks_alike(tmp_path: Path) -> Non
     # Serving finds each X-ray's frame as training did (the same search on the same pixels).
     again = net.find_frames("valve", centres, sources)
     assert torch.equal(again.angles, found.angles) and torch.equal(again.scales, found.scales)
+    assert torch.equal(again.mirrored, found.mirrored)
+    # One face for all, fitted and unseen alike (which one the template calls its own is
+    # arbitrary): a mirrored crop would read as another setting.
+    unseen_sources, unseen_centres, _, unseen_faces = _xrays(24, seed=7)
+    unseen = net.find_frames("valve", unseen_centres, unseen_sources).mirrored ^ unseen_faces
+    assert len(set((found.mirrored ^ faces).tolist() + unseen.tolist())) == 1
 
     path = tmp_path / "fold_0.pt"
     save_checkpoint(net, path, classes=["valve"])
     loaded = load_checkpoint(path)
     assert isinstance(loaded, LocateClassifyNet)
     assert loaded.params.reader_frames == net.params.reader_frames
-    assert loaded.params.frame_window  # a scaled template and a window template per model
-    assert loaded.get_buffer("frame_templates").shape == (1, 2, ALIGN_PX, ALIGN_PX)
+    # A scaled template, a window template and a face template per model.
+    assert loaded.params.frame_window and loaded.params.frame_face
+    assert loaded.get_buffer("frame_templates").shape == (1, 3, ALIGN_PX, ALIGN_PX)
     assert torch.equal(loaded.get_buffer("frame_templates"), net.get_buffer("frame_templates"))
     x_in = torch.zeros(2, 3, 64, 64)
     with torch.inference_mode():
         reading = loaded.read(x_in, centres[:2], sources[:2])
         crops = loaded.reader_crop(x_in, centres[:2], sources[:2], found.rows(slice(0, 2)))
         assert loaded.reader is not None
-        direct = (loaded.reader(crops) + loaded.reader(crops.flip(-2))) / 2
+        direct = loaded.reader(crops)  # the frame names the face: the crop as it is
+    assert loaded.params.reader_views() == (0,) and loaded.params.reader_test_views() == (0,)
     assert torch.allclose(reading, direct, atol=1e-4)
 
 
 def test_a_model_with_too_few_xrays_or_one_setting_is_read_unframed() -> None:
-    sources, centres, settings = _xrays(12, seed=1)
+    sources, centres, settings, _ = _xrays(12, seed=1)
     net = _net()
 
     def fit(rows: np.ndarray, known: np.ndarray) -> ReaderFrames:
@@ -252,7 +261,7 @@ def test_a_server_reads_only_the_settings_it_asks_for(monkeypatch: pytest.Monkey
     """Two valve models, one framed, one on the directed crop: asked for one, ``read`` gives
     that block exactly as a full reading does, NaN in the other, and runs no frame search
     unless the framed model is asked for; asked for none, ``answer`` reads nothing."""
-    sources, centres, settings = _xrays(24, seed=3)
+    sources, centres, settings, _ = _xrays(24, seed=3)
     layout = (("framed", LAYOUT[0][1]), ("directed", LAYOUT[0][1]))
     net = LocateClassifyNet(2, replace(_net().params, settings=layout)).eval()
     fit_reader_frames(
@@ -308,7 +317,7 @@ def test_the_window_template_sets_the_axis_and_the_scaled_one_the_zoom() -> None
 def test_a_version_with_scaled_templates_alone_still_loads_and_reads(tmp_path: Path) -> None:
     """Versions fitted before the window template hold one template per model: they load,
     say so (``frame_window`` False) and find their frames by it alone."""
-    sources, centres, _ = _xrays(4, seed=5)
+    sources, centres, _, _ = _xrays(4, seed=5)
     net = _net()
     template = torch.rand(ALIGN_PX, ALIGN_PX)
     net.set_reader_frames({"valve": (template, 0.2, 0.3)})

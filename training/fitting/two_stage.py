@@ -26,6 +26,7 @@ from training.shared.locate_classify import (
     averaged_views,
     crop_around,
     dihedral,
+    face_frame,
     principal_axis,
     reader_windows,
     setting_blocks,
@@ -164,11 +165,11 @@ def fit_frame(
     """One valve model's frame from the search windows (:func:`~training.shared.
     locate_classify.wide_crops`) of its training X-rays and their settings (indices on its
     scale, -1 unknown): ``(templates, x, half, (angles, mirrored, scales))``: the scaled
-    template and the reader-window template, stacked (each started from the directed
-    principal axes), the setting region on the scaled frame, and each
+    template, the reader-window template (each started from the directed principal axes)
+    and the face template, stacked; the setting region on the scaled frame; and each
     window's frame (:func:`~training.shared.locate_classify.valve_frame`, as serving finds
     it). None where fewer than two settings are known (no region to learn)."""
-    from training.shared.template_frame import fit_template, setting_region, turn
+    from training.shared.template_frame import fit_face, fit_template, setting_region, turn
 
     known = scale >= 0
     if len(scale[known].unique()) < 2:
@@ -176,11 +177,11 @@ def fit_frame(
     scaled = fit_template(wide, principal_axis(wide, directed=True), scaled=True)
     windows = reader_windows(wide)
     window = fit_template(windows, principal_axis(windows, directed=True))
-    templates = torch.stack([scaled, window])
-    found = valve_frame(wide, templates)
-    framed = turn(wide[known], *(t[known] for t in found))
-    x, half = setting_region(framed, scale[known], n_settings)
-    return templates, x, half, found
+    found = valve_frame(wide, torch.stack([scaled, window]))  # the face still open
+    framed = turn(wide, *found)
+    x, half = setting_region(framed[known], scale[known], n_settings)  # either face alike
+    face = fit_face(framed, x, half)
+    return torch.stack([scaled, window, face]), x, half, face_frame(wide, found, face)
 
 
 def _wide_of(
@@ -425,10 +426,10 @@ def train_two_stage_fold(
     )
 
     # 2b. Setting reader: its own network on a tighter, magnified crop, trained on the images
-    # that have a setting; cross-entropy within the true valve model's block. A setting is
-    # physical: flips and turns of the crop keep it (the synthetic bodies are chiral, so a
-    # mirrored valve stays readable); an upright crop is seen only in the views that keep
-    # its axis horizontal.
+    # that have a setting; cross-entropy within the true valve model's block. The crop is
+    # seen in the views that keep what its frame fixed (TwoStageParams.reader_views): all
+    # eight unturned, those that keep the axis upright; as it is once a face template names
+    # the face (a rotor seen mirrored looks like another setting's).
     reader = model.reader
     if reader is not None:
         if classes is None or settings is None:

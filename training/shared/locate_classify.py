@@ -31,7 +31,8 @@ so checkpoints, the fold ensemble, out-of-fold evaluation and serving treat it e
   Where a version fitted a valve model's template (:attr:`TwoStageParams.reader_frames`),
   that model's setting is read on a crop in the template's frame instead: turned, faced and
   zoomed onto the template and cut where its settings differ (:func:`framed_crops`,
-  :mod:`training.shared.template_frame`; the Hakim read 0.11 → 0.49 exact).
+  :mod:`training.shared.template_frame`; the Hakim read 0.11 → 0.49 exact), its face named
+  by a face template (a mirrored rotor looks like another setting).
 
 Its recipe for one fold is :func:`training.fitting.two_stage.train_two_stage_fold`.
 """
@@ -50,7 +51,13 @@ from torch import nn
 
 from training.shared.model import ValveNet, get_arch
 from training.shared.preprocess import PreprocessParams, normalize_image, source_side_px
-from training.shared.template_frame import ALIGN_PX, align_to_template, scaled_alignment
+from training.shared.template_frame import (
+    ALIGN_PX,
+    align_to_template,
+    other_face,
+    scaled_alignment,
+    turn,
+)
 
 __all__ = [
     "DESIGN",
@@ -64,6 +71,7 @@ __all__ = [
     "UPRIGHT_VIEWS",
     "crop_around",
     "dihedral",
+    "face_frame",
     "framed_crops",
     "native_crops",
     "principal_axis",
@@ -177,6 +185,10 @@ class TwoStageParams:
     """Each framed model also has a template of the reader's own window, unzoomed, which
     sets the frame's axis, face and end; the scaled template sets only the zoom
     (:func:`valve_frame`). False in checkpoints from before it existed (2026-12-07)."""
+    frame_face: bool = False
+    """Each framed model also has a face template, which sets the frame's face
+    (:func:`valve_frame`); the reader then sees its crops only as they are
+    (:meth:`reader_views`). False in checkpoints from before it existed (2026-12-08)."""
     test_views: tuple[int, ...] = (0,)
     """The flips/turns (:func:`dihedral`) each crop is seen in at inference, the answers
     averaged (test-time augmentation; :func:`averaged_views`). The classifier trained on all
@@ -200,7 +212,11 @@ class TwoStageParams:
     def reader_views(self) -> tuple[int, ...]:
         """The flips/turns (:func:`dihedral`) the reader's crop may show a valve in, which it
         trains on: all eight unturned, those that keep the axis horizontal upright, those
-        that also keep the end directed."""
+        that also keep the end directed; only as it is where the frames name the face
+        (:attr:`frame_face`; a model without a frame in such a version is read on its
+        directed crop, which shows either face as the X-rays do)."""
+        if self.frame_face:  # the frame names the face: a mirrored crop is another setting's
+            return (0,)
         if not self.reader_upright:
             return tuple(range(8))
         return DIRECTED_VIEWS if self.reader_directed else UPRIGHT_VIEWS
@@ -473,23 +489,38 @@ def valve_frame(
     wide: torch.Tensor, templates: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(angles, mirrored, scales)``: each of :func:`wide_crops` ``wide``'s frame on a valve
-    model's ``templates``: ``(2, ALIGN_PX, ALIGN_PX)``, its scaled template (fitted on the
-    wide windows) and its window template (fitted on :func:`reader_windows`); or the scaled
-    one alone, ``(ALIGN_PX, ALIGN_PX)``, which versions fitted before 2026-12-07 afternoon
-    hold and were trained on, so they are served by it alone as before.
+    model's ``templates``: ``(3, ALIGN_PX, ALIGN_PX)``, its scaled template (fitted on the
+    wide windows), its window template (fitted on :func:`reader_windows`) and its face
+    template (:func:`~training.shared.template_frame.fit_face`); ``(2, ...)``, the first two,
+    which versions fitted on 2026-12-07 hold; or the scaled one alone, ``(ALIGN_PX,
+    ALIGN_PX)``, which versions fitted before hold. Each is served as it was trained.
 
     The zoom is the scaled template's (:func:`~training.shared.template_frame.
-    scaled_alignment`); the axis, face and end are the window template's
+    scaled_alignment`); the axis and end are the window template's
     (:func:`~training.shared.template_frame.align_to_template`), which sees the valve at
     twice the pixels. On 80 radiograph-sized synthetic test X-rays per model the axis error
     at the 90th percentile fell from 17-20° to 6.5° (Hakim, Certas Plus) and from 175° to
     21° (Sophy SM8), the share turned end for end from 0.04-0.05 to 0 and from 0.32 to 0.06
-    (docs/TRAINING.md)."""
+    (docs/TRAINING.md). The face is the face template's (:func:`face_frame`) where there is
+    one: the window template picks it no better than a coin (0.55-0.60)."""
     if templates.dim() == 2:
         return scaled_alignment(wide, templates)
     _, _, scales = scaled_alignment(wide, templates[0])
     angles, mirrored, _ = align_to_template(reader_windows(wide), templates[1])
-    return angles, mirrored, scales
+    if len(templates) < 3:
+        return angles, mirrored, scales
+    return face_frame(wide, (angles, mirrored, scales), templates[2])
+
+
+def face_frame(
+    wide: torch.Tensor, frame: tuple[torch.Tensor, torch.Tensor, torch.Tensor], face: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``frame`` (angles, mirrored, scales) of :func:`wide_crops` ``wide``, mirrored where
+    the crop in it shows the other face than the ``face`` template's
+    (:func:`~training.shared.template_frame.other_face`): what fitting and serving both
+    do once the axis, end and zoom are found."""
+    angles, mirrored, scales = frame
+    return angles, mirrored ^ other_face(turn(wide, angles, mirrored, scales), face), scales
 
 
 def frames_on(template: torch.Tensor, x: float, half: float, wide: torch.Tensor) -> ReaderFrames:
@@ -606,7 +637,7 @@ class LocateClassifyNet(nn.Module):
             size_px=self.params.reader_px, mean=weights.mean, std=weights.std
         )
         if self.params.reader_frames:  # filled by load_state_dict or set_reader_frames
-            per_model = (2,) if self.params.frame_window else ()
+            per_model = (3,) if self.params.frame_face else (2,) if self.params.frame_window else ()
             shape = (len(self.params.reader_frames), *per_model, ALIGN_PX, ALIGN_PX)
             self.register_buffer("frame_templates", torch.zeros(shape))
 
@@ -620,9 +651,12 @@ class LocateClassifyNet(nn.Module):
         kinds = {tuple(template.shape) for template, _, _ in frames.values()}
         if len(kinds) > 1:
             raise ValueError(f"every framed model needs the same kind of templates, got {kinds}")
-        window = bool(kinds) and len(next(iter(kinds))) == 3
+        kind = next(iter(kinds), ())
+        window, face = len(kind) == 3, len(kind) == 3 and kind[0] == 3
         regions = tuple((valve, x, half) for valve, (_, x, half) in frames.items())
-        self.params = replace(self.params, reader_frames=regions, frame_window=window)
+        self.params = replace(
+            self.params, reader_frames=regions, frame_window=window, frame_face=face
+        )
         self._buffers.pop("frame_templates", None)
         if frames:  # none: the checkpoint keeps the layout of a version without frames
             templates = [template.float() for template, _, _ in frames.values()]
