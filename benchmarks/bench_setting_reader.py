@@ -29,7 +29,7 @@ three ways, and scores each on X-rays of another seed:
   setting_region`, learned from the training crops' labels) at that zoom: a crop of the
   rotor, whatever the valve's size on the X-ray; the face by the frame's face template
   (:func:`~training.shared.template_frame.fit_face`), so the reader sees each crop as is,
-  as versions do since 2026-12-08 (before, the face was left to the reader: two views);
+  as versions do since 2026-12-07 evening (before, the face was left to the reader: two views);
 * ``true zoomed native``: the same region and crop in the generator's own frame, face and
   zoom (its drawn valve length): that reader's ceiling;
 * ``upright pooled``: the upright crop read by :func:`view_pooled`, its features maxed

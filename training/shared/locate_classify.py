@@ -188,7 +188,7 @@ class TwoStageParams:
     frame_face: bool = False
     """Each framed model also has a face template, which sets the frame's face
     (:func:`valve_frame`); the reader then sees its crops only as they are
-    (:meth:`reader_views`). False in checkpoints from before it existed (2026-12-08)."""
+    (:meth:`reader_views`). False in checkpoints from before it existed (2026-12-07, evening)."""
     test_views: tuple[int, ...] = (0,)
     """The flips/turns (:func:`dihedral`) each crop is seen in at inference, the answers
     averaged (test-time augmentation; :func:`averaged_views`). The classifier trained on all

@@ -35,7 +35,7 @@ the network reads each model's setting in its own frame
 
 Neither template tells the face (agreement with the generator's 0.55-0.60): a valve's two
 faces differ in a mark a few pixels wide, which the skull's shades and the rotor outweigh in
-a template's correlation. Since 2026-12-08 a third template per model does
+a template's correlation. Since 2026-12-07 (evening) a third template per model does
 (:func:`fit_face`): the sparse, high-passed pattern that differs between the two sides of
 the axis, outside the setting region, found without labels; the reader then sees each crop
 as it is, not also mirrored (0.94 of Hakim, 0.91 of Certas Plus and 0.80 of Sophy SM8 test
@@ -121,9 +121,15 @@ def turn(
     return torch.where(mirrored.view(n, 1, 1), out.flip(-2), out)
 
 
-def _disc(side: int, device: torch.device) -> torch.Tensor:
+def _grid(side: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(yy, xx)`` of a ``side``-px square's pixel centres, fractions of its half side."""
     c = (torch.arange(side, device=device, dtype=torch.float32) - (side - 1) / 2) / (side / 2)
     yy, xx = torch.meshgrid(c, c, indexing="ij")
+    return yy, xx
+
+
+def _disc(side: int, device: torch.device) -> torch.Tensor:
+    yy, xx = _grid(side, device)
     return (xx.square() + yy.square() <= 1.0).float()
 
 
@@ -278,8 +284,7 @@ def setting_region(
     variance = torch.stack([z[labels == k].mean(0) for k in present]).var(0)
     weight = (variance - torch.quantile(variance.flatten(), 0.9)).clamp(min=0)
     side = framed.shape[-1]
-    c = (torch.arange(side, dtype=torch.float32) - (side - 1) / 2) / (side / 2)
-    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    yy, xx = _grid(side, weight.device)
     total = weight.sum().clamp(min=1e-12)
     x = float((weight * xx).sum() / total)
     radius = ((xx - x).square() + yy.square()).sqrt().flatten()
@@ -323,8 +328,7 @@ def fit_face(framed: torch.Tensor, x: float, half: float) -> torch.Tensor:
     0.50-0.60 with the window template's; the proGAV 2.0, whose frame is not found
     (:func:`~training.shared.locate_classify.valve_frame`), stays at 0.54."""
     signal = face_signal(framed)
-    c = torch.arange(ALIGN_PX, dtype=torch.float32, device=signal.device) - (ALIGN_PX - 1) / 2
-    yy, xx = torch.meshgrid(c / (ALIGN_PX / 2), c / (ALIGN_PX / 2), indexing="ij")
+    yy, xx = _grid(ALIGN_PX, signal.device)
     outside = ((xx - x).square() + yy.square()).sqrt() > half * REGION_MARGIN
     on_valve = (xx.square() + yy.square()).sqrt() < FACE_RADIUS
     flat = (signal * (outside & on_valve)).flatten(1)
